@@ -1,0 +1,104 @@
+"""Checkpoints of the trained parts only (e.g. encoder + projector), in safetensors, with the config that
+produced them and, for resuming, the optimizer/scheduler/RNG state. Writes are atomic: a checkpoint folder
+is written under a temporary name and renamed into place."""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+STATE = "training_state.pt"
+
+
+def trained_state_dict(model) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (e.g. BatchNorm statistics) of every part the model trains, keyed ``part.name``."""
+    state = {}
+    for part, module in model.parts().items():
+        if model.trainable[part] != "frozen":
+            state.update({f"{part}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()})
+    return state
+
+
+def save_checkpoint(model, out_dir: str | Path, cfg: DictConfig | None = None,
+                    training_state: dict[str, Any] | None = None) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # safetensors refuses tensors that share storage (tied weights): clone those.
+    state = {k: v.clone() for k, v in trained_state_dict(model).items()}
+    save_file(state, tmp / WEIGHTS, metadata={"trainable": json.dumps(model.trainable)})
+    if cfg is not None:
+        OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
+    if training_state is not None:
+        torch.save(training_state, tmp / STATE)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a folder of ``step_*`` checkpoints (the newest complete one is taken)."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return path
+    steps = sorted(p for p in path.glob("step_*") if not p.name.endswith(".tmp") and (p / WEIGHTS).is_file())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {path}: expected {WEIGHTS} there or step_* folders holding it")
+    return steps[-1]
+
+
+def load_checkpoint(model, path: str | Path) -> Path:
+    """Load the trained parts saved by :func:`save_checkpoint` into ``model`` (strict per part)."""
+    path = resolve_checkpoint(path)
+    state = load_file(path / WEIGHTS)
+    by_part: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        part, _, name = key.partition(".")
+        by_part.setdefault(part, {})[name] = value
+    parts = model.parts()
+    for part, part_state in by_part.items():
+        if part not in parts:
+            raise ValueError(f"{path / WEIGHTS}: unknown model part {part!r}; the model has {list(parts)}")
+        expected = parts[part].state_dict()
+        for name, value in part_state.items():
+            if name in expected and expected[name].shape != value.shape:
+                raise ValueError(f"{path / WEIGHTS}: {part}.{name} has shape {tuple(value.shape)}, "
+                                 f"the model expects {tuple(expected[name].shape)}")
+        missing, unexpected = parts[part].load_state_dict(part_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path / WEIGHTS}: part {part!r} does not match the model: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return path
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    return torch.load(resolve_checkpoint(path) / STATE, weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, numpy and python RNG states in types ``torch.load(weights_only=True)`` accepts."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))

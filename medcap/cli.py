@@ -1,0 +1,114 @@
+"""The ``medcap`` command: ``medcap run RECIPE --config CONFIG [key=value ...]``, ``medcap ls``,
+``medcap cp CONFIG DEST``. RECIPE and CONFIG are names of the project's recipes/configs
+(``finetune_vision``, ``demo/finetune_vision``) or paths. Config semantics are torchtune's:
+``_component_``, ``key=value`` overrides and ``~key`` to delete a key."""
+
+import argparse
+import re
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import medcap
+
+ROOT = Path(medcap.__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+CONFIGS = ROOT / "configs"
+
+
+def find_recipe(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".py" and path.is_file():
+        return path.resolve()
+    candidate = RECIPES / f"{name}.py"
+    if candidate.is_file():
+        return candidate
+    raise SystemExit(f"medcap: no recipe {name!r}; known recipes: {', '.join(recipe_names())} "
+                     f"(or pass a path to a .py file)")
+
+
+def find_config(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    candidate = CONFIGS / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if candidate.is_file():
+        return candidate
+    raise SystemExit(f"medcap: no config {name!r} (looked for {path} and {candidate}); `medcap ls` lists them")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.py") if not p.name.startswith("_"))
+
+
+def config_recipes() -> dict[str, list[str]]:
+    """Configs grouped by the recipe named in their first line, ``# medcap run RECIPE --config NAME``."""
+    grouped: dict[str, list[str]] = {}
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        match = re.search(r"medcap run (\S+)", path.read_text(encoding="utf-8").split("\n", 1)[0])
+        name = str(path.relative_to(CONFIGS).with_suffix(""))
+        grouped.setdefault(match.group(1) if match else "(no recipe)", []).append(name)
+    return grouped
+
+
+def run_recipe(recipe: str, config: str, overrides: list[str], nproc_per_node: int | None = None) -> None:
+    recipe_path, config_path = find_recipe(recipe), find_config(config)
+    args = [str(recipe_path), "--config", str(config_path), *overrides]
+    if nproc_per_node:
+        from torch.distributed.run import main as torchrun
+
+        torchrun([f"--nproc_per_node={nproc_per_node}", *args])
+        return
+    # The repo root goes first on the path so that `recipes` is this project's package, not torchtune's.
+    sys.path.insert(0, str(ROOT))
+    saved_argv, sys.argv = sys.argv, args
+    try:
+        runpy.run_path(str(recipe_path), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+    finally:
+        sys.argv = saved_argv
+        sys.path.remove(str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="medcap", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe with a config and key=value overrides")
+    run.add_argument("recipe")
+    run.add_argument("--config", required=True)
+    run.add_argument("--nproc_per_node", type=int, default=None, help="launch N processes with torchrun")
+    sub.add_parser("ls", help="list recipes and their configs")
+    cp = sub.add_parser("cp", help="copy a config to edit it")
+    cp.add_argument("config")
+    cp.add_argument("dest")
+    args, rest = parser.parse_known_args(argv)
+
+    if args.command == "run":
+        bad = [a for a in rest if "=" not in a and not a.startswith("~")]
+        if bad:
+            parser.error(f"overrides must be key=value or ~key, got {bad}")
+        run_recipe(args.recipe, args.config, rest, args.nproc_per_node)
+    elif rest:
+        parser.error(f"unexpected arguments {rest}")
+    elif args.command == "ls":
+        grouped = config_recipes()
+        width = max(len(r) for r in recipe_names() + ["RECIPE"]) + 2
+        print(f"{'RECIPE':<{width}}CONFIGS")
+        for recipe in recipe_names():
+            print(f"{recipe:<{width}}{', '.join(grouped.get(recipe, [])) or '-'}")
+    else:
+        dest = Path(args.dest)
+        if dest.suffix not in (".yaml", ".yml"):
+            dest = dest / find_config(args.config).name if dest.is_dir() else dest.with_suffix(".yaml")
+        if dest.exists():
+            raise SystemExit(f"medcap: {dest} exists; not overwriting it")
+        shutil.copyfile(find_config(args.config), dest)
+        print(f"copied {find_config(args.config)} to {dest}")
+
+
+if __name__ == "__main__":
+    main()

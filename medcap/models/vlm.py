@@ -1,0 +1,97 @@
+"""The vision-language model: vision tokens injected into a decoder-only LLM at image placeholder positions."""
+
+from typing import Any
+
+import torch
+from torch import nn, Tensor
+from torchtune.modules import TransformerDecoder
+from torchtune.modules.model_fusion import EarlyFusionModel
+
+from medcap.models.projectors import projector_num_tokens
+
+TRAIN_MODES = ("frozen", "full")
+PARTS = ("encoder", "projector", "decoder")
+
+
+class VisionTower(nn.Module):
+    """Encoder + projector: images [B, I, 3, H, W] (or [B, 3, H, W]) -> [B, I * tokens_per_image, D_llm]."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+        self.tokens_per_image = projector_num_tokens(projector, encoder.num_tokens)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() == 4:
+            images = images.unsqueeze(1)
+        batch, per_sample = images.shape[:2]
+        tokens = self.projector(self.encoder(images.flatten(0, 1)))
+        return tokens.reshape(batch, per_sample * tokens.shape[1], tokens.shape[2])
+
+
+class VisionLanguageModel(EarlyFusionModel):
+    """``EarlyFusionModel`` with one vision tower under ``encoders["image"]``.
+
+    Each image becomes ``tokens_per_image`` copies of ``image_token_id`` in the prompt; their embeddings are
+    replaced by the projected vision tokens. ``trainable`` picks per part (encoder / projector / decoder)
+    whether it is ``frozen`` or ``full``y trained; frozen parts stay in eval mode (BatchNorm statistics and
+    dropout untouched) even when the model is put in training mode.
+    """
+
+    def __init__(
+        self,
+        decoder: TransformerDecoder,
+        encoder: nn.Module,
+        projector: nn.Module,
+        image_token_id: int,
+        trainable: dict[str, str] | None = None,
+    ):
+        super().__init__(decoder, {"image": VisionTower(encoder, projector)}, {"image": image_token_id})
+        self.image_token_id = image_token_id
+        self.trainable = {"encoder": "full", "projector": "full", "decoder": "frozen", **(trainable or {})}
+        for part, mode in self.trainable.items():
+            if part not in PARTS or mode not in TRAIN_MODES:
+                raise ValueError(f"trainable.{part}={mode!r}: parts are {PARTS}, modes are {TRAIN_MODES}")
+        for part, module in self.parts().items():
+            module.requires_grad_(self.trainable[part] == "full")
+
+    @property
+    def vision(self) -> VisionTower:
+        return self.encoders["image"]
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.tokens_per_image
+
+    def parts(self) -> dict[str, nn.Module]:
+        # The decoder's token embeddings live on the fusion model itself (EarlyFusionModel moves them).
+        decoder = nn.ModuleList([self.decoder, self.tok_embeddings])
+        return {"encoder": self.vision.encoder, "projector": self.vision.projector, "decoder": decoder}
+
+    def train(self, mode: bool = True) -> "VisionLanguageModel":
+        super().train(mode)
+        for part, module in self.parts().items():
+            if self.trainable[part] == "frozen":
+                module.eval()
+        return self
+
+    # UPDATED: EarlyFusionModel.setup_caches - it sizes the KV cache to the decoder's max_seq_len (131072 for
+    # Llama 3.1, ~17 GB per sequence at 8B); generation needs only prompt + max new tokens.
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, decoder_max_seq_len: int | None = None) -> None:
+        self.decoder.setup_caches(batch_size, dtype, decoder_max_seq_len=decoder_max_seq_len)
+
+    # UPDATED: EarlyFusionModel.forward - masked_scatter silently ignores surplus or missing vision tokens;
+    # check that the placeholders and the vision tokens agree before fusing.
+    def forward(self, tokens: Tensor, *, encoder_input: dict[str, dict[str, Any]] | None = None, **kwargs) -> Tensor:
+        if encoder_input is not None:
+            images = encoder_input["image"]["images"]
+            per_sample = 1 if images.dim() == 4 else images.shape[1]
+            expected = images.shape[0] * per_sample * self.tokens_per_image
+            found = int((tokens == self.image_token_id).sum())
+            if found != expected:
+                raise ValueError(
+                    f"the batch holds {found} image placeholder tokens but its {images.shape[0] * per_sample} "
+                    f"image(s) give {expected} vision tokens ({self.tokens_per_image} per image)"
+                )
+        return super().forward(tokens, encoder_input=encoder_input, **kwargs)
