@@ -1,0 +1,22 @@
+"""The full `make demo` run (about 10 minutes on 2 CPU cores): slow, not in CI. `pytest -m slow`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_demo_trained_model_beats_untrained_and_image_blind(tmp_path):
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "medcap.demo", "--out", str(out)], check=True, cwd=ROOT)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"trained", "untrained", "image_blind"}
+    for metric in ("CIDEr", "BLEU-4", "finding_acc"):
+        assert report["trained"][metric] > report["untrained"][metric], metric
+        assert report["trained"][metric] > report["image_blind"][metric], metric
+    assert (out / "loss_curve.png").stat().st_size > 1000
