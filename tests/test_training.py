@@ -59,7 +59,7 @@ def test_only_the_trained_parts_change_and_the_loss_falls(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     summary = run(model, tmp_path, steps=12, batches=make_batches(1))
     losses = [h["loss"] for h in summary["history"]]
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.85 * losses[0]
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("encoders.image.") for k in changed)

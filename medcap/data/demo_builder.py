@@ -130,7 +130,7 @@ def build_demo(out_dir: str | Path, seed: int = 0, n_train: int = 512, n_val: in
     counts per split. Does nothing if ``out_dir`` already holds a build with the same parameters."""
     out_dir = Path(out_dir)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    info = {"seed": seed, "counts": counts, "version": 2}
+    info = {"seed": seed, "counts": counts, "version": 3}
     info_file = out_dir / "build_info.json"
     if info_file.is_file() and json.loads(info_file.read_text()) == info:
         print(f"demo data already built in {out_dir}")

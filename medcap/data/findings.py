@@ -4,27 +4,28 @@ caption, so that generated captions can be scored on whether their findings are 
 import re
 from dataclasses import dataclass
 
-# modality key -> the first sentence of every caption of that modality
+# One sentence per caption: "<modality> with <finding> in the <location>." (a single sentence keeps the frozen
+# LLM from ending or rambling at a sentence boundary).
 MODALITIES = {
-    "chest_xray": "Frontal chest radiograph.",
-    "leg_xray": "Radiograph of the lower leg.",
-    "head_ct": "Axial CT of the head.",
-    "shoulder_mr": "Coronal MRI of the shoulder.",
-    "abdomen_mr": "Axial MRI of the abdomen.",
-    "ultrasound": "Doppler ultrasound of a lymph node.",
-    "fundus": "Colour fundus photograph.",
-    "histology": "Immunohistochemistry-stained tissue section.",
+    "chest_xray": "Frontal chest radiograph",
+    "leg_xray": "Radiograph of the lower leg",
+    "head_ct": "Axial CT of the head",
+    "shoulder_mr": "Coronal MRI of the shoulder",
+    "abdomen_mr": "Axial MRI of the abdomen",
+    "ultrasound": "Doppler ultrasound of a lymph node",
+    "fundus": "Colour fundus photograph",
+    "histology": "Immunohistochemistry-stained tissue section",
 }
 
-# finding key -> sentence template ({location} is filled in)
+# finding key -> template ({location} is filled in)
 FINDINGS = {
-    "nodule": "A rounded nodule in the {location}.",
-    "opacity": "An ill-defined opacity in the {location}.",
-    "fracture": "A fracture line through the {location}.",
-    "lesion": "A bright focal lesion in the {location}.",
-    "dark_lesion": "A dark focal lesion in the {location}.",
+    "nodule": "with a rounded nodule in the {location}",
+    "opacity": "with an ill-defined opacity in the {location}",
+    "fracture": "with a fracture line through the {location}",
+    "lesion": "with a bright focal lesion in the {location}",
+    "dark_lesion": "with a dark focal lesion in the {location}",
 }
-NORMAL = "No focal abnormality."
+NORMAL = "with no focal abnormality"
 
 LOCATIONS = [
     "right upper zone", "right lower zone", "left upper zone", "left lower zone",
@@ -46,7 +47,7 @@ class Findings:
 
 def caption_for(modality: str, finding: str, location: str) -> str:
     second = NORMAL if finding == "none" else FINDINGS[finding].format(location=location)
-    return f"{MODALITIES[modality]} {second}"
+    return f"{MODALITIES[modality]} {second}."
 
 
 def _normalise(text: str) -> str:
@@ -58,7 +59,7 @@ def parse_caption(caption: str) -> Findings:
     are not recognisable. Matching ignores case, punctuation and extra words."""
     text = _normalise(caption)
     modality = next((k for k, v in MODALITIES.items() if _normalise(v) in text), "unknown")
-    if _normalise(NORMAL) in text:
+    if "no focal abnormality" in text:
         return Findings(modality, "none", "none")
     finding = next((key for word, key in _FINDING_WORDS if word in text), "unknown")
     location = next((loc for loc in LOCATIONS if loc in text), "unknown")
@@ -66,7 +67,7 @@ def parse_caption(caption: str) -> Findings:
 
 
 def findings_scores(predictions: dict[str, str], references: dict[str, str]) -> dict[str, float]:
-    """``modality_acc``: share of references whose modality sentence the prediction gets right;
+    """``modality_acc``: share of references whose modality (and body part) the prediction gets right;
     ``finding_acc``: share whose finding type AND location are right (a normal study is right when the
     prediction says it is normal). Over all reference ids; a missing prediction counts as wrong."""
     modality_right = finding_right = 0
