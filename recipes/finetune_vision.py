@@ -49,7 +49,8 @@ def main(cfg: DictConfig) -> None:
 
     train_set = caption_dataset(cfg.dataset, tokenizer, model)
     val_loader = None
-    if cfg.get("val_dataset"):
+    # `val_dataset=null` on the command line sets val_dataset._component_ to null (torchtune's override rule)
+    if cfg.get("val_dataset") and cfg.val_dataset.get("_component_"):
         val_loader = caption_loader(caption_dataset(cfg.val_dataset, tokenizer, model), tokenizer,
                                     cfg.batch_size, cfg.get("num_workers", 0))
 

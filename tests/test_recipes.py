@@ -31,7 +31,7 @@ def data_overrides(data, split="train"):
     return [f"dataset.manifest={data / 'train.jsonl'}", f"val_dataset.manifest={data / 'val.jsonl'}"]
 
 
-def medcap(*args, env_extra=None):
+def run_medcap(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
     proc = subprocess.run([sys.executable, "-m", "medcap.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           env=env)
@@ -74,14 +74,14 @@ def test_finetune_trains_only_the_vision_side(data, tmp_path, monkeypatch):
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_path):
     out = tmp_path / "train"
-    args = ["run", "finetune_vision", "--config", "tiny/finetune_vision", *data_overrides(data),
-            f"output_dir={out}", "max_steps=4", "save_every=2", "~val_dataset"]
-    medcap(*args)
+    args = ["run", "finetune_vision", "--config", "tiny/finetune_vision", f"dataset.manifest={data / 'train.jsonl'}",
+            f"output_dir={out}", "max_steps=4", "save_every=2", "val_dataset=null", "~log_every"]
+    run_medcap(*args)
     final = load_file(out / "checkpoints" / "step_000004" / "model.safetensors")
     # simulate a kill after step 2: the step-4 checkpoint never got written
     import shutil
     shutil.rmtree(out / "checkpoints" / "step_000004")
-    proc = medcap(*args, "resume_from=auto")
+    proc = run_medcap(*args, "resume_from=auto")
     assert "resuming from" in proc.stderr + proc.stdout
     resumed = load_file(out / "checkpoints" / "step_000004" / "model.safetensors")
     assert final.keys() == resumed.keys()
@@ -90,7 +90,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_pa
 
 def test_generate_writes_predictions_in_manifest_order(data, tmp_path):
     out = tmp_path / "gen"
-    medcap("run", "generate", "--config", "tiny/generate", "checkpoint=null", *data_overrides(data, "test"),
+    run_medcap("run", "generate", "--config", "tiny/generate", "checkpoint=null", *data_overrides(data, "test"),
            f"output_dir={out}", "max_new_tokens=5")
     with open(out / "predictions.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
