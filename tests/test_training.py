@@ -120,3 +120,16 @@ def test_checkpoint_errors(tmp_path):
     other = tiny_vlm(projector="linear")
     with pytest.raises(ValueError, match="does not match the model"):
         load_checkpoint(other, tmp_path / "ck")
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    from torchtune import training
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    plain = tiny_vlm(trainable={"encoder": "frozen", "projector": "full"})
+    checkpointed = tiny_vlm(trainable={"encoder": "frozen", "projector": "full"})
+    training.set_activation_checkpointing(checkpointed.decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
+    for model, out in ((plain, "a"), (checkpointed, "b")):
+        run(model, tmp_path / out, steps=2, optimizer_cls=torch.optim.SGD, lr=0.1)
+    for pa, pb in zip(plain.vision.projector.parameters(), checkpointed.vision.projector.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
