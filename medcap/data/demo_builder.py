@@ -8,6 +8,9 @@ Deterministic given the seed. See datasets/README.md for the data card.
 
 import argparse
 import json
+import shutil
+from collections import Counter
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +45,11 @@ BASES = {
     "histology": ("scikit-image:immunohistochemistry", ("dark_lesion",), QUADRANTS),
 }
 P_NORMAL = 0.3
+VERSION = 5  # bump when the output changes, so that older builds are rebuilt
 
 
 def load_base(source: str) -> Image.Image:
+    """A base image from an installed package (never downloaded), at SIZE x SIZE RGB."""
     package, name = source.split(":")
     if package == "scikit-image":
         import skimage.data
@@ -53,7 +58,7 @@ def load_base(source: str) -> Image.Image:
     else:
         from pydicom.data import get_testdata_file
 
-        path = get_testdata_file(name)
+        path = get_testdata_file(name, download=False)
         if path is None:
             raise FileNotFoundError(f"{name} not found: install pydicom-data (make install does)")
         image = load_image(path)
@@ -87,11 +92,11 @@ def finding_mask(kind: str, centre: tuple[float, float], rng: np.random.Generato
     if kind == "fracture":
         slope = rng.uniform(-0.25, 0.25)
         distance = np.abs((yy - cy) - slope * (xx - cx)) / np.sqrt(1 + slope**2)
-        return np.clip(2.5 - distance, 0, 1) * (np.abs(xx - cx) < 0.16 * SIZE)
+        return np.clip(3.5 - distance, 0, 1) * (np.abs(xx - cx) < 0.16 * SIZE)
     if kind == "opacity":
-        sigma = rng.uniform(15, 19)
+        sigma = rng.uniform(20, 24)
         return np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
-    radius = rng.uniform(10, 14)
+    radius = rng.uniform(16, 20)
     return np.clip(radius + 1 - np.hypot(xx - cx, yy - cy), 0, 1)
 
 
@@ -111,48 +116,80 @@ def add_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def make_sample(base: Image.Image, modality: str, rng: np.random.Generator) -> tuple[Image.Image, dict]:
-    _, kinds, locations = BASES[modality]
+def finding_plan(n: int, kinds: tuple[str, ...], locations: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(finding, location) for the ``n`` samples of one base image in one split: round(P_NORMAL * n) normal,
+    the others cycling through every finding type x location pair (each cycle in a new random order), so
+    that finding types and locations stay balanced; returned in random order."""
+    n_normal = round(P_NORMAL * n)
+    pairs = [(kind, location) for kind in kinds for location in locations]
+    abnormal = []
+    while len(abnormal) < n - n_normal:
+        abnormal += [pairs[i] for i in rng.permutation(len(pairs))]
+    plan = [("none", "none")] * n_normal + abnormal[: n - n_normal]
+    return [plan[i] for i in rng.permutation(n)]
+
+
+def make_sample(base: Image.Image, modality: str, finding: str, location: str,
+                rng: np.random.Generator) -> tuple[Image.Image, dict]:
+    """One sample: the base image augmented, the finding drawn (unless "none"), noise; and its labels."""
     image = augment(base, rng)
-    if rng.random() < P_NORMAL:
-        finding, location = "none", "none"
-    else:
-        finding = kinds[rng.integers(len(kinds))]
-        location = list(locations)[rng.integers(len(locations))]
-        image = draw(image, finding, locations[location], rng)
+    if finding != "none":
+        image = draw(image, finding, BASES[modality][2][location], rng)
     image = add_noise(image, rng)
     return image, {"caption": caption_for(modality, finding, location), "modality": modality,
                    "finding": finding, "location": location}
 
 
+@cache
+def base_images() -> dict[str, Image.Image]:
+    """The base image of each modality at SIZE x SIZE (loaded once per process; never modified)."""
+    bases = {modality: load_base(source) for modality, (source, _, _) in BASES.items()}
+    bases["chest_xray"] = darken(bases["chest_xray"], 2.5)
+    return bases
+
+
 def build_demo(out_dir: str | Path, seed: int = 0, n_train: int = 512, n_val: int = 64, n_test: int = 96) -> dict:
     """Write ``images/<id>.png`` and ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl`` into ``out_dir``; returns the
-    counts per split. Does nothing if ``out_dir`` already holds a build with the same parameters."""
+    counts per split. Sample i of a split uses base image i mod 8. Does nothing if ``out_dir`` already holds
+    a build with the same parameters."""
     out_dir = Path(out_dir)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    info = {"seed": seed, "counts": counts, "version": 3}
+    for split, n in counts.items():
+        if n < len(BASES):
+            raise ValueError(f"n_{split}={n}: each split needs at least {len(BASES)} samples, one per base image")
+    info = {"seed": seed, "counts": counts, "version": VERSION}
     info_file = out_dir / "build_info.json"
-    if info_file.is_file() and json.loads(info_file.read_text()) == info:
-        print(f"demo data already built in {out_dir}")
+    manifests = [out_dir / f"{split}.jsonl" for split in counts]
+    if info_file.is_file() and json.loads(info_file.read_text()) == info and all(m.is_file() for m in manifests):
+        print(f"demo data already built in {out_dir} (seed {seed}, {counts})")
         return counts
+    if info_file.is_file():  # an earlier build with other parameters: drop its images
+        info_file.unlink()
+        shutil.rmtree(out_dir / "images", ignore_errors=True)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    bases = {m: load_base(source) for m, (source, _, _) in BASES.items()}
-    bases["chest_xray"] = darken(bases["chest_xray"], 2.5)
+    bases = base_images()
     modalities = list(BASES)
     rng = np.random.default_rng(seed)
+    summary = {split: Counter() for split in counts}
     with tqdm(total=sum(counts.values()), desc="demo data", unit="image") as progress:
         for split, n in counts.items():
+            plans = {m: finding_plan(len(range(j, n, len(modalities))), BASES[m][1], BASES[m][2], rng)
+                     for j, m in enumerate(modalities)}  # modality j has the samples j, j + 8, j + 16, ...
             lines = []
             for i in range(n):
                 modality = modalities[i % len(modalities)]  # every base image in every split, balanced
-                image, record = make_sample(bases[modality], modality, rng)
+                finding, location = plans[modality][i // len(modalities)]
+                image, record = make_sample(bases[modality], modality, finding, location, rng)
+                summary[split][finding] += 1
                 sample_id = f"demo_{split}_{i:04d}"
-                image.save(out_dir / "images" / f"{sample_id}.png", optimize=False)
+                image.save(out_dir / "images" / f"{sample_id}.png")
                 lines.append(json.dumps({"id": sample_id, "image": f"images/{sample_id}.png", **record}))
                 progress.update()
             (out_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     info_file.write_text(json.dumps(info))
-    print(f"demo data: {counts} samples in {out_dir}")
+    print(f"demo data in {out_dir}:")
+    for split, findings in summary.items():
+        print(f"  {split}: {counts[split]} samples ({', '.join(f'{k} {v}' for k, v in sorted(findings.items()))})")
     return counts
 
 

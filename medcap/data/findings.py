@@ -27,15 +27,16 @@ FINDINGS = {
 }
 NORMAL = "with no focal abnormality"
 
+# the words that identify each finding when parsing
+FINDING_WORDS = {"fracture": "fracture", "nodule": "nodule", "opacity": "opacity",
+                 "dark focal lesion": "dark_lesion", "bright focal lesion": "lesion"}
+
 LOCATIONS = [
     "right upper zone", "right lower zone", "left upper zone", "left lower zone",
     "proximal tibial shaft", "mid tibial shaft", "distal tibial shaft",
     "right frontal region", "left frontal region", "right occipital region", "left occipital region",
     "upper left quadrant", "upper right quadrant", "lower left quadrant", "lower right quadrant",
 ]
-
-_FINDING_WORDS = [("fracture", "fracture"), ("nodule", "nodule"), ("opacity", "opacity"),
-                  ("dark focal lesion", "dark_lesion"), ("bright focal lesion", "lesion")]
 
 
 @dataclass(frozen=True)
@@ -46,34 +47,57 @@ class Findings:
 
 
 def caption_for(modality: str, finding: str, location: str) -> str:
-    second = NORMAL if finding == "none" else FINDINGS[finding].format(location=location)
-    return f"{MODALITIES[modality]} {second}."
+    """The caption template filled in; ``finding`` "none" gives the normal caption."""
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; known: {sorted(MODALITIES)}")
+    if finding == "none":
+        return f"{MODALITIES[modality]} {NORMAL}."
+    if finding not in FINDINGS:
+        raise ValueError(f"unknown finding {finding!r}; known: {sorted(FINDINGS)} or 'none'")
+    if location not in LOCATIONS:
+        raise ValueError(f"unknown location {location!r} for finding {finding!r}")
+    return f"{MODALITIES[modality]} {FINDINGS[finding].format(location=location)}."
 
 
 def _normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
+    """Lower case, punctuation and hyphens to spaces, single spaces, padded so phrases match whole words."""
+    return " " + " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split()) + " "
+
+
+def _earliest(text: str, phrases: dict[str, str]) -> str:
+    """The key of the phrase that occurs first in ``text`` (a caption that rambles on is judged by what it
+    says first), or "unknown"."""
+    found = [(text.find(_normalise(phrase)), key) for phrase, key in phrases.items()]
+    found = [(position, key) for position, key in found if position >= 0]
+    return min(found)[1] if found else "unknown"
 
 
 def parse_caption(caption: str) -> Findings:
-    """Modality, finding type and location of a caption in the demo's templates; ``unknown`` for parts that
-    are not recognisable. Matching ignores case, punctuation and extra words."""
+    """Modality, finding type and location of a caption in the demo's templates; "unknown" for parts that
+    are not recognisable, finding and location "none" for a normal study. Ignores case, punctuation and
+    extra words."""
     text = _normalise(caption)
-    modality = next((k for k, v in MODALITIES.items() if _normalise(v) in text), "unknown")
-    if "no focal abnormality" in text:
+    modality = _earliest(text, {phrase: key for key, phrase in MODALITIES.items()})
+    finding = _earliest(text, {**FINDING_WORDS, "no focal abnormality": "none"})
+    if finding == "none":
         return Findings(modality, "none", "none")
-    finding = next((key for word, key in _FINDING_WORDS if word in text), "unknown")
-    location = next((loc for loc in LOCATIONS if loc in text), "unknown")
+    location = _earliest(text, {location: location for location in LOCATIONS})
     return Findings(modality, finding, location)
 
 
 def findings_scores(predictions: dict[str, str], references: dict[str, str]) -> dict[str, float]:
     """``modality_acc``: share of references whose modality (and body part) the prediction gets right;
     ``finding_acc``: share whose finding type AND location are right (a normal study is right when the
-    prediction says it is normal). Over all reference ids; a missing prediction counts as wrong."""
+    prediction says it is normal). Over all reference ids; a missing prediction counts as wrong. Every
+    reference must be in the demo templates."""
+    if not references:
+        raise ValueError("findings_scores: no references")
     modality_right = finding_right = 0
     for sample_id, reference in references.items():
-        want, got = parse_caption(reference), parse_caption(predictions.get(sample_id, ""))
+        want = parse_caption(reference)
+        if "unknown" in (want.modality, want.finding, want.location):
+            raise ValueError(f"sample {sample_id!r}: reference caption {reference!r} is not in the demo templates")
+        got = parse_caption(predictions.get(sample_id, ""))
         modality_right += got.modality == want.modality
         finding_right += (got.finding, got.location) == (want.finding, want.location)
-    n = max(len(references), 1)
-    return {"modality_acc": modality_right / n, "finding_acc": finding_right / n}
+    return {"modality_acc": modality_right / len(references), "finding_acc": finding_right / len(references)}

@@ -1,19 +1,26 @@
 """Opening images: ordinary files with PIL, DICOM with pydicom; always returned as 8-bit RGB PIL images."""
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-# Default CT window (centre, width) in Hounsfield units when the file has none: a soft-tissue window.
+if TYPE_CHECKING:
+    import pydicom
+
+# CT window (centre, width) in Hounsfield units for files that carry none: a soft-tissue window.
 DEFAULT_CT_WINDOW = (40.0, 400.0)
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 class ImageLoadError(ValueError):
-    pass
+    """An image file that is missing, empty or unreadable; the message names the file."""
 
 
 def is_dicom(path: Path) -> bool:
+    """By suffix, or by the ``DICM`` marker that follows the 128-byte preamble of a DICOM file."""
     if path.suffix.lower() in (".dcm", ".dicom"):
         return True
     with path.open("rb") as f:
@@ -21,54 +28,75 @@ def is_dicom(path: Path) -> bool:
         return f.read(4) == b"DICM"
 
 
+def to_unit_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Maps ``low`` to 0 and ``high`` to 1, linear in between, clipped outside."""
+    return np.clip((values.astype(np.float64) - low) / max(high - low, 1e-9), 0.0, 1.0)
+
+
+def unit_to_uint8(unit: np.ndarray) -> np.ndarray:
+    return np.round(unit * 255).astype(np.uint8)
+
+
 def _first(value) -> float:
-    """DICOM window values may be multi-valued; take the first."""
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
+    """WindowCenter / WindowWidth may hold several windows; the first is the default one."""
+    return float(value[0]) if isinstance(value, Sequence) else float(value)
 
 
-def dicom_to_uint8(ds, window: tuple[float, float] | None = None) -> np.ndarray:
-    """DICOM pixels as an 8-bit array ([H, W] grayscale or [H, W, 3] colour).
+def dicom_to_uint8(ds: "pydicom.Dataset", window: tuple[float, float] | None = None) -> np.ndarray:
+    """The pixels of a pydicom Dataset as 8 bits: ``[H, W]`` for grayscale, ``[H, W, 3]`` for colour.
 
-    Conversion to 8 bit: stored values go through RescaleSlope/RescaleIntercept (Hounsfield units for CT);
-    CT is then windowed (``window`` = (centre, width), else the file's first WindowCenter/WindowWidth, else
-    a soft-tissue window 40/400 HU) and clipped; other grayscale images are scaled linearly from their 0.5th
-    to their 99.5th percentile (robust to a few extreme pixels such as burnt-in markers) and clipped. MONOCHROME1 (where high values are dark) is inverted so that dense tissue is bright. Multi-frame
-    images give their middle frame. Colour images are converted to RGB by pydicom.
+    The 8-bit conversion:
+    - multi-frame images give their middle frame;
+    - grayscale stored values go through RescaleSlope and RescaleIntercept (Hounsfield units for CT);
+    - CT is windowed: ``window`` = (centre, width) if given, else the file's first WindowCenter/WindowWidth,
+      else 40/400 HU (soft tissue); values below centre - width/2 become 0, above centre + width/2 become 255,
+      linear in between;
+    - other grayscale images are scaled linearly from their actual minimum (0) to maximum (255);
+    - MONOCHROME1 (where high values are displayed dark) is inverted after scaling, so that dense tissue is
+      bright as in MONOCHROME2;
+    - colour: pydicom already returns YBR as RGB; PALETTE COLOR goes through its lookup table; colour data
+      wider than 8 bits is scaled by its actual range.
     """
     pixels = ds.pixel_array
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if frames > 1:
         pixels = pixels[frames // 2]
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        from pydicom.pixels import convert_color_space
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
 
-        if photometric.startswith("YBR"):
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        if pixels.dtype != np.uint8:
-            pixels = pixels.astype(np.float64)
-            pixels = (pixels - pixels.min()) / max(pixels.max() - pixels.min(), 1e-9) * 255
-        return pixels.astype(np.uint8)
+        pixels = apply_color_lut(pixels, ds)
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if pixels.dtype == np.uint8:
+            return pixels
+        return unit_to_uint8(to_unit_range(pixels, pixels.min(), pixels.max()))
+
     values = pixels.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
     if ds.get("Modality") == "CT":
         if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
             window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
         centre, width = window or DEFAULT_CT_WINDOW
-        low, high = centre - width / 2, centre + width / 2
+        unit = to_unit_range(values, centre - width / 2, centre + width / 2)
     else:
-        low, high = np.percentile(values, [0.5, 99.5])
-    scaled = np.clip((values - low) / max(high - low, 1e-9), 0, 1)
-    if photometric == "MONOCHROME1":
-        scaled = 1 - scaled
-    return np.round(scaled * 255).astype(np.uint8)
+        unit = to_unit_range(values, values.min(), values.max())
+    return unit_to_uint8(1 - unit if photometric == "MONOCHROME1" else unit)
+
+
+def _open_with_pil(path: Path) -> Image.Image:
+    with Image.open(path) as opened:
+        opened.load()
+        image = opened.copy()
+    if image.mode in HIGH_BIT_DEPTH_MODES:  # 16-bit / 32-bit grayscale: scale by the actual range
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(unit_to_uint8(to_unit_range(array, array.min(), array.max())))
+    return image
 
 
 def load_image(path: str | Path, window: tuple[float, float] | None = None) -> Image.Image:
-    """An RGB image from any PIL-readable file or a DICOM file. Grayscale, palette, RGBA, CMYK and 16-bit
-    images are converted (16-bit scaled by their actual range); ``window`` applies to CT DICOMs."""
+    """An RGB image from any file PIL can read, or from a DICOM file (chosen by the ``.dcm``/``.dicom`` suffix
+    or the ``DICM`` marker). Grayscale, palette, CMYK and 16-bit images are converted (16-bit scaled by
+    their actual range); transparent images are composited onto black. ``window`` = (centre, width) in HU
+    overrides the window of CT DICOMs (see ``dicom_to_uint8``). Raises ``ImageLoadError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
@@ -78,24 +106,14 @@ def load_image(path: str | Path, window: tuple[float, float] | None = None) -> I
         if is_dicom(path):
             import pydicom
 
-            array = dicom_to_uint8(pydicom.dcmread(path), window)
-            image = Image.fromarray(array)
+            image = Image.fromarray(dicom_to_uint8(pydicom.dcmread(path), window))
         else:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened
-                if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                    array = np.asarray(image, dtype=np.float64)
-                    low, high = array.min(), array.max()
-                    image = Image.fromarray(np.round((array - low) / max(high - low, 1e-9) * 255).astype(np.uint8))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageLoadError(f"cannot read image {path}: {e}") from None
-    except Exception as e:  # pydicom raises a variety of errors on broken files
-        if isinstance(e, ImageLoadError):
-            raise
-        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-    if image.mode == "RGBA" or image.mode == "LA" or (image.mode == "P" and "transparency" in image.info):
+            image = _open_with_pil(path)
+    except Exception as e:  # PIL and pydicom raise many error types on broken files; all mean "unreadable"
+        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, (0, 0, 0))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
