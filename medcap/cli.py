@@ -1,5 +1,5 @@
 """The ``medcap`` command: ``medcap run RECIPE --config CONFIG [key=value ...]``, ``medcap ls``,
-``medcap cp CONFIG DEST``. RECIPE and CONFIG are names of the project's recipes/configs
+``medcap cp CONFIG DEST``, ``medcap compare RUN [RUN ...]``. RECIPE and CONFIG are names of the project's recipes/configs
 (``finetune_vision``, ``demo/finetune_vision``) or paths. Config semantics are torchtune's:
 ``_component_``, ``key=value`` overrides and ``~key`` to delete a key."""
 
@@ -52,8 +52,41 @@ def config_recipes() -> dict[str, list[str]]:
     return grouped
 
 
+def _dotted_keys(node, prefix: str = "") -> dict[str, bool]:
+    """{dotted key: whether it names a plain mapping (not a ``_component_`` node)} for every key of a config."""
+    keys = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        keys[name] = isinstance(value, dict) and "_component_" not in value
+        if isinstance(value, dict):
+            keys.update(_dotted_keys(value, name + "."))
+    return keys
+
+
+def check_override_keys(config_path: Path, overrides: list[str]) -> None:
+    """A ``key=value`` override must name a key of the config, except new arguments inside a ``_component_``
+    node (they are passed to the component, which rejects what it does not take). A typo would otherwise be
+    ignored silently by ``cfg.get``; the error suggests the nearest keys."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    keys = _dotted_keys(OmegaConf.to_container(OmegaConf.load(config_path)))
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("~")
+        if key in keys:
+            continue
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        if parent in keys and not keys[parent]:
+            continue  # a new argument of a component
+        nearest = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(nearest)}?" if nearest else ""
+        raise SystemExit(f"medcap: {config_path.name} has no key {key!r}{hint}")
+
+
 def run_recipe(recipe: str, config: str, overrides: list[str], nproc_per_node: int | None = None) -> None:
     recipe_path, config_path = find_recipe(recipe), find_config(config)
+    check_override_keys(config_path, overrides)
     args = [str(recipe_path), "--config", str(config_path), *overrides]
     if nproc_per_node:
         from torch.distributed.run import main as torchrun
@@ -85,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     cp = sub.add_parser("cp", help="copy a config to edit it")
     cp.add_argument("config")
     cp.add_argument("dest")
+    compare = sub.add_parser("compare", help="side-by-side table and PNG of several runs' metrics.json")
+    compare.add_argument("runs", nargs="+", help="run directories holding metrics.json, or metrics.json files")
+    compare.add_argument("--plot", default="compare.png", help="where to write the bar chart (PNG)")
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "run":
@@ -94,6 +130,13 @@ def main(argv: list[str] | None = None) -> None:
         run_recipe(args.recipe, args.config, rest, args.nproc_per_node)
     elif rest:
         parser.error(f"unexpected arguments {rest}")
+    elif args.command == "compare":
+        from medcap.metrics import format_table
+        from medcap.metrics.compare import load_runs, plot_runs
+
+        runs = load_runs(args.runs)
+        print(format_table(runs))
+        print(f"plot -> {plot_runs(runs, args.plot)}")
     elif args.command == "ls":
         grouped = config_recipes()
         width = max(len(r) for r in recipe_names() + ["RECIPE"]) + 2

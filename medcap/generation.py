@@ -62,7 +62,8 @@ def generate(
     tokens, padding_mask = tokens.to(device), padding_mask.to(device)
     batch, prompt_len = tokens.shape
     total_len = prompt_len + max_new_tokens
-    encoder_input = None if images is None else {"image": {"images": images.to(device)}}
+    image_dtype = next(model.vision.parameters()).dtype if images is not None else None
+    encoder_input = None if images is None else {"image": {"images": images.to(device, image_dtype)}}
     stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), max_new_tokens, device=device)
@@ -75,7 +76,8 @@ def generate(
 
     if use_cache:
         dtype = next(model.decoder.parameters()).dtype
-        model.setup_caches(batch, dtype, decoder_max_seq_len=total_len)
+        with device:  # torchtune allocates the caches on the default device
+            model.setup_caches(batch, dtype, decoder_max_seq_len=total_len)
     try:
         # with a cache the keys span the whole cache; without one, only the tokens fed so far
         prefill_mask = causal[:, :prompt_len] if use_cache else causal[:, :prompt_len, :prompt_len]

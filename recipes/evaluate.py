@@ -1,28 +1,96 @@
-"""Score a predictions CSV (``ID,caption``) against references (a CSV or a JSONL manifest): BLEU-1..4,
-METEOR, ROUGE-L, CIDEr via pycocoevalcap. Writes ``output_dir/metrics.json`` and prints a table.
+"""Score a predictions CSV (``ID,caption``) against references (a CSV or a JSONL manifest) with a preset:
+``coco`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr via pycocoevalcap; ``tokenize=false`` for R2Gen's pre-tokenised
+text), ``imageclef`` (official preprocessing; BERTScore, ROUGE-1, BLEU-1) or ``vqa`` (answers against
+questions with options or closed answers: accuracy, macro accuracy over modalities); CLIPScore and RefCLIPScore when
+``clipscore.model`` names a local open_clip folder. Writes ``metrics.json``,
+``per_sample.csv`` and, with ``bootstrap`` > 0, ``intervals.json``; with ``compare_to`` (a second predictions
+CSV) a paired bootstrap of the difference goes to ``paired.json``. Prints a table.
 
-    medcap run evaluate --config demo/evaluate predictions=P.csv references=R.jsonl
+    medcap run evaluate --config eval/coco predictions=P.csv references=R.jsonl
 """
 
+import csv
 import json
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from medcap.metrics import format_table, read_predictions, read_references, score
+from medcap.metrics import (bootstrap_ci, check_submission, evaluate, format_table, paired_bootstrap,
+                            read_predictions, read_references)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
 
 
 @config.parse
 def main(cfg: DictConfig) -> None:
-    predictions = read_predictions(cfg.predictions)
-    references = read_references(cfg.references)
-    metrics = score(predictions, references, preset=cfg.get("preset", "coco"), tokenize=cfg.get("tokenize", True))
+    preset = cfg.get("preset", "coco")
+    if preset == "vqa":
+        from medcap.metrics.vqa import read_vqa_references
+
+        references = read_vqa_references(cfg.references)
+    else:
+        references = read_references(cfg.references)
+    if cfg.get("check_submission", False):
+        problems = check_submission(cfg.predictions, references)
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
+            raise SystemExit(f"evaluate: {cfg.predictions} is not a valid submission ({len(problems)} problem(s))")
+    bertscore = cfg.get("bertscore")
+    options = dict(preset=preset, tokenize=cfg.get("tokenize", True), group_by=cfg.get("group_by", "modality"),
+                   meteor=cfg.get("meteor", True),
+                   bertscore=OmegaConf.to_container(bertscore) if isinstance(bertscore, DictConfig) else bertscore)
+    if options["preset"] == "imageclef" and isinstance(options["bertscore"], dict):
+        from medcap.metrics.bertscore import BertScore  # load the model once for both prediction files
+
+        options["bertscore"] = BertScore(**options["bertscore"])
+    clip = cfg.get("clipscore")
+    if preset == "vqa":
+        pass
+    elif clip and clip.get("model"):
+        from medcap.data.dataset import read_manifest
+        from medcap.metrics.clipscore import ClipScore
+
+        options["images"] = {row["id"]: row["images"][0] for row in read_manifest(cfg.references)}
+        options["clipscore"] = ClipScore(**OmegaConf.to_container(clip))
+    else:
+        print("CLIPScore: skipped (set clipscore.model to a local open_clip folder and give a manifest as references)")
+    scored = evaluate(read_predictions(cfg.predictions), references, **options)
+
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(format_table({Path(cfg.predictions).parent.name or "predictions": metrics}))
+    _write_json(out / "metrics.json", scored.corpus)
+    with (out / "per_sample.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", *scored.per_sample])
+        for i, sample_id in enumerate(scored.ids):
+            writer.writerow([sample_id, *(f"{v[i]:.6f}" for v in scored.per_sample.values())])
+
+    name = Path(cfg.predictions).parent.name or "predictions"
+    rows, intervals = {name: scored.corpus}, {}
+    resamples, seed = int(cfg.get("bootstrap", 0)), int(cfg.get("seed", 0))
+    if resamples:
+        intervals[name] = bootstrap_ci(scored, resamples, seed)
+        _write_json(out / "intervals.json", {"level": 0.95, "resamples": resamples, "seed": seed,
+                                             "intervals": intervals[name]})
+    if cfg.get("compare_to"):
+        other = evaluate(read_predictions(cfg.compare_to), references, **options)
+        other_name = Path(cfg.compare_to).parent.name or "compare_to"
+        if other_name == name:
+            other_name = Path(cfg.compare_to).stem
+        rows[other_name] = other.corpus
+        paired = paired_bootstrap(scored, other, resamples or 1000, seed)
+        _write_json(out / "paired.json", {"a": str(cfg.predictions), "b": str(cfg.compare_to), "metrics": paired})
+    print(format_table(rows, intervals=intervals))
+    if cfg.get("compare_to"):
+        print(f"\n{name} - {other_name} (paired bootstrap, 95% interval, one-sided p):")
+        for metric, d in paired.items():
+            print(f"  {metric:<10} {d['difference']:+.4f}  [{d['low']:+.4f}, {d['high']:+.4f}]  p={d['p_value']:.3f}")
     print(f"{len(references)} images scored -> {out / 'metrics.json'}")
 
 

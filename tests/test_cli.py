@@ -43,3 +43,14 @@ def test_bad_override_is_rejected():
     proc = subprocess.run(MEDCAP + ["run", "generate", "--config", "tiny/generate", "oops"], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 2 and "overrides must be key=value or ~key, got ['oops']" in proc.stderr
+
+
+def test_unknown_override_keys_are_refused_with_the_nearest(tmp_path):
+    with pytest.raises(SystemExit, match="coco.yaml has no key 'bootstrp'; did you mean bootstrap\\?"):
+        cli.main(["run", "evaluate", "--config", "eval/coco", "predictions=p.csv", "references=r.csv", "bootstrp=5"])
+    with pytest.raises(SystemExit, match="has no key 'bertscore.modle'; did you mean bertscore.model"):
+        cli.main(["run", "evaluate", "--config", "eval/imageclef", "bertscore.modle=x"])
+    with pytest.raises(SystemExit, match="has no key 'zzz'$"):
+        cli.main(["run", "evaluate", "--config", "eval/coco", "zzz=1"])
+    # a new argument inside a _component_ node is the component's to accept or refuse
+    cli.check_override_keys(cli.find_config("tiny/generate"), ["tokenizer.path=x", "model.image_grid=2"])

@@ -130,3 +130,46 @@ def test_truncated_png_and_broken_dicom_raise(tmp_path):
     (tmp_path / "broken.dcm").write_bytes(b"not a dicom file at all")
     with pytest.raises(ValueError, match="cannot read image .*broken.dcm"):  # ImageLoadError is a ValueError
         load_image(tmp_path / "broken.dcm")
+
+
+def save_nifti(path, volume: np.ndarray, affine=None):
+    import nibabel
+
+    nibabel.save(nibabel.Nifti1Image(volume.astype(np.float32), np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def test_nifti_gives_the_middle_axial_slice_in_radiological_orientation(tmp_path):
+    # RAS+ volume x (left -> right) 4, y (posterior -> anterior) 3, z 3; only the middle slice z = 1 varies
+    x, y = np.meshgrid(np.arange(4), np.arange(3), indexing="ij")
+    volume = np.full((4, 3, 3), 50.0)
+    volume[:, :, 1] = 10 * x + y
+    image = np.asarray(load_image(save_nifti(tmp_path / "ct.nii.gz", volume)))[..., 0]
+    assert image.shape == (3, 4)  # rows: y, columns: x
+    # anterior (high y) at the top, the patient's right (high x) on the left: the brightest voxel x=3, y=2
+    # is at the top left, the darkest x=0, y=0 at the bottom right
+    assert image[0, 0] == 255 and image[2, 3] == 0
+    assert (np.diff(image.astype(int), axis=1) < 0).all() and (np.diff(image.astype(int), axis=0) < 0).all()
+    # the same patient stored left-right flipped (x runs right -> left) reads the same once reoriented
+    flipped = save_nifti(tmp_path / "flipped.nii", volume[::-1], affine=np.diag([-1.0, 1.0, 1.0, 1.0]))
+    assert (np.asarray(load_image(flipped))[..., 0] == image).all()
+    # 4-D: the first volume
+    series = np.stack([volume, np.zeros_like(volume)], axis=-1)
+    assert (np.asarray(load_image(save_nifti(tmp_path / "dwi.nii", series)))[..., 0] == image).all()
+
+
+def test_nifti_is_windowed_to_the_percentiles_not_the_range(tmp_path):
+    # 400 values 0..399 with 399 replaced by an outlier: p0.5 = 1.995, p99.5 = 397.005, so 200 maps to
+    # (200 - 1.995) / 395.01 * 255 = 127.8 -> 128, where min-max scaling would crush it to 0
+    values = np.arange(400, dtype=np.float64)
+    values[399] = 1e6
+    volume = values.reshape(20, 20, 1)
+    image = np.asarray(load_image(save_nifti(tmp_path / "mr.nii", volume)))[..., 0]
+    shown = image[::-1, ::-1].T.ravel()  # back to the volume's (x, y) order
+    assert shown[200] == 128 and shown[0] == 0 and shown[1] == 0 and shown[399] == 255
+
+
+def test_broken_nifti_raises_naming_the_path(tmp_path):
+    (tmp_path / "scan.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ImageLoadError, match="cannot read image .*scan.nii.gz"):
+        load_image(tmp_path / "scan.nii.gz")

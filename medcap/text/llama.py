@@ -29,7 +29,11 @@ class Llama3ChatTokenizer:
 
     def __init__(self, path: str | Path):
         path = _existing_file(path, "Llama 3 tokenizer (original/tokenizer.model in a Llama 3 download)")
-        self._tok = torchtune_llama3_tokenizer(str(path))
+        try:
+            self._tok = torchtune_llama3_tokenizer(str(path))
+        except ValueError as error:  # tiktoken only names the line it could not parse
+            raise ValueError(f"{path}: expected Llama 3's tiktoken tokenizer.model (original/tokenizer.model in a "
+                             f"Llama 3 download), found a file tiktoken cannot read ({error})") from None
         special = self._tok.special_tokens
         self._special_ids = set(special.values())
         self.image_token_id = special["<|image|>"]
@@ -76,7 +80,11 @@ class Llama2ChatTokenizer:
 
     def __init__(self, path: str | Path):
         path = _existing_file(path, "SentencePiece tokenizer model")
-        self._sp = SentencePieceBaseTokenizer(str(path))
+        try:
+            self._sp = SentencePieceBaseTokenizer(str(path))
+        except RuntimeError as error:  # SentencePiece only says it could not parse the protobuf
+            raise ValueError(f"{path}: expected a SentencePiece model (tokenizer.model in a Llama 2 download), "
+                             f"found a file SentencePiece cannot read ({error})") from None
         self._spm = self._sp.spm_model
         self.vocab_size = self._spm.vocab_size()
         self.image_token_id = self.vocab_size

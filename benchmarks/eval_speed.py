@@ -1,0 +1,81 @@
+"""Evaluation speed: 10,000 captions with the COCO preset (target: under 60 s on 2 CPU cores), against the peer
+that defines the numbers, pycocoevalcap's scorers called directly as COCOEvalCap does (PTB tokenisation, then
+BLEU, METEOR, ROUGE-L, CIDEr), on the same captions in the same run. Also times the ImageCLEF preset (ROUGE-1,
+BLEU-1; BERTScore with the packaged MiniLM unless --no-bertscore) and 1000 bootstrap resamples.
+
+    .venv/bin/python benchmarks/eval_speed.py [--n 10000]
+"""
+
+import argparse
+import random
+import time
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from medcap.metrics import bootstrap_ci, evaluate
+
+WORDS = ("the a left right upper lower middle lobe zone nodule opacity mass fracture effusion pneumothorax "
+         "consolidation chest abdomen knee radiograph ct mri ultrasound axial coronal image shows no acute "
+         "finding small large mm cm 3 5 12 with without of in").split()
+
+
+def corpus(n: int, seed: int = 0) -> tuple[dict[str, str], dict[str, list[str]]]:
+    rng = random.Random(seed)
+    refs = {f"img{i}": [" ".join(rng.choices(WORDS, k=rng.randint(6, 20))) + "."] for i in range(n)}
+    preds = {k: " ".join(rng.choices(WORDS, k=rng.randint(4, 20))) + "." for k in refs}
+    return preds, refs
+
+
+def peer(preds: dict[str, str], refs: dict[str, list[str]]) -> dict[str, float]:
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tokenizer.tokenize({k: [{"caption": preds[k]}] for k in refs})
+    out = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out.update({f"BLEU-{i + 1}": b for i, b in enumerate(bleu)})
+    out["METEOR"] = Meteor().compute_score(gts, res)[0]
+    out["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+    out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return out
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--no-bertscore", action="store_true")
+    args = parser.parse_args()
+    preds, refs = corpus(args.n)
+
+    peer_scores, peer_s = timed(peer, preds, refs)
+    scored, ours_s = timed(evaluate, preds, refs, preset="coco")
+    _, boot_s = timed(bootstrap_ci, scored, 1000, 0)
+    worst = max(abs(scored.corpus[k] - v) for k, v in peer_scores.items())
+    print(f"{args.n} captions, COCO preset")
+    print(f"  pycocoevalcap direct (peer) {peer_s:7.1f} s")
+    print(f"  medcap evaluate             {ours_s:7.1f} s   ratio to peer {ours_s / peer_s:.2f}x   "
+          f"(target < 60 s; largest metric difference to the peer {worst:.2e})")
+    print(f"  + 1000 bootstrap resamples  {boot_s:7.1f} s")
+
+    refs_one = {k: v[0] for k, v in refs.items()}
+    _, clef_s = timed(evaluate, preds, refs_one, preset="imageclef", bertscore=False)
+    print(f"ImageCLEF preset without BERTScore {clef_s:7.1f} s")
+    if not args.no_bertscore:
+        from medcap.metrics.bertscore import BertScore
+
+        scorer, load_s = timed(BertScore)
+        _, bert_s = timed(scorer.score, [preds[k] for k in refs], list(refs_one.values()))
+        print(f"BERTScore (all-MiniLM-L6-v2, CPU)  {bert_s:7.1f} s  (+{load_s:.1f} s to load)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Readers for medical VQA data sets: OmniMedVQA and VQA-RAD. Records carry ``question``, ``options``
+({letter: text} or None), ``answer`` and ``modality`` (the names ``medcap.metrics.vqa.read_vqa_references``
+reads); as a caption data set the prompt is the question with its options and the caption the answer."""
+
+from pathlib import Path
+from typing import Any
+
+from medcap.data.problems import DataFileError, Problem, Source, read_json
+from medcap.data.records import Samples, drop_duplicates, sample_record, text_or_none
+
+
+def question_prompt(question: str, options: dict[str, str] | None) -> str:
+    """The question, then one line per option: ``A. text``."""
+    lines = [question.strip()] + [f"{letter}. {text}" for letter, text in (options or {}).items()]
+    return "\n".join(lines)
+
+
+def vqa_record(source: Source, row: dict[str, Any], options: dict[str, str] | None, **fields: Any) -> dict[str, Any]:
+    """``row`` is what ``vqa_row`` returns."""
+    return sample_record(row["id"], [row["image"]], row["answer"], source,
+                         prompt=question_prompt(row["question"], options), caption_field=row["answer_key"],
+                         image_field=row["image_key"], question=row["question"], options=options,
+                         answer=row["answer"], **fields)
+
+
+def read_omnimedvqa(data_dir: Path, split: str, access: str = "Open-access",
+                    subsets: list[str] | None = None) -> Samples:
+    """OmniMedVQA: ``QA_information/{access}/*.json``, each a list of ``{question_id, question, option_A..option_D,
+    gt_answer, image_path (relative to data_dir), modality_type, question_type, dataset}``. The benchmark is
+    one test set: ``split`` must be ``test``. ``subsets`` keeps only these files (names without ``.json``).
+    Samples get ``question``, ``options`` ({letter: text}), ``answer``, ``modality``, ``question_type`` and
+    ``subset``; the prompt is the question with its options, the caption the answer."""
+    if split != "test":
+        raise ValueError(f"OmniMedVQA is a single test set: use split: test (got {split!r})")
+    folder = data_dir / "QA_information" / access
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise DataFileError(f"no OmniMedVQA question files (*.json) in {folder}")
+    if subsets is not None:
+        subsets = list(subsets)
+        unknown = set(subsets) - {f.stem for f in files}
+        if unknown:
+            raise DataFileError(f"{folder}: no subset(s) {sorted(unknown)}; it has {[f.stem for f in files]}")
+        files = [f for f in files if f.stem in subsets]
+    samples, problems = [], []
+    for path in files:
+        rows = read_json(path)
+        if not isinstance(rows, list):
+            raise DataFileError(f"{path}: expected a JSON list of questions (OmniMedVQA's layout)")
+        for index, row in enumerate(rows):
+            source = Source(str(path), item=f"[{index}]")
+            record = vqa_row(source, row, data_dir, problems, id_key="question_id", image_key="image_path",
+                             answer_key="gt_answer")
+            if record is not None:
+                options = {k[len("option_"):]: str(v) for k, v in row.items()
+                           if k.startswith("option_") and v not in (None, "")}
+                samples.append(vqa_record(source, record, options or None,
+                                          modality=row.get("modality_type", row.get("modality")),
+                                          question_type=row.get("question_type"), subset=row.get("dataset")))
+    return drop_duplicates(samples, problems, "question_id"), problems
+
+
+def vqa_row(source: Source, row: Any, image_root: Path, problems: list[Problem], id_key: str, image_key: str,
+            answer_key: str) -> dict[str, Any] | None:
+    """ID, image path, question and answer of a VQA row, or None after adding the problem to ``problems``."""
+    if not isinstance(row, dict):
+        problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
+        return None
+    sample_id = text_or_none(row.get(id_key)) or ""
+    if not sample_id.strip():
+        problems.append(Problem(source, None, id_key, "missing id", f"field {id_key!r} is missing or empty"))
+        return None
+    image, question = text_or_none(row.get(image_key)), text_or_none(row.get("question"))
+    for field, value in ((image_key, image), ("question", question)):
+        if not value or not value.strip():
+            problems.append(Problem(source, sample_id.strip(), field, f"missing {field}",
+                                    f"field {field!r} is missing or empty"))
+            return None
+    return {"id": sample_id.strip(), "image": str(image_root / image), "question": question,
+            "answer": text_or_none(row.get(answer_key)), "answer_key": answer_key, "image_key": image_key}
+
+
+def read_vqa_rad(data_dir: Path, split: str, annotation_file: str = "VQA_RAD Dataset Public.json",
+                 image_folder: str = "VQA_RAD Image Folder") -> Samples:
+    """VQA-RAD's public JSON (a list of ``{qid, image_name, question, answer, answer_type, image_organ,
+    phrase_type}``, images in ``image_folder``). Splits as in the literature: ``test`` = the rows whose
+    ``phrase_type`` starts with ``test`` (``test_freeform``, ``test_para``), ``train`` = the others. With
+    ``{split}`` in ``annotation_file`` (one file per split, as SLAKE or exported copies have) every row of that
+    file belongs to the split; ``img_name`` and ``id`` are read too. Samples get ``question``, ``answer``,
+    ``options`` (None: open and yes/no questions), ``modality`` (the row's ``modality`` if it has one),
+    ``question_type`` (``answer_type``: CLOSED / OPEN) and ``organ``."""
+    per_split_file = "{split}" in annotation_file
+    if not per_split_file and split not in ("train", "test"):
+        raise ValueError(f"VQA-RAD's splits are train and test (got {split!r})")
+    path = data_dir / annotation_file.format(split=split)
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise DataFileError(f"{path}: expected a JSON list of questions (VQA-RAD's layout)")
+    samples, problems = [], []
+    for index, row in enumerate(rows):
+        if isinstance(row, dict) and not per_split_file:
+            in_test = str(row.get("phrase_type", "")).startswith("test")
+            if in_test != (split == "test"):
+                continue
+        source = Source(str(path), item=f"[{index}]")
+        fields = row if isinstance(row, dict) else {}
+        id_key = next((k for k in ("qid", "id") if k in fields), "qid")
+        image_key = next((k for k in ("image_name", "img_name") if k in fields), "image_name")
+        record = vqa_row(source, row, data_dir / image_folder, problems, id_key=id_key, image_key=image_key,
+                         answer_key="answer")
+        if record is not None:
+            samples.append(vqa_record(source, record, None, modality=row.get("modality"),
+                                      question_type=row.get("answer_type"), organ=row.get("image_organ")))
+    return drop_duplicates(samples, problems, "qid"), problems

@@ -1,0 +1,108 @@
+"""Check a data set before training on it: reads every split through the config's ``dataset`` node, opens every
+image once, and prints counts, image sizes, caption lengths in tokens and every problem with its sample ID.
+
+    medcap run prepare_data --config data/imageclef data_dir=DIR [on_bad_sample=skip] [splits=[train,valid]]
+
+Exits 0 when every split can be used as configured, 1 when a problem would stop training: a file that cannot
+be read, a bad sample with ``on_bad_sample: error``, a prompt that leaves no room for the caption. With
+``on_bad_sample=skip`` bad samples are left out, counted by reason and listed in ``skipped_samples_csv``.
+"""
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config
+
+from medcap.data.dataset import CaptionDataset
+from medcap.data.problems import BadSampleError, CaptionsMissingError
+from medcap.text import build_sample
+
+
+def spread(values: list[int]) -> str:
+    return f"min {min(values)} / median {statistics.median(values):g} / max {max(values)}"
+
+
+def load_split(cfg: DictConfig, split: str, tokenizer, on_bad_sample: str) -> tuple[CaptionDataset | None, bool]:
+    """The split's data set (None when it cannot be built, after printing why) and whether it has captions."""
+    kwargs: dict[str, Any] = dict(split=split, tokenizer=tokenizer, tokens_per_image=cfg.tokens_per_image,
+                                  transform=None, check_images=True, image_workers=cfg.get("image_workers", 8),
+                                  on_bad_sample=on_bad_sample)
+    try:
+        try:
+            return config.instantiate(cfg.dataset, **kwargs), True
+        except CaptionsMissingError:
+            return config.instantiate(cfg.dataset, with_captions=False, **kwargs), False
+    except BadSampleError as e:
+        print(f"{split}: {len(e.problems)} problem(s) (on_bad_sample: error):")
+        for problem in e.problems:
+            print(f"  {problem}")
+    except (OSError, ValueError, NotImplementedError) as e:
+        print(f"{split}: cannot be read: {e}")
+    return None, False
+
+
+def report_split(dataset: CaptionDataset, split: str, has_captions: bool, tokenizer) -> bool:
+    """Prints the split's statistics and problems; False when a problem would stop training."""
+    samples = dataset.samples
+    images = list(dict.fromkeys(p for s in samples for p in s["images"]))  # VQA questions may share an image
+    kind = "" if has_captions else " (no captions: generation only)"
+    print(f"{split}: {len(samples)} samples, {len(images)} images{kind}")
+    sizes = [dataset.image_sizes[p] for p in images if p in dataset.image_sizes]
+    if sizes:
+        print(f"  image width  {spread([w for w, _ in sizes])} px")
+        print(f"  image height {spread([h for _, h in sizes])} px")
+    usable = True
+    if has_captions:
+        lengths = [len(tokenizer.encode(s["caption"])) for s in samples]
+        print(f"  caption tokens {spread(lengths)}, mean {statistics.fmean(lengths):.1f} ({type(tokenizer).__name__})")
+        truncated = 0
+        for s in samples:
+            try:
+                truncated += build_sample(tokenizer, s["prompt"] or dataset.prompt, s["caption"],
+                                          dataset.tokens_per_image * len(s["images"]), dataset.max_seq_len,
+                                          dataset.system)["truncated"]
+            except ValueError as e:  # the prompt alone does not fit max_seq_len
+                print(f"  {s['source']}: sample {s['id']!r}: {e}")
+                usable = False
+        print(f"  {truncated} caption(s) truncated to fit max_seq_len={dataset.max_seq_len} "
+              f"({dataset.tokens_per_image} tokens per image, never cut)")
+    if dataset.problems:
+        print(f"  {dataset.skip_summary()}")
+        for problem in dataset.problems:
+            print(f"    {problem}")
+    return usable
+
+
+@config.parse
+def main(cfg: DictConfig) -> int:
+    if OmegaConf.is_missing(cfg, "data_dir"):
+        print("data_dir is required: medcap run prepare_data --config data/NAME data_dir=DIR")
+        return 1
+    on_bad_sample = cfg.get("on_bad_sample") or cfg.dataset.get("on_bad_sample", "error")
+    skipped_csv = cfg.dataset.get("skipped_samples_csv")
+    if skipped_csv:
+        Path(skipped_csv).unlink(missing_ok=True)  # this run's list only
+    tokenizer = config.instantiate(cfg.tokenizer)
+    print(f"data set: {cfg.dataset.get('format') or cfg.dataset.get('manifest')} in {cfg.data_dir} "
+          f"(on_bad_sample: {on_bad_sample})")
+    usable = True
+    for split in cfg.splits:
+        dataset, has_captions = load_split(cfg, split, tokenizer, on_bad_sample)
+        split_usable = dataset is not None and report_split(dataset, split, has_captions, tokenizer)
+        usable = usable and split_usable
+    if skipped_csv and Path(skipped_csv).is_file():
+        print(f"skipped samples listed in {skipped_csv}")
+    if usable:
+        print("OK: every split can be used")
+    elif on_bad_sample == "skip":
+        print("FAILED: fix the problems above (skipping samples cannot help with them)")
+    else:
+        print("FAILED: fix the problems above, or set on_bad_sample=skip to leave bad samples out")
+    return 0 if usable else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
