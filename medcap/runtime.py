@@ -10,13 +10,16 @@ from torchtune import config, training, utils
 
 from medcap.checkpoint import load_checkpoint
 from medcap.data.dataset import CaptionDataset, collate_captions, image_transform
+from medcap.models.llm_weights import check_dtype_runs
 
 log = utils.get_logger("INFO")
 
 
 def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     device = utils.get_device(cfg.get("device", "cpu"))
-    return device, training.get_dtype(cfg.get("dtype", "fp32"), device=device)
+    dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=device)
+    check_dtype_runs(dtype, device)  # one line before any weights are read, not a kernel error mid-step
+    return device, dtype
 
 
 def setup_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torch.dtype,
@@ -38,6 +41,7 @@ def setup_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torc
 
 def caption_dataset(node: DictConfig, tokenizer, model, with_captions: bool = True) -> CaptionDataset:
     return config.instantiate(node, tokenizer=tokenizer, tokens_per_image=model.tokens_per_image,
+                              views_per_block=model.views_per_block,
                               transform=image_transform(model.vision.encoder), with_captions=with_captions)
 
 

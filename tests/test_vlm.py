@@ -83,3 +83,26 @@ def test_kv_cache_is_sized_to_the_request():
     model = tiny_vlm().eval()
     model.setup_caches(2, torch.float32, decoder_max_seq_len=40)
     assert model.decoder.layers[0].attn.kv_cache.k_cache.shape[2] == 40
+
+
+def test_views_per_block_averages_the_encoded_views_before_projecting():
+    from medcap.models import builders
+
+    model = builders.tiny_llama2_swin(views_per_block=2).eval()
+    tower = model.vision
+    torch.manual_seed(0)
+    images = torch.randn(3, 2, 3, 64, 64)  # 3 studies x 2 views
+    with torch.no_grad():
+        out = tower(images)
+        encoded = tower.encoder(images.flatten(0, 1)).unflatten(0, (3, 2)).mean(1)
+        expected = tower.projector(encoded)
+        in_a_row = tower(images.flatten(0, 1))  # as collate_captions passes them
+    assert out.shape == (3, model.tokens_per_image, expected.shape[-1])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(in_a_row.flatten(0, 1), out.flatten(0, 1))
+    assert model.views_per_block == 2
+    with pytest.raises(ValueError, match="3 images per sample cannot form blocks of views_per_block=2"):
+        tower(torch.randn(1, 3, 3, 64, 64))
+    tokens = torch.full((1, 2 * model.tokens_per_image), model.image_token_id)
+    with pytest.raises(ValueError, match="2 image\\(s\\) give .* 2 views per block"):
+        model(tokens, encoder_input={"image": {"images": torch.randn(2, 3, 64, 64)}})

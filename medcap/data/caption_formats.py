@@ -81,19 +81,16 @@ def read_imageclef(data_dir: Path, split: str, captions_file: str = "{split}_cap
 
 
 def read_r2gen(data_dir: Path, split: str, cleaner: Callable[[str], str], annotation_file: str = "annotation.json",
-               image_folder: str = "images", clean_report: bool = False, views: str = "separate") -> Samples:
+               image_folder: str = "images", clean_report: bool = False, views: str = "separate",
+               num_views: int = 2) -> Samples:
     """R2Gen's ``annotation.json``: ``{"train": [...], "val": [...], "test": [...]}`` with ``id``, ``report`` and
     ``image_path`` (a list, relative to ``image_folder``). ``clean_report`` applies R2Gen's cleaning for the data
     set (``medcap.data.reports``). ``views``: ``separate`` = one image-token block per view, in the file's order
-    (IU X-Ray: frontal, lateral); ``first`` = the first view only; ``average`` (R2GenGPT's mean of the encoded
-    views) is not available yet."""
+    (IU X-Ray: frontal, lateral); ``first`` = the first view only; ``average`` = exactly ``num_views`` views per
+    study, a shorter study repeating its last view as R2GenGPT does, for a model built with
+    ``views_per_block=num_views`` (it averages the encoded views into one block)."""
     if views not in VIEWS:
         raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
-    if views == "average":
-        raise NotImplementedError("views: average (R2GenGPT: each view encoded, the encodings averaged into one "
-                                  "image-token block) needs the model to average the views of a sample; it arrives "
-                                  "with the training-methods issue. Use views: separate (one block per view) or "
-                                  "views: first.")
     path = data_dir / annotation_file
     annotation = read_json(path)
     if not isinstance(annotation, dict) or not all(isinstance(v, list) for v in annotation.values()):
@@ -117,6 +114,13 @@ def read_r2gen(data_dir: Path, split: str, cleaner: Callable[[str], str], annota
         else:
             if views == "first":
                 images = images[:1]
+            elif views == "average":
+                if len(images) > num_views:
+                    problems.append(Problem(source, sample_id, "image_path", "too many views",
+                                            f"field 'image_path': {len(images)} views, views: average takes at most "
+                                            f"num_views={num_views}"))
+                    continue
+                images = images + images[-1:] * (num_views - len(images))
             if report is not None and clean_report:
                 report = cleaner(report)
                 # a report that cleans to nothing but separators is an empty caption
@@ -157,7 +161,7 @@ def read_llava(data_dir: Path, split: str, annotation_file: str = "{split}.json"
     ``image_folder``), "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}``.
     A single-turn conversation becomes prompt (the human turn without its ``<image>`` tags: the model puts the
     image placeholders itself) + caption (the gpt turn; None when the conversation ends with the human turn).
-    Every sample keeps ``turns`` (tags removed); the data set refuses conversations of more than one exchange.
+    Every sample keeps ``turns`` (tags removed); the data set trains on every exchange of a multi-turn one.
     The number of ``<image>`` tags in the conversation must equal the number of images."""
     path = data_dir / annotation_file.format(split=split)
     if path.suffix == ".jsonl":

@@ -15,7 +15,7 @@ from medcap.data.images import ImageLoadError, load_image
 from medcap.data.problems import (ON_BAD_SAMPLE, BadSampleError, CaptionsMissingError, Problem, skipped_entries,
                                   summary, write_skipped_csv)
 from medcap.data.records import read_manifest_samples
-from medcap.text import IGNORE_INDEX, build_sample
+from medcap.text import IGNORE_INDEX, build_conversation_sample, build_sample
 
 DEFAULT_PROMPT = "Describe the findings in this image."
 log = utils.get_logger("INFO")
@@ -86,11 +86,10 @@ def sample_problems(samples: list[dict[str, Any]], with_captions: bool) -> list[
         if with_captions and (not isinstance(s["caption"], str) or not s["caption"].strip()):
             problems.append(Problem(s["source"], s["id"], field, "empty caption",
                                     f"field {field!r} is missing or empty"))
-        if len(s.get("turns") or []) > 2:
-            problems.append(Problem(s["source"], s["id"], "conversations", "multi-turn conversation",
-                                    f"field 'conversations' holds {len(s['turns'])} turns; multi-turn training (the "
-                                    f"loss on every assistant turn) arrives with the training-methods issue, only "
-                                    f"single-turn conversations (one human turn, one gpt turn) are read today"))
+        if len(s.get("turns") or []) % 2:
+            problems.append(Problem(s["source"], s["id"], "conversations", "unanswered turn",
+                                    f"field 'conversations' holds {len(s['turns'])} turns; each human turn needs "
+                                    f"the gpt turn that answers it"))
     return problems
 
 
@@ -126,8 +125,13 @@ class CaptionDataset(Dataset):
         check_images: bool = False,
         image_workers: int = 8,
         skipped_samples_csv: str | None = None,
+        views_per_block: int = 1,
         **format_options: Any,
     ):
+        if format_options.get("views") == "average" and format_options.get("num_views", 2) != views_per_block:
+            raise ValueError(f"views: average gives {format_options.get('num_views', 2)} views per study, but the "
+                             f"model averages views_per_block={views_per_block}: build the model with "
+                             f"views_per_block={format_options.get('num_views', 2)} (model.views_per_block)")
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         if (manifest is None) == (format is None):
@@ -155,6 +159,7 @@ class CaptionDataset(Dataset):
         self.problems = sorted(problems + found, key=lambda p: (p.source.file, p.source.line or 0))
         self.manifest = manifest
         self.tokenizer, self.tokens_per_image, self.transform = tokenizer, tokens_per_image, transform
+        self.views_per_block = views_per_block
         self.prompt, self.system, self.max_seq_len, self.with_captions = prompt, system, max_seq_len, with_captions
         if self.problems and on_bad_sample == "error":
             raise BadSampleError(self.problems)
@@ -173,14 +178,32 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def tokenize(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """``tokens`` and ``labels`` (on the answers only) of a sample with its caption, or of every exchange of
+        a multi-turn conversation (``turns``)."""
+        turns = sample.get("turns") or []
+        if len(turns) > 2:
+            exchanges = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
+            return build_conversation_sample(self.tokenizer, exchanges, self.image_tokens(sample), self.max_seq_len,
+                                             self.system)
+        return build_sample(self.tokenizer, sample["prompt"] or self.prompt, sample["caption"],
+                            self.image_tokens(sample), self.max_seq_len, self.system)
+
+    def image_tokens(self, sample: dict[str, Any]) -> int:
+        """Placeholders for a sample's images: one block per image, or per ``views_per_block`` averaged views."""
+        if len(sample["images"]) % self.views_per_block:
+            raise ValueError(f"{sample['source']}: sample {sample['id']!r}: field {sample['image_field']!r}: "
+                             f"{len(sample['images'])} images do not form blocks of views_per_block="
+                             f"{self.views_per_block}")
+        return self.tokens_per_image * len(sample["images"]) // self.views_per_block
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
         prompt = s["prompt"] or self.prompt
-        num_image_tokens = self.tokens_per_image * len(s["images"])
+        num_image_tokens = self.image_tokens(s)
         if self.with_captions:
             try:
-                sample = build_sample(self.tokenizer, prompt, s["caption"], num_image_tokens, self.max_seq_len,
-                                      self.system)
+                sample = self.tokenize(s)
             except ValueError as e:  # the prompt leaves no room for the caption
                 raise ValueError(f"{s['source']}: sample {s['id']!r}: {e}") from None
         else:
@@ -219,10 +242,6 @@ def collate_captions(batch: list[dict[str, Any]], pad_id: int, padding_side: str
 
 def count_truncated(dataset: CaptionDataset) -> int:
     """How many samples had their caption cut to fit ``max_seq_len`` (tokenises every sample once)."""
-    return sum(
-        build_sample(dataset.tokenizer, s["prompt"] or dataset.prompt, s["caption"],
-                     dataset.tokens_per_image * len(s["images"]), dataset.max_seq_len, dataset.system)["truncated"]
-        for s in dataset.samples if isinstance(s["caption"], str)
-    )
+    return sum(dataset.tokenize(s)["truncated"] for s in dataset.samples if isinstance(s["caption"], str))
 
 

@@ -27,9 +27,10 @@ LLAMA2_IMAGE_ID = 32000
 
 
 def vision_language_model(decoder: nn.Module, encoder: nn.Module, projector: str, image_token_id: int,
-                          trainable: dict[str, str] | None = None, num_tokens: int | None = None) -> VisionLanguageModel:
+                          trainable: dict[str, str] | None = None, num_tokens: int | None = None,
+                          views_per_block: int = 1) -> VisionLanguageModel:
     proj = build_projector(projector, encoder.embed_dim, decoder.tok_embeddings.embedding_dim, num_tokens)
-    return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable)
+    return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable, views_per_block)
 
 
 def demo(llm_path: str | None = None, pretrained_vision: bool = True, projector: str = "mlp2",
@@ -58,14 +59,16 @@ def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = 
 
 
 def llama2_7b_swin(llm_dir: str | None = None, vision_checkpoint: str | None = None,
-                   projector: str = "linear_ln", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+                   projector: str = "linear_ln", trainable: dict[str, str] | None = None,
+                   views_per_block: int = 1) -> VisionLanguageModel:
     """R2GenGPT's model: Llama-2-7B-chat + Swin-B (49 tokens of 1024), mapper Linear + LayerNorm.
     ``llm_dir``: the Hugging Face folder of meta-llama/Llama-2-7b-chat-hf (its tokenizer: ``tokenizer.model``);
     ``vision_checkpoint``: the Hugging Face folder of microsoft/swin-base-patch4-window7-224, or a timm
     checkpoint (folder or file)."""
     decoder = hf_llama_decoder(llm_dir, "llama2") if llm_dir else llama2_7b()
     encoder = encoders.swin_base(checkpoint=vision_checkpoint)
-    return vision_language_model(decoder, encoder, projector, LLAMA2_IMAGE_ID, trainable)
+    return vision_language_model(decoder, encoder, projector, LLAMA2_IMAGE_ID, trainable,
+                                 views_per_block=views_per_block)
 
 
 def llama3_2_1b_clip336(llm_dir: str | None = None, vision_dir: str | None = None, projector: str = "mlp2",
@@ -91,8 +94,10 @@ def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
                                  LLAMA3_IMAGE_ID, trainable, num_tokens)
 
 
-def tiny_llama2_swin(projector: str = "linear_ln", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
-    return vision_language_model(decoders.tiny_llama2(), encoders.tiny_swin(), projector, LLAMA2_IMAGE_ID, trainable)
+def tiny_llama2_swin(projector: str = "linear_ln", trainable: dict[str, str] | None = None,
+                     views_per_block: int = 1) -> VisionLanguageModel:
+    return vision_language_model(decoders.tiny_llama2(), encoders.tiny_swin(), projector, LLAMA2_IMAGE_ID, trainable,
+                                 views_per_block=views_per_block)
 
 
 def tiny_llama3_2_clip336(projector: str = "mlp2", trainable: dict[str, str] | None = None) -> VisionLanguageModel:

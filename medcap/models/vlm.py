@@ -14,20 +14,33 @@ PARTS = ("encoder", "projector", "decoder")
 
 
 class VisionTower(nn.Module):
-    """Encoder + projector: images [B, I, 3, H, W] (or [B, 3, H, W]) -> [B, I * tokens_per_image, D_llm]."""
+    """Encoder + projector: images [B, I, 3, H, W] (or [B, 3, H, W]) -> [B, I / V * tokens_per_image, D_llm].
 
-    def __init__(self, encoder: nn.Module, projector: nn.Module):
+    With ``views_per_block`` V > 1 (R2GenGPT's multi-view studies) each run of V consecutive images is encoded
+    view by view, the encoder outputs are averaged over the views, and the average is projected: one block of
+    ``tokens_per_image`` tokens per V images."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module, views_per_block: int = 1):
         super().__init__()
+        if views_per_block < 1:
+            raise ValueError(f"views_per_block must be at least 1, got {views_per_block}")
         self.encoder = encoder
         self.projector = projector
+        self.views_per_block = views_per_block
         self.tokens_per_image = projector_num_tokens(projector, encoder.num_tokens)
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.dim() == 4:
-            images = images.unsqueeze(1)
+        views = self.views_per_block
+        if images.dim() == 4:  # all images of a batch in a row (see collate_captions): blocks in that order
+            images = images.unsqueeze(1) if views == 1 else images.unsqueeze(0)
         batch, per_sample = images.shape[:2]
-        tokens = self.projector(self.encoder(images.flatten(0, 1)))
-        return tokens.reshape(batch, per_sample * tokens.shape[1], tokens.shape[2])
+        if per_sample % views:
+            raise ValueError(f"{per_sample} images per sample cannot form blocks of views_per_block={views}")
+        encoded = self.encoder(images.flatten(0, 1))
+        if views > 1:
+            encoded = encoded.unflatten(0, (-1, views)).mean(1)
+        tokens = self.projector(encoded)
+        return tokens.reshape(batch, per_sample // views * tokens.shape[1], tokens.shape[2])
 
 
 class VisionLanguageModel(EarlyFusionModel):
@@ -46,8 +59,10 @@ class VisionLanguageModel(EarlyFusionModel):
         projector: nn.Module,
         image_token_id: int,
         trainable: dict[str, str] | None = None,
+        views_per_block: int = 1,
     ):
-        super().__init__(decoder, {"image": VisionTower(encoder, projector)}, {"image": image_token_id})
+        super().__init__(decoder, {"image": VisionTower(encoder, projector, views_per_block)},
+                         {"image": image_token_id})
         self.image_token_id = image_token_id
         self.trainable = {"encoder": "full", "projector": "full", "decoder": "frozen", **(trainable or {})}
         for part, mode in self.trainable.items():
@@ -63,6 +78,10 @@ class VisionLanguageModel(EarlyFusionModel):
     @property
     def tokens_per_image(self) -> int:
         return self.vision.tokens_per_image
+
+    @property
+    def views_per_block(self) -> int:
+        return self.vision.views_per_block
 
     def parts(self) -> dict[str, nn.Module]:
         # The decoder's token embeddings live on the fusion model itself (EarlyFusionModel moves them).
@@ -86,12 +105,13 @@ class VisionLanguageModel(EarlyFusionModel):
     def forward(self, tokens: Tensor, *, encoder_input: dict[str, dict[str, Any]] | None = None, **kwargs) -> Tensor:
         if encoder_input is not None:
             images = encoder_input["image"]["images"]
-            per_sample = 1 if images.dim() == 4 else images.shape[1]
-            expected = images.shape[0] * per_sample * self.tokens_per_image
+            count = images.shape[0] * (1 if images.dim() == 4 else images.shape[1])
+            expected = count // self.views_per_block * self.tokens_per_image
             found = int((tokens == self.image_token_id).sum())
             if found != expected:
+                per_block = f", {self.views_per_block} views per block" if self.views_per_block > 1 else ""
                 raise ValueError(
-                    f"the batch holds {found} image placeholder tokens but its {images.shape[0] * per_sample} "
-                    f"image(s) give {expected} vision tokens ({self.tokens_per_image} per image)"
+                    f"the batch holds {found} image placeholder tokens but its {count} image(s) give {expected} "
+                    f"vision tokens ({self.tokens_per_image} per image{per_block})"
                 )
         return super().forward(tokens, encoder_input=encoder_input, **kwargs)

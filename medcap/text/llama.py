@@ -64,6 +64,9 @@ class Llama3ChatTokenizer:
     def answer_ids(self, text: str) -> list[int]:
         return self.encode(text.strip()) + [self.eot_id]
 
+    def followup_ids(self, user_text: str) -> list[int]:
+        return self.prompt_ids(user_text)[1:]  # a later user turn: no <|begin_of_text|>
+
 
 class Llama2ChatTokenizer:
     """Llama 2 chat (SentencePiece ``tokenizer.model``), through torchtune's SentencePiece wrapper (the one its
@@ -120,6 +123,9 @@ class Llama2ChatTokenizer:
     def answer_ids(self, text: str) -> list[int]:
         # Meta's reference encodes " {answer} " before </s>: the trailing space is part of Llama 2 chat's turns
         return self._encode_continuation(f" {text.strip()} ") + [self.eos_id]
+
+    def followup_ids(self, user_text: str) -> list[int]:
+        return self.prompt_ids(user_text)  # Meta's format: each exchange is <s>[INST] ... [/INST] ... </s>
 
 
 def llama3_tokenizer(path: str) -> Llama3ChatTokenizer:

