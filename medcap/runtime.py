@@ -15,6 +15,17 @@ from medcap.models.llm_weights import check_dtype_runs
 log = utils.get_logger("INFO")
 
 
+def decoding_settings(cfg: DictConfig) -> dict:
+    """The keyword arguments of medcap.generation.generate from a recipe config's decoding keys."""
+    return dict(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.get("temperature", 0.0), top_k=cfg.get("top_k"),
+        top_p=cfg.get("top_p"), use_cache=cfg.get("use_cache", True), num_beams=cfg.get("num_beams", 1),
+        length_penalty=cfg.get("length_penalty", 1.0), repetition_penalty=cfg.get("repetition_penalty", 1.0),
+        no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), min_new_tokens=cfg.get("min_new_tokens", 0),
+        penalize_prompt=cfg.get("penalize_prompt", True),
+    )
+
+
 def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=device)
@@ -48,6 +59,11 @@ def caption_dataset(node: DictConfig, tokenizer, model, with_captions: bool = Tr
 def caption_loader(dataset: CaptionDataset, tokenizer, batch_size: int, num_workers: int = 0,
                    batch_sampler=None, padding_side: str = "right") -> DataLoader:
     collate = partial(collate_captions, pad_id=tokenizer.pad_id, padding_side=padding_side)
+    # An own generator: starting an iterator draws a seed from it, which would otherwise shift the global RNG
+    # (dropout masks) and make a resumed run differ from an uninterrupted one.
+    generator = torch.Generator().manual_seed(0)
     if batch_sampler is not None:
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
+                          generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
+                      generator=generator)

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from medcap import distributed
 from medcap.checkpoint import rng_state, save_checkpoint
 from medcap.text import IGNORE_INDEX
 
@@ -22,13 +23,19 @@ from medcap.text import IGNORE_INDEX
 class ResumableBatchSampler(Sampler[list[int]]):
     """Endless batches in a seeded order: epoch ``e`` visits ``randperm(n)`` drawn with seed ``seed + e``
     (the last incomplete batch is dropped). Starting at micro-batch ``start`` reproduces exactly the order an
-    uninterrupted run would have seen from there, which is what resuming needs."""
+    uninterrupted run would have seen from there, which is what resuming needs. With ``world_size`` ranks each
+    global batch holds ``batch_size * world_size`` samples and rank ``rank`` takes its contiguous share, so the
+    ranks together see the batches a single process with the global batch size would."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True):
-        if num_samples < batch_size:
-            raise ValueError(f"the training set has {num_samples} samples, fewer than batch_size={batch_size}")
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        global_batch = batch_size * world_size
+        if num_samples < global_batch:
+            raise ValueError(f"the training set has {num_samples} samples, fewer than batch_size={batch_size}"
+                             + (f" x {world_size} ranks" if world_size > 1 else ""))
         self.num_samples, self.batch_size, self.seed, self.start, self.shuffle = num_samples, batch_size, seed, start, shuffle
-        self.per_epoch = num_samples // batch_size
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = num_samples // global_batch
 
     def order(self, epoch: int) -> Tensor:
         if not self.shuffle:
@@ -37,11 +44,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         index, epoch, order = self.start, None, None
+        global_batch = self.batch_size * self.world_size
         while True:
             e, i = divmod(index, self.per_epoch)
             if e != epoch:
                 epoch, order = e, self.order(e)
-            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            first = i * global_batch + self.rank * self.batch_size
+            yield order[first:first + self.batch_size].tolist()
             index += 1
 
     def __len__(self) -> int:
@@ -62,21 +71,6 @@ def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype
             "encoder_input": {"image": {"images": batch["images"].to(device, dtype)}}}
 
 
-@torch.no_grad()
-def validation_loss(model, loader, device, dtype, max_batches: int | None = None) -> float:
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        labels = batch["labels"].to(device)
-        total += caption_loss(model(**model_inputs(batch, device, dtype)), labels, reduction="sum").item()
-        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -89,67 +83,126 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     clip_grad_norm: float | None = 1.0
     eval_every: int | None = None
-    eval_max_batches: int | None = None
     save_every: int | None = None
     log_every: int = 1
+    select_metric: str | None = None  # a key ``evaluate`` returns (val_loss, val_score...): keeps checkpoints/best
+    select_mode: str = "max"  # "max" or "min"
+    patience: int | None = None  # stop after this many evaluations without a better select_metric
+
+
+def best_so_far(history: list[dict], key: str, mode: str) -> tuple[float | None, int]:
+    """The best value of ``key`` in ``history`` and how many evaluations have come since it (resuming picks the
+    early-stopping count up from the history)."""
+    best, since = None, 0
+    for record in history:
+        if key in record:
+            value = record[key]
+            if best is None or (value > best if mode == "max" else value < best):
+                best, since = value, 0
+            else:
+                since += 1
+    return best, since
 
 
 def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settings: TrainSettings, *,
-          output_dir: str | Path, device: torch.device, dtype: torch.dtype, val_loader=None, metric_logger=None,
-          cfg=None, start_step: int = 0, history: list[dict] | None = None) -> dict[str, Any]:
+          output_dir: str | Path, device: torch.device, dtype: torch.dtype,
+          evaluate: Callable[[], dict[str, float]] | None = None, metric_logger=None, cfg=None,
+          start_step: int = 0, history: list[dict] | None = None, optimizer_state: Callable[[], dict] | None = None
+          ) -> dict[str, Any]:
     """Run optimizer steps ``start_step + 1 .. max_steps``. One step = ``gradient_accumulation_steps``
-    micro-batches whose summed token losses are divided by their total label count, so accumulation gives
-    the same gradient as one large batch. Checkpoints (trained parts + optimizer, scheduler, RNG, step) go to
-    ``output_dir/checkpoints/step_NNNNNN``. Returns a summary with the loss history and timings."""
+    micro-batches whose summed token losses are divided by their total label count (over all ranks when
+    distributed), so accumulation and data parallelism give the gradient of one large batch.
+
+    Every ``eval_every`` steps ``evaluate()`` adds its figures (validation loss, generation metrics...) to the
+    history; with ``select_metric`` the best evaluation so far is also saved to ``checkpoints/best`` and
+    ``patience`` evaluations without improvement stop training early. Checkpoints (trained parts + optimizer,
+    scheduler, RNG, step, history) go to ``output_dir/checkpoints/step_NNNNNN``. Returns a summary with the
+    loss history and timings."""
     output_dir = Path(output_dir)
     history = list(history or [])
     params = [p for p in model.parameters() if p.requires_grad]
+    world = distributed.world_size()
     model.train()
     step_times = []
+    best, since_best = best_so_far(history, settings.select_metric, settings.select_mode) \
+        if settings.select_metric else (None, 0)
 
-    def checkpoint(step: int) -> None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "history": json.dumps(history)}
-        save_checkpoint(model, output_dir / "checkpoints" / f"step_{step:06d}", cfg, state)
+    def checkpoint(path: Path, step: int) -> None:
+        state = {"step": step, "optimizer": optimizer_state() if optimizer_state else optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": json.dumps(history)}
+        save_checkpoint(model, path, cfg, state)
+        distributed.barrier()
 
     progress = tqdm(range(start_step + 1, settings.max_steps + 1), desc="train", unit="step",
-                    initial=start_step, total=settings.max_steps, dynamic_ncols=True)
+                    initial=start_step, total=settings.max_steps, dynamic_ncols=True,
+                    disable=not distributed.is_rank_zero())
+    step = start_step
     for step in progress:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(settings.gradient_accumulation_steps)]
-        num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        num_tokens = distributed.all_reduce_sum(local_tokens, device)
         loss_sum = 0.0
         for batch in micro:
             logits = model(**model_inputs(batch, device, dtype))
-            loss = caption_loss(logits, batch["labels"].to(device), reduction="sum") / num_tokens
+            # FSDP averages gradients over ranks: scale by the world size to get the global token mean
+            loss = caption_loss(logits, batch["labels"].to(device), reduction="sum") * world / num_tokens
             loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, settings.clip_grad_norm if settings.clip_grad_norm else float("inf"))
+            loss_sum += loss.item() / world
+        loss_sum = distributed.all_reduce_sum(loss_sum, device)
+        grad_norm = None
+        if settings.clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
+            grad_norm = float(distributed.full_tensor(grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)
 
         record = {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(grad_norm), "step_time_s": step_times[-1],
-                  "tokens_per_s": sum(b["tokens"].numel() for b in micro) / step_times[-1]}
-        if val_loader is not None and settings.eval_every and (step % settings.eval_every == 0 or step == settings.max_steps):
-            record["val_loss"] = validation_loss(model, val_loader, device, dtype, settings.eval_max_batches)
+                  "step_time_s": step_times[-1],
+                  "tokens_per_s": world * sum(b["tokens"].numel() for b in micro) / step_times[-1]}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        evaluated = evaluate is not None and settings.eval_every and (
+            step % settings.eval_every == 0 or step == settings.max_steps)
+        if evaluated:
+            record.update(evaluate())
+            model.train()
         history.append(record)
         progress.set_postfix(loss=f"{loss_sum:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-        if metric_logger is not None and (step % settings.log_every == 0 or "val_loss" in record):
+        if metric_logger is not None and (step % settings.log_every == 0 or evaluated):
             metric_logger.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
-        if step == settings.max_steps or (settings.save_every and step % settings.save_every == 0):
-            checkpoint(step)
+        stop = False
+        if evaluated and settings.select_metric:
+            if settings.select_metric not in record:
+                raise KeyError(f"select_metric={settings.select_metric!r} is not among the evaluation's figures "
+                               f"{sorted(k for k in record if k.startswith('val'))}")
+            value = record[settings.select_metric]
+            if best is None or (value > best if settings.select_mode == "max" else value < best):
+                best, since_best = value, 0
+                checkpoint(output_dir / "checkpoints" / "best", step)
+            else:
+                since_best += 1
+                stop = settings.patience is not None and since_best >= settings.patience
+        if stop or step == settings.max_steps or (settings.save_every and step % settings.save_every == 0):
+            checkpoint(output_dir / "checkpoints" / f"step_{step:06d}", step)
+        if stop:
+            progress.write(f"early stop at step {step}: {settings.select_metric} has not improved on {best:.4f} "
+                           f"for {since_best} evaluations")
+            break
 
     summary = {
-        "steps": settings.max_steps,
+        "steps": step,
+        "max_steps": settings.max_steps,
+        "stopped_early": step < settings.max_steps,
+        "best": None if best is None else {settings.select_metric: best},
         "history": history,
         "mean_step_time_s": sum(step_times[1:]) / max(len(step_times) - 1, 1) if step_times else None,
         "peak_memory_mb": peak_memory_mb(device),
     }
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_rank_zero():
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

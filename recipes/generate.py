@@ -1,7 +1,13 @@
-"""Caption generation: batched, KV-cached, greedy or top-k/top-p sampling, stopping at the end of the turn.
-Writes ``output_dir/predictions.csv`` with columns ``ID,caption``.
+"""Caption generation: batched and KV-cached; greedy, top-k/top-p sampling or beam search (length penalty,
+repetition penalty, no-repeat n-grams, min/max new tokens), stopping at the end of the turn. Writes
+``output_dir/predictions.csv`` with columns ``ID,caption`` in the data set's order.
 
     medcap run generate --config demo/generate checkpoint=outputs/demo/train/checkpoints [key=value ...]
+    medcap run generate --nproc_per_node 2 --config demo/generate ...   # each process generates a share
+
+Under torchrun every process loads the model and generates every WORLD_SIZE-th batch; rank 0 gathers the
+captions and writes the one CSV. A batch is the same batch wherever it runs, and sampling is seeded per batch
+(seed + batch index), so the file equals the single-process one.
 """
 
 import sys
@@ -9,44 +15,70 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
-from torchtune import config, training
+from torchtune import config, training, utils
 from tqdm import tqdm
 
-from medcap.generation import generate
+from medcap.generation import generate, rank_batches
 from medcap.metrics import write_csv_predictions
-from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_model_and_tokenizer
+from medcap.runtime import (caption_dataset, caption_loader, decoding_settings, device_and_dtype, log,
+                            setup_model_and_tokenizer)
 
 
 @config.parse
 def main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="generate", cfg=cfg)
+    # before the process group exists: torchtune adds the rank to the seed once it does, and every process must
+    # build the same model (random parts included)
     training.set_seed(seed=cfg.seed)
     device, dtype = device_and_dtype(cfg)
+    distributed = training.is_distributed()
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        run(cfg, device, dtype)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def run(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> None:
+    world_size, rank = utils.get_world_size_and_rank()
     model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=cfg.get("checkpoint"))
     model.eval()
     dataset = caption_dataset(cfg.dataset, tokenizer, model, with_captions=False)
-    loader = caption_loader(dataset, tokenizer, cfg.batch_size, cfg.get("num_workers", 0), padding_side="left")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    batches = rank_batches(len(dataset), cfg.batch_size, world_size, rank)
+    loader = caption_loader(dataset, tokenizer, cfg.batch_size, cfg.get("num_workers", 0),
+                            batch_sampler=[indices for _, indices in batches], padding_side="left")
+    settings = decoding_settings(cfg)
+    generator = torch.Generator(device=device)
 
-    predictions, n_tokens, t0 = {}, 0, time.perf_counter()
-    for batch in tqdm(loader, desc="generate", unit="batch", dynamic_ncols=True):
+    done, n_tokens, t0 = [], 0, time.perf_counter()
+    progress = tqdm(loader, desc="generate", unit="batch", dynamic_ncols=True, disable=rank != 0)
+    for (batch_index, _), batch in zip(batches, progress):
         prompts = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
-        outputs = generate(
-            model, prompts, batch["images"].to(dtype),
-            max_new_tokens=cfg.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-            temperature=cfg.get("temperature", 0.0), top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
-            generator=generator, use_cache=cfg.get("use_cache", True),
-        )
-        for sample_id, ids in zip(batch["ids"], outputs):
-            predictions[sample_id] = tokenizer.decode(ids).strip()
-            n_tokens += len(ids)
+        generator.manual_seed(cfg.seed + batch_index)
+        outputs = generate(model, prompts, batch["images"].to(dtype), stop_ids=tokenizer.stop_ids,
+                           pad_id=tokenizer.pad_id, generator=generator, **settings)
+        done.append((batch_index, [(i, tokenizer.decode(ids).strip()) for i, ids in zip(batch["ids"], outputs)]))
+        n_tokens += sum(len(ids) for ids in outputs)
     seconds = time.perf_counter() - t0
+
+    if world_size > 1:
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object((done, n_tokens), gathered, dst=0)
+        if rank != 0:
+            return
+        done = [item for part, _ in gathered for item in part]
+        n_tokens = sum(count for _, count in gathered)
+    predictions = {sample_id: caption for _, rows in sorted(done, key=lambda d: d[0]) for sample_id, caption in rows}
 
     out = Path(cfg.output_dir) / "predictions.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv_predictions(out, predictions)
-    log.info(f"{len(predictions)} captions, {n_tokens} tokens in {seconds:.1f} s "
+    processes = f" on {world_size} processes" if world_size > 1 else ""
+    log.info(f"{len(predictions)} captions, {n_tokens} tokens in {seconds:.1f} s{processes} "
              f"({n_tokens / max(seconds, 1e-9):.1f} tokens/s) -> {out}")
 
 

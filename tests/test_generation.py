@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from medcap.generation import generate, left_pad, sample_next
+from medcap.generation import NO_TOKEN, DecodingRules, generate, left_pad, rank_batches, sample_next
 from tests.tiny_vlm import IMAGE_ID, PAD, STOP, tiny_vlm
 
 
@@ -89,3 +91,140 @@ def test_sampling_is_deterministic_with_a_seed():
     b = generate(model, prompts, images, generator=torch.Generator().manual_seed(7), **kw)
     c = generate(model, prompts, images, generator=torch.Generator().manual_seed(8), **kw)
     assert a == b and a != c
+
+
+S, A, B, C, D = 2, 3, 4, 5, 6  # token names of the hand-made chains (S starts every prompt)
+
+
+class MarkovModel(nn.Module):
+    """Next-token probabilities depend only on the last token: ``chain[last] = {token: probability}`` (tokens left
+    out have probability 0); tokens without a row predict uniformly. Logits are log-probabilities, so every score
+    below is a sum of the logs of these numbers."""
+
+    def __init__(self, chain: dict[int, dict[int, float]], vocab: int = 8):
+        super().__init__()
+        table = torch.full((vocab, vocab), -math.log(vocab))
+        for last, probs in chain.items():
+            table[last] = float("-inf")
+            for token, p in probs.items():
+                table[last, token] = math.log(p)
+        self.register_buffer("table", table)
+        self.decoder = nn.Linear(1, 1)  # gives the model a parameter (device, dtype)
+
+    def forward(self, tokens, mask=None, input_pos=None, encoder_input=None):
+        return self.table[tokens]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_scores_of_seen_tokens():
+    # seen: 1 and 3 (3 twice: penalised once); NO_TOKEN and an id past the vocabulary (an image placeholder) never count
+    rules = DecodingRules(torch.tensor([[3, NO_TOKEN, 1, 3, 9]]), stop_ids=[STOP], repetition_penalty=2.0)
+    scores = torch.tensor([[1.0, -2.0, 0.5, 4.0, -1.0, 3.0]])
+    assert rules.apply(scores).tolist() == [[1.0, -4.0, 0.5, 2.0, -1.0, 3.0]]
+    # a penalty below 1 rewards repeats the same way
+    rules.repetition_penalty = 0.5
+    assert rules.apply(scores).tolist() == [[1.0, -1.0, 0.5, 8.0, -1.0, 3.0]]
+
+
+def test_no_repeat_ngram_bans_the_token_that_would_repeat_a_bigram():
+    inf = float("-inf")
+    # history 2 3 4 2: the bigram (2, 3) was seen, so after the last 2 the token 3 is banned; NO_TOKEN breaks n-grams
+    rules = DecodingRules(torch.tensor([[2, 3, 4, 2], [2, 3, NO_TOKEN, 2]]), stop_ids=[STOP], no_repeat_ngram_size=2)
+    out = rules.apply(torch.zeros(2, 6))
+    assert out.tolist() == [[0, 0, 0, inf, 0, 0], [0, 0, 0, inf, 0, 0]]
+    rules = DecodingRules(torch.tensor([[2, 3, 4, 2]]), stop_ids=[STOP], no_repeat_ngram_size=3)
+    assert rules.apply(torch.zeros(1, 6)).tolist() == [[0] * 6]  # (4, 2) was never followed by anything
+    rules.push(torch.tensor([3]))  # 2 3 4 2 3: (2, 3, 4) was seen -> 4 is banned
+    assert rules.apply(torch.zeros(1, 6)).tolist() == [[0, 0, 0, 0, inf, 0]]
+
+
+def test_no_repeat_ngram_in_greedy_generation():
+    # A and B call each other: greedy alternates A B A B...; with bigrams unique, A cannot be followed by B twice
+    model = MarkovModel({S: {A: 1.0}, A: {B: 0.7, C: 0.2, STOP: 0.1}, B: {A: 0.8, D: 0.2}, C: {A: 0.6, STOP: 0.4},
+                         D: {STOP: 1.0}})
+    kw = dict(max_new_tokens=8, stop_ids=[STOP], pad_id=PAD, use_cache=False)
+    assert generate(model, [[S]], None, **kw) == [[A, B, A, B, A, B, A, B]]
+    # A B A, then (A, B) again is banned -> C; (C, A) is new -> A; (A, B), (A, C) seen -> stop
+    assert generate(model, [[S]], None, no_repeat_ngram_size=2, **kw) == [[A, B, A, C, A]]
+
+
+def test_min_new_tokens_blocks_an_early_stop():
+    model = MarkovModel({S: {STOP: 0.9, C: 0.1}, C: {STOP: 0.7, C: 0.3}})
+    kw = dict(max_new_tokens=8, stop_ids=[STOP], pad_id=PAD, use_cache=False)
+    assert generate(model, [[S]], None, **kw) == [[]]
+    assert generate(model, [[S]], None, min_new_tokens=3, **kw) == [[C, C, C]]
+    # beam search too; with length_penalty 0 the shortest allowed hypothesis is the most probable one
+    assert generate(model, [[S]], None, min_new_tokens=3, num_beams=2, length_penalty=0.0, **kw) == [[C, C, C]]
+
+
+def test_the_prompt_counts_as_seen_unless_penalize_prompt_is_false():
+    # S -> A 0.5 | B 0.45: a penalised A (A is in the prompt) drops below B
+    model = MarkovModel({S: {A: 0.5, B: 0.45, STOP: 0.05}})
+    kw = dict(max_new_tokens=1, stop_ids=[STOP], pad_id=PAD, use_cache=False, repetition_penalty=2.0)
+    assert generate(model, [[A, S]], None, **kw) == [[B]]
+    assert generate(model, [[A, S]], None, penalize_prompt=False, **kw) == [[A]]
+
+
+def test_history_leaves_out_padding_and_image_placeholders():
+    from medcap.generation import _Runner
+
+    model = tiny_vlm(seed=3).eval()
+    prompts, images = prompts_and_images()
+    runner = _Runner(model, prompts, images, PAD, max_new_tokens=2, use_cache=False)
+    history = runner.history(penalize_prompt=True)
+    for row, prompt in zip(history.tolist(), prompts):
+        text = [t for t in prompt if t != IMAGE_ID]
+        assert row[len(row) - len(text):] == text
+        assert set(row[:len(row) - len(text)]) == {NO_TOKEN}
+    assert runner.history(penalize_prompt=False).shape == (3, 0)
+
+
+def test_sampling_with_rules_is_deterministic_with_a_seed():
+    model = tiny_vlm(seed=3).eval()
+    prompts, images = prompts_and_images()
+    kw = dict(max_new_tokens=8, stop_ids=[STOP], pad_id=PAD, temperature=5.0, top_k=20, repetition_penalty=1.3,
+              no_repeat_ngram_size=2, min_new_tokens=2)
+    a = generate(model, prompts, images, generator=torch.Generator().manual_seed(7), **kw)
+    b = generate(model, prompts, images, generator=torch.Generator().manual_seed(7), **kw)
+    c = generate(model, prompts, images, generator=torch.Generator().manual_seed(8), **kw)
+    assert a == b and a != c
+    for ids in a:  # the rules hold while sampling
+        bigrams = list(zip(ids, ids[1:]))
+        assert len(bigrams) == len(set(bigrams)) and len(ids) >= 2
+
+
+def test_rank_batches_deal_whole_batches_in_turn():
+    assert rank_batches(7, 3) == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6])]
+    assert rank_batches(7, 3, world_size=2, rank=0) == [(0, [0, 1, 2]), (2, [6])]
+    assert rank_batches(7, 3, world_size=2, rank=1) == [(1, [3, 4, 5])]
+    assert rank_batches(2, 4, world_size=2, rank=1) == []
+
+
+@pytest.mark.parametrize("name, min_new, max_new", [("generate_iuxray", 40, 100), ("generate_mimic", 80, 120)])
+def test_r2gengpt_configs_decode_with_r2gengpt_settings(name, min_new, max_new, tmp_path, monkeypatch):
+    """The R2GenGPT configs, with the tiny model of the family in place of the 7B one, on an R2Gen layout."""
+    import medcap.generation
+    from medcap import cli
+    from tests.test_formats import write_r2gen_iuxray
+    from tests.test_tokenizers import SENTENCEPIECE_MODEL
+
+    calls, real = [], medcap.generation.generate
+
+    def spy(*args, **kwargs):
+        calls.append((args[1], args[2], kwargs, real(*args, **kwargs)))
+        return calls[-1][3]
+
+    monkeypatch.setattr(medcap.generation, "generate", spy)
+    data = write_r2gen_iuxray(tmp_path / "data")
+    cli.run_recipe("generate", f"r2gengpt/{name}", [
+        "llm_dir=unused", "vision_checkpoint=unused", "checkpoint=null", f"data_dir={data}", f"output_dir={tmp_path}",
+        "device=cpu", "dtype=fp32", "num_workers=0", "model._component_=medcap.models.builders.tiny_llama2_swin",
+        "~model.llm_dir", "~model.vision_checkpoint", f"tokenizer.path={SENTENCEPIECE_MODEL}"])
+    (prompts, images, settings, outputs), = calls
+    assert {k: settings[k] for k in ("num_beams", "length_penalty", "repetition_penalty", "min_new_tokens",
+                                     "max_new_tokens", "penalize_prompt")} == {
+        "num_beams": 3, "length_penalty": 2.0, "repetition_penalty": 2.0, "min_new_tokens": min_new,
+        "max_new_tokens": max_new, "penalize_prompt": False}
+    assert len(prompts) == 1 and min_new <= len(outputs[0]) <= max_new
+    # one block of tiny Swin's 4 tokens, from the study's two views averaged
+    assert prompts[0].count(32000) == 4 and len(images) == 2
+    assert (tmp_path / "predictions.csv").read_text().startswith("ID,caption\nCXR4_IM-04,")

@@ -49,7 +49,9 @@ def test_finetune_trains_only_the_vision_side(data, tmp_path, monkeypatch):
         snapshots["after"] = model.state_dict()
         return result
 
-    monkeypatch.setattr(medcap.training, "train", spy)
+    import recipes.finetune  # finetune_vision runs recipes.finetune.main, which calls the name imported there
+
+    monkeypatch.setattr(recipes.finetune, "train", spy)
     out = tmp_path / "train"
     cli.run_recipe("finetune_vision", "tiny/finetune_vision",
                    data_overrides(data) + [f"output_dir={out}", "max_steps=10", "save_every=5", "eval_every=5"])
@@ -72,20 +74,59 @@ def test_finetune_trains_only_the_vision_side(data, tmp_path, monkeypatch):
     assert any((out / "logs").iterdir())
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_path):
-    out = tmp_path / "train"
-    args = ["run", "finetune_vision", "--config", "tiny/finetune_vision", f"dataset.manifest={data / 'train.jsonl'}",
-            f"output_dir={out}", "max_steps=4", "save_every=2", "val_dataset=null", "~log_every"]
-    run_medcap(*args)
-    final = load_file(out / "checkpoints" / "step_000004" / "model.safetensors")
-    # simulate a kill after step 2: the step-4 checkpoint never got written
-    import shutil
-    shutil.rmtree(out / "checkpoints" / "step_000004")
-    proc = run_medcap(*args, "resume_from=auto")
-    assert "resuming from" in proc.stderr + proc.stdout
-    resumed = load_file(out / "checkpoints" / "step_000004" / "model.safetensors")
+def test_resume_after_kill_9_reproduces_the_uninterrupted_run(data, tmp_path):
+    """A run killed with SIGKILL mid-training and restarted with resume_from=auto ends with the weights of an
+    uninterrupted run: same data order, optimizer, scheduler and RNG (LoRA dropout draws from it)."""
+    import signal
+    import time
+
+    def args(out):
+        return ["run", "finetune_vision", "--config", "tiny/finetune_vision", f"dataset.manifest={data / 'train.jsonl'}",
+                f"output_dir={out}", "max_steps=30", "save_every=3", "val_dataset=null", "~log_every",
+                "model.trainable.decoder=lora", "resume_from=auto"]
+
+    run_medcap(*args(tmp_path / "uninterrupted"))
+    final = load_file(tmp_path / "uninterrupted" / "checkpoints" / "step_000030" / "model.safetensors")
+    assert any(".lora_a." in k for k in final)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "medcap.cli", *args(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_000006" / "model.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    assert "step_000030" not in done
+    resumed_from = done[-1]
+    proc = run_medcap(*args(out))
+    assert f"resuming from {out / 'checkpoints' / resumed_from}" in proc.stderr + proc.stdout
+    resumed = load_file(out / "checkpoints" / "step_000030" / "model.safetensors")
     assert final.keys() == resumed.keys()
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_validation_generation_keeps_the_best_checkpoint_and_stops_early(data, tmp_path):
+    out = tmp_path / "train"
+    run_medcap("run", "finetune", "--config", "tiny/finetune_vision", *data_overrides(data), f"output_dir={out}",
+               "max_steps=12", "eval_every=2", "save_every=100", "val_generation.num_samples=4",
+               "val_generation.max_new_tokens=4", "select_metric=val_loss", "select_mode=max", "patience=2")
+    summary = json.loads((out / "train_summary.json").read_text())
+    evaluations = [h for h in summary["history"] if "val_loss" in h]
+    assert all({"val_score", "val_BLEU-4", "val_CIDEr"} <= h.keys() for h in evaluations)
+    for h in evaluations:
+        assert h["val_score"] == pytest.approx(0.5 * h["val_BLEU-4"] + 0.5 * h["val_CIDEr"])
+    # select_mode=max on a falling validation loss: the first evaluation stays best, two more end the run
+    losses = [h["val_loss"] for h in evaluations]
+    best = max(range(len(losses)), key=losses.__getitem__)
+    assert summary["stopped_early"] and summary["steps"] < 12
+    assert summary["best"] == {"val_loss": losses[best]}
+    assert len(evaluations) - 1 - best == 2  # patience
+    saved_best = torch.load(out / "checkpoints" / "best" / "training_state.pt", weights_only=True)
+    assert saved_best["step"] == evaluations[best]["step"]
+    assert (out / "checkpoints" / f"step_{summary['steps']:06d}" / "model.safetensors").is_file()
 
 
 def test_generate_writes_predictions_in_manifest_order(data, tmp_path):

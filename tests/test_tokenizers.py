@@ -166,3 +166,22 @@ def test_missing_files_and_foreign_gguf_are_rejected(tmp_path):
         SmolLM2Tokenizer(write_gguf("qwen2.gguf", "qwen2", ["<|im_start|>", "<|im_end|>"]))
     with pytest.raises(ValueError, match=r"no_chatml\.gguf: .*lacks the ChatML tokens \['<\|im_end\|>'\]"):
         SmolLM2Tokenizer(write_gguf("no_chatml.gguf", "smollm", ["<|endoftext|>", "<|im_start|>"]))
+
+
+def test_followup_turn_images_sit_at_the_start_of_its_user_content(smollm2, llama3, llama2):
+    assert smollm2.decode(smollm2.followup_ids("Describe.", num_image_tokens=2), skip_special_tokens=False) == (
+        f"\n<|im_start|>user\n{IMG * 2}Describe.<|im_end|>\n<|im_start|>assistant\n")
+    assert llama3.decode(llama3.followup_ids("Describe.", num_image_tokens=2), skip_special_tokens=False) == (
+        f"<|start_header_id|>user<|end_header_id|>\n\n{IMG * 2}Describe.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert llama2.decode(llama2.followup_ids("Describe.", num_image_tokens=2), skip_special_tokens=False) == (
+        f"<s>[INST]{IMG * 2} Describe. [/INST]")
+
+
+def test_followup_images_leave_the_text_unchanged(tok):
+    with_images = tok.followup_ids("Describe the image.", num_image_tokens=3)
+    first = with_images.index(tok.image_token_id)
+    assert with_images[first:first + 3] == [tok.image_token_id] * 3 and with_images.count(tok.image_token_id) == 3
+    assert with_images[:first] + with_images[first + 3:] == tok.followup_ids("Describe the image.")
+    with pytest.raises(ValueError, match="num_image_tokens must be >= 0"):
+        tok.followup_ids("x", num_image_tokens=-1)

@@ -45,3 +45,19 @@ def test_builders_and_checkpointer():
         assert {"vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "max_seq_len",
                 "intermediate_dim"} <= set(params(builder))
     assert {"checkpoint_dir", "checkpoint_files", "model_type", "output_dir"} <= set(params(FullModelHFCheckpointer))
+
+
+def test_peft_distributed_and_conversion_helpers():
+    from torchtune import training
+    from torchtune.models.convert_weights import tune_to_hf
+    from torchtune.modules.peft import LoRALinear
+
+    # medcap.models.lora.AdaptedLinear subclasses LoRALinear, builds it on the meta device and swaps the weight in
+    assert params(LoRALinear.__init__) == ["self", "in_dim", "out_dim", "rank", "alpha", "dropout", "use_bias",
+                                           "quantize_base", "quantization_kwargs"]
+    src = inspect.getsource(LoRALinear)
+    assert "self._quantize_base" in src and "linear_nf4" in src and "def initialize_parameters" in src
+    assert params(tune_to_hf) == ["state_dict", "num_heads", "num_kv_heads", "dim", "head_dim"]
+    assert params(training.get_full_optimizer_state_dict) == ["model", "opt", "is_rank_zero", "device"]
+    assert params(training.load_from_full_optimizer_state_dict) == ["model", "opt", "full_sd", "device"]
+    assert params(training.set_activation_checkpointing) == ["model", "auto_wrap_policy", "kwargs"]

@@ -28,8 +28,10 @@ def test_trainable_parts_set_requires_grad():
     model = tiny_vlm(trainable={"encoder": "frozen", "projector": "full", "decoder": "frozen"})
     grads = {part: {p.requires_grad for p in module.parameters()} for part, module in model.parts().items()}
     assert grads == {"encoder": {False}, "projector": {True}, "decoder": {False}}
-    with pytest.raises(ValueError, match="trainable.decoder='lora'"):
-        tiny_vlm(trainable={"decoder": "lora"})
+    with pytest.raises(ValueError, match="trainable.decoder='adapter'"):
+        tiny_vlm(trainable={"decoder": "adapter"})
+    with pytest.raises(ValueError, match="lora is for the encoder and the decoder"):
+        tiny_vlm(trainable={"projector": "lora"})
 
 
 def test_frozen_parts_stay_in_eval_mode():

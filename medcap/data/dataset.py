@@ -93,6 +93,19 @@ def sample_problems(samples: list[dict[str, Any]], with_captions: bool) -> list[
     return problems
 
 
+def load_sample_images(sample: dict[str, Any], transform, hint: str = "") -> torch.Tensor:
+    """A sample's images, transformed and stacked ``[n_images, C, H, W]``; an image that cannot be read is an error
+    naming the manifest, the sample ID and the field."""
+    images = []
+    for path in sample["images"]:
+        try:
+            images.append(transform(load_image(path)))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{sample.get('source', '')}: sample {sample['id']!r}: "
+                             f"field {sample.get('image_field', 'image')!r}: {e}{hint}") from None
+    return torch.stack(images)
+
+
 class CaptionDataset(Dataset):
     """Image(s) + prompt -> caption samples, read from a ``manifest`` or from ``format`` + ``data_dir`` +
     ``split`` (+ the format's options as further keyword arguments, see ``medcap.data.formats``). With
@@ -208,14 +221,8 @@ class CaptionDataset(Dataset):
                 raise ValueError(f"{s['source']}: sample {s['id']!r}: {e}") from None
         else:
             sample = {"tokens": self.tokenizer.prompt_ids(prompt, num_image_tokens, self.system)}
-        images = []
-        for image_path in s["images"]:
-            try:
-                images.append(self.transform(load_image(image_path)))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{s['source']}: sample {s['id']!r}: field {s['image_field']!r}: {e} (check_images: "
-                                 f"true or `medcap run prepare_data` finds such files before training)") from None
-        return {"id": s["id"], "images": torch.stack(images), **sample}
+        hint = " (check_images: true or `medcap run prepare_data` finds such files before training)"
+        return {"id": s["id"], "images": load_sample_images(s, self.transform, hint), **sample}
 
 
 def collate_captions(batch: list[dict[str, Any]], pad_id: int, padding_side: str = "right") -> dict[str, Any]:

@@ -101,7 +101,7 @@ def format_table(rows: dict[str, dict[str, float]], metrics: list[str] | None = 
     if metrics is None:
         metrics = list(dict.fromkeys(m for values in rows.values() for m in values))
     width = max([len(name) for name in rows] + [3]) + 2
-    cols = [max(len(m), 15 if intervals else 6) + 2 for m in metrics]
+    cols = [max(len(m), 15 if intervals else 8) + 2 for m in metrics]
     lines = ["".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, cols))]
     for name, values in rows.items():
         cells = [(f"{values[m]:.4f}" if m in values else "-").rjust(c) for m, c in zip(metrics, cols)]

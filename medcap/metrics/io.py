@@ -1,6 +1,7 @@
 """Reading prediction/reference files and writing prediction CSVs."""
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps newlines inside quoted captions
     fields = reader.fieldnames or []
     id_col = next((c for c in _ID_COLUMNS if c in fields), None)
     cap_col = next((c for c in _CAPTION_COLUMNS if c in fields), None)
@@ -28,6 +29,23 @@ def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
             raise ValueError(f"{path}: line {line}: field {id_col!r} is empty")
         rows.append((line, sample_id, row.get(cap_col) or ""))
     return rows
+
+
+def iter_jsonl(path: Path):
+    """(line number, id, row) for each non-blank line of a JSONL file whose rows carry an ``id``; invalid JSON or a
+    missing id is an error naming the line."""
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+            sample_id = str(row.get("id") or "").strip() if isinstance(row, dict) else ""
+            if not sample_id:
+                raise ValueError(f"{path}: line {line_no}: field 'id' is missing or empty")
+            yield line_no, sample_id, row
 
 
 def read_predictions(path: str | Path) -> dict[str, str]:
@@ -50,21 +68,11 @@ def read_references(path: str | Path) -> dict[str, list[str]]:
         for _, sample_id, caption in _read_csv_rows(path):
             references.setdefault(sample_id, []).append(caption)
         return references
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-            sample_id = str(row.get("id") or "").strip()
-            if not sample_id:
-                raise ValueError(f"{path}: line {line_no}: field 'id' is missing or empty")
-            captions = row.get("captions") or ([row["caption"]] if isinstance(row.get("caption"), str) else None)
-            if not captions:
-                raise ValueError(f"{path}: line {line_no}: sample {sample_id!r}: field 'caption' is missing")
-            references.setdefault(sample_id, []).extend(captions)
+    for line_no, sample_id, row in iter_jsonl(path):
+        captions = row.get("captions") or ([row["caption"]] if isinstance(row.get("caption"), str) else None)
+        if not captions:
+            raise ValueError(f"{path}: line {line_no}: sample {sample_id!r}: field 'caption' is missing")
+        references.setdefault(sample_id, []).extend(captions)
     return references
 
 

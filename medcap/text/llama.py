@@ -64,8 +64,8 @@ class Llama3ChatTokenizer:
     def answer_ids(self, text: str) -> list[int]:
         return self.encode(text.strip()) + [self.eot_id]
 
-    def followup_ids(self, user_text: str) -> list[int]:
-        return self.prompt_ids(user_text)[1:]  # a later user turn: no <|begin_of_text|>
+    def followup_ids(self, user_text: str, num_image_tokens: int = 0) -> list[int]:
+        return self.prompt_ids(user_text, num_image_tokens)[1:]  # a later user turn: no <|begin_of_text|>
 
 
 class Llama2ChatTokenizer:
@@ -124,8 +124,9 @@ class Llama2ChatTokenizer:
         # Meta's reference encodes " {answer} " before </s>: the trailing space is part of Llama 2 chat's turns
         return self._encode_continuation(f" {text.strip()} ") + [self.eos_id]
 
-    def followup_ids(self, user_text: str) -> list[int]:
-        return self.prompt_ids(user_text)  # Meta's format: each exchange is <s>[INST] ... [/INST] ... </s>
+    def followup_ids(self, user_text: str, num_image_tokens: int = 0) -> list[int]:
+        # Meta's format: each exchange is <s>[INST] ... [/INST] ... </s>
+        return self.prompt_ids(user_text, num_image_tokens)
 
 
 def llama3_tokenizer(path: str) -> Llama3ChatTokenizer:

@@ -85,9 +85,9 @@ class SmolLM2Tokenizer:
     def answer_ids(self, text: str) -> list[int]:
         return self.encode(text.strip()) + [self.im_end_id]
 
-    def followup_ids(self, user_text: str) -> list[int]:
-        # the newline that closes the previous answer's turn, then a user turn without images
-        return self.encode("\n") + self.prompt_ids(user_text)
+    def followup_ids(self, user_text: str, num_image_tokens: int = 0) -> list[int]:
+        # the newline that closes the previous answer's turn, then the next user turn
+        return self.encode("\n") + self.prompt_ids(user_text, num_image_tokens)
 
 
 def smollm2_tokenizer(path: str | None = None) -> SmolLM2Tokenizer:

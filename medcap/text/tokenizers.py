@@ -38,9 +38,10 @@ class ChatTokenizer(Protocol):
         """The chat prefix up to and including the assistant header: generation continues from there."""
         ...
 
-    def followup_ids(self, user_text: str) -> list[int]:
-        """A later user turn of a conversation (no images, no system text) up to and including the assistant
-        header; it follows the previous ``answer_ids``."""
+    def followup_ids(self, user_text: str, num_image_tokens: int = 0) -> list[int]:
+        """A later user turn of a conversation (no system text) up to and including the assistant header; it
+        follows the previous ``answer_ids``. Its image placeholders, if any, sit at the start of its user content
+        as in ``prompt_ids`` (kNN few-shot turns carry each neighbour's image)."""
         ...
 
     def answer_ids(self, text: str) -> list[int]:

@@ -1,0 +1,206 @@
+"""The LM-Fuser (AUEB, ImageCLEFmedical 2024): a small text LM reads the captions that several systems wrote for
+one image and writes one caption. Trained on the validation split (input: the candidates, target: the gold
+caption, loss on the target only), then applied to the test split's candidates.
+
+This module also holds what the text-only recipes share (the fuser and the synthesizer): ``TextLM``, a text
+decoder with the interface of medcap's generation, training core and checkpoints, and its builders.
+"""
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchtune import config, training
+from torchtune.modules import TransformerDecoder
+
+from medcap.checkpoint import load_checkpoint
+from medcap.metrics import read_predictions
+from medcap.models import decoders
+from medcap.models.llm_weights import hf_llama_decoder, load_gguf_decoder
+from medcap.text import IGNORE_INDEX, build_sample
+
+MODES = ("frozen", "full")
+
+
+class TextLM(nn.Module):
+    """A text-only torchtune decoder as medcap's code expects a model: ``parts()`` / ``trainable`` for the
+    checkpoints (the part is called ``decoder``), ``setup_caches`` sized by ``generate``, and a forward that
+    takes tokens (plus ``mask`` / ``input_pos`` when generating). It holds no image placeholder id."""
+
+    def __init__(self, decoder: TransformerDecoder, trainable: str = "full"):
+        super().__init__()
+        if trainable not in MODES:
+            raise ValueError(f"trainable={trainable!r}: a text LM is {' or '.join(MODES)}")
+        self.decoder = decoder
+        self.trainable = {"decoder": trainable}
+        decoder.requires_grad_(trainable == "full")
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"decoder": self.decoder}
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, decoder_max_seq_len: int | None = None) -> None:
+        self.decoder.setup_caches(batch_size, dtype, decoder_max_seq_len=decoder_max_seq_len)
+
+    def caches_are_setup(self) -> bool:  # torchtune's delete_kv_caches asks the model it is given
+        return self.decoder.caches_are_setup()
+
+    def forward(self, tokens: Tensor, *, encoder_input: Any = None, **kwargs) -> Tensor:
+        if encoder_input is not None:
+            raise ValueError("a text-only LM takes no images (encoder_input must be None)")
+        return self.decoder(tokens, **kwargs)
+
+
+def smollm2_lm(gguf_path: str | None = None, max_seq_len: int = 2048, trainable: str = "full") -> TextLM:
+    """SmolLM2-135M-Instruct from a GGUF file (default: the packaged one), dequantised."""
+    decoder = decoders.smollm2_135m(max_seq_len=max_seq_len)
+    return TextLM(load_gguf_decoder(decoder, gguf_path), trainable)
+
+
+def hf_llama_lm(llm_dir: str, family: str = "llama3", trainable: str = "full") -> TextLM:
+    """A Llama decoder from a local Hugging Face folder (Llama-3.1-8B-Instruct, Llama-3.2-1B-Instruct...)."""
+    return TextLM(hf_llama_decoder(llm_dir, family), trainable)
+
+
+def tiny_smollm2_lm(max_seq_len: int = 512, trainable: str = "full", seed: int | None = None) -> TextLM:
+    """A tiny random decoder with SmolLM2's vocabulary, for tests."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return TextLM(decoders.tiny_smollm2(max_seq_len=max_seq_len), trainable)
+
+
+def text_lm_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype, checkpoint: str | Path | None = None):
+    """``cfg.tokenizer`` and ``cfg.model`` (a ``TextLM`` built in ``dtype``), with trained weights from
+    ``checkpoint`` (a folder written by ``train_fuser``) if given."""
+    tokenizer = config.instantiate(cfg.tokenizer)
+    with training.set_default_dtype(dtype):
+        model = config.instantiate(cfg.model)
+    if not isinstance(model, TextLM):
+        raise TypeError(f"model._component_ must build a medcap.fuser.TextLM (smollm2_lm, hf_llama_lm...), "
+                        f"got {type(model).__name__}")
+    vocab = model.decoder.tok_embeddings.num_embeddings
+    if vocab < tokenizer.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model embeds only {vocab}; pair "
+                         f"a model with the tokenizer of its LLM family")
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model.to(device), tokenizer
+
+
+# --- candidates of several runs, merged by ID ---
+
+def merge_runs(paths: list[str | Path]) -> tuple[list[str], dict[str, list[str]]]:
+    """Read several runs' ``ID,caption`` CSVs: (IDs in the first file's order, {ID: [caption of each run]}).
+    Every run must hold exactly the same IDs; a missing, extra or repeated ID is an error naming the file."""
+    if not paths:
+        raise ValueError("no candidate runs given: expected a list of predictions CSVs")
+    paths = [Path(p) for p in paths]
+    runs = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"candidate run not found: {path}")
+        runs.append(read_predictions(path))  # a repeated ID raises, naming the file and the line
+    first, order = paths[0], list(runs[0])
+    for path, run in zip(paths[1:], runs[1:]):
+        missing = [i for i in order if i not in run]
+        if missing:
+            raise ValueError(f"{path}: ID {missing[0]!r} (in {first}) is missing"
+                             + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        extra = [i for i in run if i not in runs[0]]
+        if extra:
+            raise ValueError(f"{path}: ID {extra[0]!r} is not in {first}"
+                             + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    return order, {i: [run[i] for run in runs] for i in order}
+
+
+# --- the prompt: the one string both training and fusing use ---
+
+DEFAULT_INSTRUCTION = ("Several systems described the same medical image. Combine their captions into the one "
+                       "caption that is most likely correct.")
+
+
+def fuser_prompt(candidates: list[str], instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The user text listing the candidates, numbered in the order of the runs."""
+    lines = [instruction.strip(), ""]
+    lines += [f"Caption {n}: {' '.join(caption.split())}" for n, caption in enumerate(candidates, 1)]
+    return "\n".join(lines)
+
+
+def fuser_prompt_ids(tokenizer, candidates: list[str], instruction: str = DEFAULT_INSTRUCTION,
+                     system: str | None = None) -> list[int]:
+    """What the fuser reads at inference: the chat prompt up to the assistant header."""
+    return tokenizer.prompt_ids(fuser_prompt(candidates, instruction), 0, system)
+
+
+def fuser_sample(tokenizer, candidates: list[str], target: str, max_seq_len: int,
+                 instruction: str = DEFAULT_INSTRUCTION, system: str | None = None) -> dict[str, Any]:
+    """A training sample: the same prompt as ``fuser_prompt_ids``, then the target caption; labels on the
+    target and its end-of-turn token only."""
+    return build_sample(tokenizer, fuser_prompt(candidates, instruction), target, 0, max_seq_len, system)
+
+
+class FuserDataset(torch.utils.data.Dataset):
+    """Training samples from merged candidates and gold captions: one per (ID, reference caption).
+    Every candidate ID needs a reference; ``ids`` picks a subset (e.g. a held-out share)."""
+
+    def __init__(self, tokenizer, candidates: dict[str, list[str]], references: dict[str, list[str]],
+                 max_seq_len: int, instruction: str = DEFAULT_INSTRUCTION, system: str | None = None,
+                 ids: list[str] | None = None, references_file: str = "references"):
+        self.samples = []
+        for sample_id in ids if ids is not None else list(candidates):
+            if sample_id not in references:
+                raise ValueError(f"{references_file}: no reference caption for ID {sample_id!r} (it has candidates)")
+            for target in references[sample_id]:
+                try:
+                    sample = fuser_sample(tokenizer, candidates[sample_id], target, max_seq_len, instruction, system)
+                except ValueError as error:
+                    raise ValueError(f"ID {sample_id!r}: {error}") from None
+                self.samples.append({"id": sample_id, **sample})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.samples[index]
+
+
+def collate_text(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded ``tokens`` and ``labels`` (IGNORE_INDEX on padding); no ``images``."""
+    length = max(len(b["tokens"]) for b in batch)
+    tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    for row, b in enumerate(batch):
+        tokens[row, :len(b["tokens"])] = torch.tensor(b["tokens"])
+        labels[row, :len(b["labels"])] = torch.tensor(b["labels"])
+    return {"ids": [b["id"] for b in batch], "tokens": tokens, "labels": labels}
+
+
+def split_ids(ids: list[str], holdout: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training IDs, ``holdout`` IDs drawn with ``seed``), each in the original order."""
+    if holdout < 0 or holdout >= len(ids):
+        raise ValueError(f"holdout={holdout}: expected 0 <= holdout < {len(ids)} (the number of IDs)")
+    held = set(random.Random(seed).sample(ids, holdout))
+    return [i for i in ids if i not in held], [i for i in ids if i in held]
+
+
+
+def generate_texts(model, tokenizer, prompts: list[list[int]], *, batch_size: int, seed: int = 0,
+                   progress: str | None = None, **decoding) -> list[str]:
+    """Decoded text per prompt, generated in batches of ``batch_size`` in order; sampling is seeded per batch
+    (``seed`` + batch index), as in the ``generate`` recipe. ``decoding``: ``medcap.generation.generate``'s
+    settings."""
+    from tqdm import tqdm
+
+    from medcap.generation import generate
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    texts = []
+    starts = range(0, len(prompts), batch_size)
+    for index, start in enumerate(tqdm(starts, desc=progress or "generate", unit="batch", disable=progress is None)):
+        generator.manual_seed(seed + index)
+        outputs = generate(model, prompts[start:start + batch_size], None, stop_ids=tokenizer.stop_ids,
+                           pad_id=tokenizer.pad_id, generator=generator, **decoding)
+        texts += [tokenizer.decode(ids).strip() for ids in outputs]
+    return texts

@@ -1,0 +1,85 @@
+"""Write a vision-language model's LLM as a Hugging Face Llama folder (``config.json`` + ``model.safetensors``),
+with its LoRA adapters merged and NF4 weights dequantised, loadable by ``transformers`` and by medcap's own
+``hf_llama_decoder``."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torchtune.models.convert_weights import tune_to_hf
+from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+from torchtune.modules import TiedLinear
+
+from medcap.models.lora import merged_state_dict
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+
+
+def merged_decoder_state(model) -> dict[str, torch.Tensor]:
+    """The decoder's weights in torchtune names, adapters merged (the fusion model keeps the token embeddings)."""
+    state = merged_state_dict(model.decoder)
+    state["tok_embeddings.weight"] = model.tok_embeddings.weight.detach()
+    return state
+
+
+def llama_hf_config(decoder, vocab_size: int) -> dict:
+    """config.json for a torchtune Llama-architecture decoder built without one (SmolLM2 from GGUF, random
+    models): the shapes, RoPE base and scaling, norm epsilon and embedding tying read off the modules."""
+    layer = decoder.layers[0]
+    attn = layer.attn
+    rope = attn.pos_embeddings
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
+        "hidden_size": attn.embed_dim, "intermediate_size": layer.mlp.w1.out_features,
+        "num_hidden_layers": len(decoder.layers), "num_attention_heads": attn.num_heads,
+        "num_key_value_heads": attn.num_kv_heads, "head_dim": attn.head_dim,
+        "max_position_embeddings": decoder.max_seq_len, "rms_norm_eps": layer.sa_norm.eps,
+        "rope_theta": float(rope.base), "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": isinstance(decoder.output, TiedLinear), "torch_dtype": "float32",
+    }
+    if isinstance(rope, Llama3ScaledRoPE):
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": float(rope.scale_factor),
+                                  "low_freq_factor": float(rope.low_freq_factor),
+                                  "high_freq_factor": float(rope.high_freq_factor),
+                                  "original_max_position_embeddings": int(rope.old_context_len)}
+    return config
+
+
+def save_hf_llama(model, out_dir: str | Path, llm_dir: str | Path | None = None,
+                  dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the merged LLM to ``out_dir`` (atomically: a temporary folder renamed into place). With ``llm_dir``
+    (the HF folder it was loaded from) its config.json and tokenizer files are copied; otherwise config.json is
+    derived from the modules."""
+    out_dir = Path(out_dir)
+    decoder = model.decoder
+    attn = decoder.layers[0].attn
+    vocab = model.tok_embeddings.num_embeddings
+    state = tune_to_hf(merged_decoder_state(model), num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+                       dim=attn.embed_dim, head_dim=attn.head_dim)
+    if isinstance(decoder.output, TiedLinear):
+        state.pop("lm_head.weight", None)
+    state = {k: v.to(dtype).contiguous().clone() for k, v in state.items()}
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    if llm_dir is not None:
+        config = json.loads((Path(llm_dir) / "config.json").read_text())
+        for name in TOKENIZER_FILES:
+            if (Path(llm_dir) / name).is_file():
+                shutil.copy2(Path(llm_dir) / name, tmp / name)
+        if (Path(llm_dir) / "original" / "tokenizer.model").is_file():
+            (tmp / "original").mkdir()
+            shutil.copy2(Path(llm_dir) / "original" / "tokenizer.model", tmp / "original" / "tokenizer.model")
+    else:
+        config = llama_hf_config(decoder, vocab)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,366 @@
+"""Image retrieval for the kNN methods (nearest-caption baseline, kNN few-shot, synthesizer).
+
+- ``ImageEmbedder``: an image encoder's tokens mean-pooled, averaged over a sample's images, L2-normalised, so
+  that an inner product is a cosine similarity. ``embedder_from_source`` builds it from the vision encoder of a
+  medcap model (+ checkpoint) or from any configured encoder module.
+- ``CaptionIndex``: embeddings, ids, captions and image paths of a caption set, with a faiss index over the
+  embeddings (``flat``: exact inner product; ``ivf`` and ``hnsw``: approximate, for large sets), saved to and
+  loaded from a folder. ``search`` returns each query's k neighbours, leaving out the query image itself (same
+  id, a shared image file, or an embedding identical to 1e-6), repeated captions and those under a similarity
+  threshold.
+- ``fewshot_prompt``: a query's prompt with its neighbours as in-context examples, as earlier chat turns with
+  their images (``turns``) or as a list of captions in the prompt text (``captions``).
+"""
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.torch import load_file as load_tensors
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchtune import config, training, utils
+
+from medcap.checkpoint import WEIGHTS, load_checkpoint, resolve_checkpoint
+from medcap.data.dataset import image_transform, load_sample_images
+
+log = utils.get_logger("INFO")
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_FILE, EMBEDDINGS_FILE = "index.faiss", "embeddings.safetensors"
+ENTRIES_FILE, META_FILE = "entries.jsonl", "meta.json"
+IDENTICAL_TOLERANCE = 1e-6  # largest coordinate difference of two embeddings taken for the same image
+MODES = ("turns", "captions")
+CAPTIONS_TEMPLATE = "Similar images were described as:\n{captions}\n{prompt}"
+CAPTION_LINE = "{rank}. {caption}"
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError("cannot normalise an all-zero embedding")
+    return x / norms
+
+
+class SampleImages(Dataset):
+    """The images of each sample record (``medcap.data.records``), transformed and stacked [n_images, 3, H, W]."""
+
+    def __init__(self, samples: list[dict[str, Any]], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return load_sample_images(self.samples[index], self.transform)
+
+
+class ImageEmbedder:
+    """Embeds samples with ``encoder`` (``forward(images [B, 3, H, W]) -> [B, N, D]``, with ``image_size``,
+    ``mean`` and ``std``): the N tokens are averaged, then a sample's images, then the result is L2-normalised.
+    ``source`` describes where the encoder came from (saved in the index's meta.json)."""
+
+    def __init__(self, encoder: nn.Module, device: torch.device, source: dict[str, Any] | None = None):
+        for attribute in ("image_size", "mean", "std"):
+            if not hasattr(encoder, attribute):
+                raise ValueError(f"the retrieval encoder {type(encoder).__name__} has no {attribute!r}: it needs "
+                                 f"image_size, mean and std (see medcap.models.encoders)")
+        self.encoder = encoder.to(device).eval()
+        self.device = device
+        self.dtype = next(encoder.parameters()).dtype
+        self.transform = image_transform(encoder)
+        self.source = source or {}
+
+    @torch.inference_mode()
+    def embed_images(self, images: list[Tensor]) -> np.ndarray:
+        """[len(images), D] float32, one row per sample from its images [n_i, 3, H, W]."""
+        counts = [len(x) for x in images]
+        tokens = self.encoder(torch.cat(images).to(self.device, self.dtype))  # [sum n_i, N, D]
+        pooled = tokens.float().mean(dim=1)
+        per_sample = torch.stack([chunk.mean(0) for chunk in pooled.split(counts)])
+        return l2_normalize(per_sample.cpu().numpy())
+
+    def embed_samples(self, samples: list[dict[str, Any]], batch_size: int = 32, num_workers: int = 0,
+                      desc: str = "embed") -> np.ndarray:
+        loader = DataLoader(SampleImages(samples, self.transform), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=list)
+        rows, t0 = [], time.perf_counter()
+        for batch in loader:
+            rows.append(self.embed_images(batch))
+        log.info(f"{desc}: {len(samples)} samples in {time.perf_counter() - t0:.1f} s")
+        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def retrieval_source(model_node=None, encoder_node=None, checkpoint: str | None = None,
+                     seed: int = 0) -> dict[str, Any]:
+    """Where retrieval embeddings come from, as saved in meta.json: ``encoder`` (any encoder module; a
+    checkpoint's ``encoder.*`` weights are loaded into it) if given, else the vision encoder of ``model`` after
+    loading ``checkpoint``. The checkpoint is resolved to its step folder, as an absolute path; ``seed`` is the
+    torch seed set before building, so that weights no file provides come out the same when it is rebuilt."""
+    if encoder_node is None and model_node is None:
+        raise ValueError("set either model (its vision encoder embeds the images) or encoder")
+    resolved = str(resolve_checkpoint(checkpoint).resolve()) if checkpoint else None
+    if encoder_node is not None:
+        return {"encoder": _plain(encoder_node), "checkpoint": resolved, "seed": seed}
+    return {"model": _plain(model_node), "checkpoint": resolved, "seed": seed}
+
+
+def _load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:
+    path = Path(checkpoint) / WEIGHTS
+    state = load_tensors(path)
+    weights = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not weights:
+        log.warning(f"{path} holds no encoder weights (the encoder was frozen): the encoder is used as built")
+        return
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: its encoder.* weights do not fit the configured encoder (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); a LoRA-trained encoder needs model: instead of encoder:")
+
+
+def embedder_from_source(source: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ImageEmbedder:
+    """Builds the encoder ``retrieval_source`` describes, in ``dtype`` on ``device``."""
+    torch.manual_seed(source.get("seed", 0))
+    with training.set_default_dtype(dtype):
+        if source.get("encoder") is not None:
+            encoder = config.instantiate(OmegaConf.create(source["encoder"]))
+            if source.get("checkpoint"):
+                _load_encoder_weights(encoder, source["checkpoint"])
+        else:
+            model = config.instantiate(OmegaConf.create(source["model"]))
+            if source.get("checkpoint"):
+                load_checkpoint(model, source["checkpoint"])
+            encoder = model.vision.encoder
+    return ImageEmbedder(encoder, device, source)
+
+
+# --------------------------------------------------------------------------------------------------------- index
+
+@dataclass
+class Neighbour:
+    id: str
+    caption: str
+    images: list[str]
+    score: float  # cosine similarity to the query
+    position: int  # row in the index
+
+
+def build_faiss_index(embeddings: np.ndarray, kind: str = "flat", nlist: int = 64, nprobe: int = 8,
+                      hnsw_m: int = 32, ef_search: int = 64) -> faiss.Index:
+    """Inner-product index over ``embeddings`` [N, D] (normalised: inner product = cosine). ``ivf``: ``nlist``
+    k-means clusters, ``nprobe`` of them searched per query; ``hnsw``: graph with ``hnsw_m`` links per node,
+    ``ef_search`` candidates kept while searching."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    dim = x.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        if not 1 <= nlist <= len(x):
+            raise ValueError(f"ivf: nlist={nlist} clusters need 1 <= nlist <= the {len(x)} embeddings")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+    index.add(x)
+    return index
+
+
+def _caption_key(caption: str) -> str:
+    return " ".join(caption.split()).lower()
+
+
+class CaptionIndex:
+    """A caption set's embeddings [N, D] (L2-normalised), ids, captions and image paths, searchable with faiss.
+    ``settings``: the index kind and its options (``build_faiss_index``); ``meta``: what produced it."""
+
+    def __init__(self, embeddings: np.ndarray, ids: list[str], captions: list[str],
+                 images: list[list[str]] | None = None,
+                 settings: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+                 index: faiss.Index | None = None):
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or not (len(embeddings) == len(ids) == len(captions)):
+            raise ValueError(f"embeddings {embeddings.shape}, {len(ids)} ids and {len(captions)} captions do not match")
+        if len(set(ids)) != len(ids):
+            raise ValueError("index ids must be unique")
+        if not len(ids):
+            raise ValueError("an index needs at least one entry")
+        if not np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4):
+            raise ValueError("index embeddings must be L2-normalised (l2_normalize) so that inner product is cosine")
+        self.embeddings, self.ids, self.captions = embeddings, list(ids), list(captions)
+        self.images = [list(x) for x in images] if images is not None else [[] for _ in ids]
+        self.settings = {"kind": "flat", **(settings or {})}
+        self.meta = dict(meta or {})
+        self.index = index if index is not None else build_faiss_index(embeddings, **self.settings)
+        if self.index.ntotal != len(ids):
+            raise ValueError(f"the faiss index holds {self.index.ntotal} vectors for {len(ids)} entries")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    # -- disk
+
+    def save(self, folder: str | Path) -> Path:
+        """Writes index.faiss, embeddings.safetensors, entries.jsonl (id, caption, images) and meta.json into a
+        temporary folder renamed into place."""
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        faiss.write_index(self.index, str(tmp / INDEX_FILE))
+        save_numpy({"embeddings": self.embeddings}, str(tmp / EMBEDDINGS_FILE))
+        with (tmp / ENTRIES_FILE).open("w", encoding="utf-8") as f:
+            for i, c, im in zip(self.ids, self.captions, self.images):
+                f.write(json.dumps({"id": i, "caption": c, "images": im}, ensure_ascii=False) + "\n")
+        meta = {**self.meta, "count": len(self), "dim": self.dim, "index": self.settings,
+                "similarity": "inner product of L2-normalised embeddings (cosine)"}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "CaptionIndex":
+        folder = Path(folder)
+        for name in (INDEX_FILE, EMBEDDINGS_FILE, ENTRIES_FILE, META_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} is not a caption index: {name} is missing "
+                                        f"(build one with `medcap run build_index`)")
+        meta = json.loads((folder / META_FILE).read_text())
+        embeddings = load_numpy(str(folder / EMBEDDINGS_FILE))["embeddings"]
+        ids, captions, images = [], [], []
+        with (folder / ENTRIES_FILE).open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                    ids.append(str(row["id"]))
+                    captions.append(row["caption"])
+                    images.append(row.get("images", []))
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{folder / ENTRIES_FILE}: line {line_no}: expected an object with id and "
+                                     f"caption ({e})") from None
+        index = faiss.read_index(str(folder / INDEX_FILE))
+        settings = meta.get("index", {"kind": "flat"})
+        if settings.get("kind") == "ivf":  # the query-time options, as configured when it was built
+            faiss.extract_index_ivf(index).nprobe = settings.get("nprobe", 8)
+        elif settings.get("kind") == "hnsw":
+            index.hnsw.efSearch = settings.get("ef_search", 64)
+        if not (index.ntotal == len(embeddings) == len(ids)):
+            raise ValueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors, {EMBEDDINGS_FILE} "
+                             f"{len(embeddings)} and {ENTRIES_FILE} {len(ids)} entries")
+        meta = {k: v for k, v in meta.items() if k not in ("count", "dim", "index", "similarity")}
+        return cls(embeddings, ids, captions, images, settings, meta, index)
+
+    # -- queries
+
+    def search(self, queries: np.ndarray, k: int, query_ids: list[str] | None = None,
+               query_images: list[list[str]] | None = None, exclude_self: bool = True,
+               exclude_identical: bool = True, dedupe_captions: bool = True,
+               threshold: float | None = None) -> list[list[Neighbour]]:
+        """Up to ``k`` neighbours per query (rows of ``queries``, L2-normalised), most similar first.
+
+        Left out: with ``exclude_self``, entries with the query's id (``query_ids``) or sharing an image file
+        with it (``query_images``); with ``exclude_identical``, entries whose embedding equals the query's to
+        ``IDENTICAL_TOLERANCE`` (the same image under another id or path); with ``dedupe_captions``, an entry
+        whose caption (case and spacing ignored) a more similar neighbour already has; with ``threshold``,
+        entries whose cosine similarity is below it. Faiss is asked for more candidates until k are kept or the
+        index is exhausted."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q, {self.dim}], got {list(queries.shape)}")
+        n = len(queries)
+        for name, values in (("query_ids", query_ids), ("query_images", query_images)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} items for {n} queries")
+        own_files = [{str(Path(p).resolve()) for p in ims} for ims in query_images] if query_images else None
+        entry_files = [{str(Path(p).resolve()) for p in ims} for ims in self.images] if own_files else None
+
+        results: list[list[Neighbour] | None] = [None] * n
+        pending, fetch = list(range(n)), min(len(self), 2 * k + 8)
+        while pending:
+            scores, positions = self.index.search(queries[pending], fetch)
+            still = []
+            for row, q in enumerate(pending):
+                kept, seen, exhausted = [], set(), fetch >= len(self)
+                for score, pos in zip(scores[row].tolist(), positions[row].tolist()):
+                    if pos < 0:  # an approximate index found fewer than fetch candidates
+                        exhausted = True
+                        break
+                    if threshold is not None and score < threshold:
+                        exhausted = True  # the rest are less similar still
+                        break
+                    if exclude_self and query_ids is not None and self.ids[pos] == query_ids[q]:
+                        continue
+                    if exclude_self and own_files and own_files[q] & entry_files[pos]:
+                        continue
+                    if exclude_identical and np.abs(self.embeddings[pos] - queries[q]).max() <= IDENTICAL_TOLERANCE:
+                        continue
+                    key = _caption_key(self.captions[pos])
+                    if dedupe_captions and key in seen:
+                        continue
+                    seen.add(key)
+                    kept.append(Neighbour(self.ids[pos], self.captions[pos], self.images[pos], float(score), pos))
+                    if len(kept) == k:
+                        break
+                if len(kept) == k or exhausted:
+                    results[q] = kept
+                else:
+                    still.append(q)
+            pending, fetch = still, min(len(self), fetch * 2)
+        return results
+
+
+# ----------------------------------------------------------------------------------------------- few-shot prompts
+
+def fewshot_prompt(tokenizer, prompt: str, neighbour_captions: list[str], neighbour_image_tokens: list[int],
+                   query_image_tokens: int, mode: str = "turns", system: str | None = None,
+                   captions_template: str = CAPTIONS_TEMPLATE, caption_line: str = CAPTION_LINE) -> list[int]:
+    """Prompt ids for captioning a query image with its neighbours as examples, up to the assistant header.
+
+    ``turns``: one exchange per neighbour (user: the neighbour's image placeholders + ``prompt``; assistant: its
+    caption), then the query's placeholders + ``prompt``; the images go to the model in that order, neighbours
+    first. ``captions``: one user turn, the query's placeholders + ``captions_template`` filled with
+    ``{captions}`` (one ``caption_line`` per neighbour, ``{rank}`` from 1) and ``{prompt}``. Without neighbours
+    both are the plain prompt."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if len(neighbour_captions) != len(neighbour_image_tokens):
+        raise ValueError(f"{len(neighbour_captions)} neighbour captions for {len(neighbour_image_tokens)} "
+                         f"neighbour image token counts")
+    if not neighbour_captions:
+        return tokenizer.prompt_ids(prompt, query_image_tokens, system)
+    if mode == "captions":
+        lines = "\n".join(caption_line.format(rank=i, caption=c.strip()) for i, c in enumerate(neighbour_captions, 1))
+        return tokenizer.prompt_ids(captions_template.format(captions=lines, prompt=prompt), query_image_tokens,
+                                    system)
+    ids: list[int] = []
+    for i, (caption, count) in enumerate(zip(neighbour_captions, neighbour_image_tokens)):
+        user = tokenizer.prompt_ids(prompt, count, system) if i == 0 else tokenizer.followup_ids(prompt, count)
+        ids += user + tokenizer.answer_ids(caption)
+    return ids + tokenizer.followup_ids(prompt, query_image_tokens)

@@ -1,0 +1,152 @@
+"""The Synthesizer (AUEB, ImageCLEFmedical 2024): a text LLM rewrites one run's draft caption with the captions of
+the image's nearest training neighbours in view.
+
+Neighbours are searched in a retrieval index (``medcap run build_index``; ``search_neighbours``), or read from a
+file with one entry per query image, nearest first:
+
+- JSONL, one line per query: ``{"id": "<query ID>", "neighbours": [<neighbour>, ...]}`` where a neighbour is a
+  caption string or an object with ``caption`` (``id`` and ``score`` may be there too), or with ``id`` only when
+  the captions come from the index (``index_dir``). The synthesize recipe writes this file (neighbours.jsonl).
+- CSV, one row per neighbour, ``rank`` 1 = nearest: ``ID,rank,caption``, or ``ID,rank,neighbour_ID`` with the
+  captions from the index (the ``neighbours.csv`` that ``knn_fewshot`` writes). Extra columns are ignored.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+from medcap.metrics.io import iter_jsonl
+
+DEFAULT_INSTRUCTION = ("Improve the draft caption of a medical image. Reply with one short sentence that names "
+                       "the imaging modality, the body part and the significant findings. The captions of "
+                       "similar images are examples of the expected style; keep only the facts that fit the "
+                       "draft.")
+DEFAULT_TEMPLATE = "{instruction}\n\nCaptions of similar images:\n{neighbours}\n\nDraft caption: {draft}"
+
+
+class _Captions:
+    """Captions of the index entries, read the first time a neighbour is given by ID only."""
+
+    def __init__(self, path: Path, index_dir: str | Path | None):
+        self.path, self.index_dir, self.by_id = path, index_dir, None
+
+    def __call__(self, neighbour_id: str, where: str) -> str:
+        if self.index_dir is None:
+            raise ValueError(f"{self.path}: {where}: neighbour {neighbour_id!r} has no caption; set index_dir to the "
+                             f"retrieval index the neighbours came from")
+        if self.by_id is None:
+            from medcap.retrieval import CaptionIndex
+
+            index = CaptionIndex.load(self.index_dir)
+            self.by_id = dict(zip(index.ids, index.captions))
+        if neighbour_id not in self.by_id:
+            raise ValueError(f"{self.path}: {where}: neighbour ID {neighbour_id!r} is not in the index "
+                             f"{self.index_dir}")
+        return self.by_id[neighbour_id]
+
+
+def _neighbour_caption(item, captions: _Captions, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and isinstance(item.get("caption"), str):
+        return item["caption"]
+    if isinstance(item, dict) and "caption" not in item and isinstance(item.get("id"), str):
+        return captions(item["id"], where)
+    raise ValueError(f"{captions.path}: {where}: expected a caption string or an object with field 'caption' "
+                     f"(or 'id'), found {json.dumps(item)[:80]}")
+
+
+def _read_jsonl(path: Path, captions: _Captions) -> dict[str, list[str]]:
+    neighbours: dict[str, list[str]] = {}
+    for line_no, sample_id, row in iter_jsonl(path):
+        items = row.get("neighbours")
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: line {line_no}: sample {sample_id!r}: field 'neighbours' must be a list")
+        if sample_id in neighbours:
+            raise ValueError(f"{path}: line {line_no}: duplicate ID {sample_id!r}")
+        neighbours[sample_id] = [
+            _neighbour_caption(item, captions, f"line {line_no}: sample {sample_id!r}: neighbour {rank}")
+            for rank, item in enumerate(items, 1)]
+    return neighbours
+
+
+def _read_csv(path: Path, captions: _Captions) -> dict[str, list[str]]:
+    reader = csv.DictReader(path.read_text(encoding="utf-8").splitlines())
+    fields = reader.fieldnames or []
+    text_column = "caption" if "caption" in fields else "neighbour_ID" if "neighbour_ID" in fields else None
+    if "ID" not in fields or "rank" not in fields or text_column is None:
+        raise ValueError(f"{path}: line 1: expected columns ID,rank,caption or ID,rank,neighbour_ID, found {fields}")
+    ranked: dict[str, dict[int, str]] = {}
+    for row in reader:
+        line, sample_id = reader.line_num, (row["ID"] or "").strip()
+        if not sample_id:
+            raise ValueError(f"{path}: line {line}: field 'ID' is empty")
+        try:
+            rank = int(row["rank"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: line {line}: sample {sample_id!r}: field 'rank' must be an integer, "
+                             f"found {row['rank']!r}") from None
+        if rank in ranked.setdefault(sample_id, {}):
+            raise ValueError(f"{path}: line {line}: sample {sample_id!r}: rank {rank} appears twice")
+        value = row[text_column] or ""
+        ranked[sample_id][rank] = value if text_column == "caption" else \
+            captions(value.strip(), f"line {line}: sample {sample_id!r}")
+    return {i: [by_rank[r] for r in sorted(by_rank)] for i, by_rank in ranked.items()}
+
+
+def read_neighbours(path: str | Path, index_dir: str | Path | None = None) -> dict[str, list[str]]:
+    """{query ID: neighbour captions, nearest first} from a ``.jsonl`` or ``.csv`` file (formats: see above);
+    neighbours given by ID take their captions from the retrieval index in ``index_dir``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"neighbours file not found: {path}")
+    captions = _Captions(path, index_dir)
+    if path.suffix == ".csv":
+        return _read_csv(path, captions)
+    if path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, captions)
+    raise ValueError(f"{path}: expected a .jsonl or .csv neighbours file")
+
+
+def search_neighbours(index_dir: str | Path, samples: list[dict], k: int, device, dtype, batch_size: int = 32,
+                      **options) -> dict[str, list[dict]]:
+    """{query ID: up to ``k`` neighbours as ``{"id", "caption", "score"}``, nearest first}: the query samples'
+    images (``samples`` of a CaptionDataset) embedded with the encoder the index names, then searched;
+    ``options``: ``CaptionIndex.search``'s (exclude_self, exclude_identical, dedupe_captions, threshold)."""
+    from medcap.retrieval import CaptionIndex, embedder_from_source
+
+    index = CaptionIndex.load(index_dir)
+    embedder = embedder_from_source(index.meta["source"], device, dtype)
+    queries = embedder.embed_samples(samples, batch_size, desc="embed queries")
+    found = index.search(queries, k, [s["id"] for s in samples], [s["images"] for s in samples], **options)
+    return {s["id"]: [{"id": n.id, "caption": n.caption, "score": round(n.score, 6)} for n in row]
+            for s, row in zip(samples, found)}
+
+
+def check_template(template: str) -> None:
+    for field in ("{draft}", "{neighbours}"):
+        if field not in template:
+            raise ValueError(f"the synthesis template must contain {field}; got {template!r}")
+
+
+def synthesis_prompt(draft: str, neighbours: list[str], num_neighbours: int,
+                     instruction: str = DEFAULT_INSTRUCTION, template: str = DEFAULT_TEMPLATE) -> str:
+    """The user text: ``template`` with the instruction, the first ``num_neighbours`` neighbour captions as a
+    numbered list, and the draft. Whitespace runs inside captions become single spaces."""
+    check_template(template)
+    listed = "\n".join(f"{n}. {' '.join(c.split())}" for n, c in enumerate(neighbours[:num_neighbours], 1))
+    return template.format(instruction=instruction.strip(), neighbours=listed, draft=" ".join(draft.split()))
+
+
+def clean_output(text: str, first_line_only: bool = True) -> str:
+    """The caption in an LLM's reply: its first non-empty line (with ``first_line_only``), without a leading
+    ``Caption:`` label or surrounding quotes."""
+    text = text.strip()
+    if first_line_only:
+        text = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    for label in ("improved caption:", "caption:"):
+        if text.lower().startswith(label):
+            text = text[len(label):].strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text

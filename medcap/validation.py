@@ -1,0 +1,57 @@
+"""Validation during training: the loss on the validation set, and captions generated for a subset of it scored
+with the evaluation presets (e.g. R2GenGPT's checkpoint choice, 0.5 * BLEU-4 + 0.5 * CIDEr)."""
+
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from medcap.generation import generate
+from medcap.metrics import evaluate as score_captions
+from medcap.runtime import caption_loader
+from medcap.text import IGNORE_INDEX
+from medcap.training import caption_loss, model_inputs
+
+
+@torch.no_grad()
+def validation_loss(model, loader, device, dtype, max_batches: int | None = None) -> float:
+    """Cross-entropy per caption token over the (first ``max_batches``) validation batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        labels = batch["labels"].to(device)
+        total += caption_loss(model(**model_inputs(batch, device, dtype)), labels, reduction="sum").item()
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def weighted_score(corpus: dict[str, float], weights: dict[str, float]) -> float:
+    missing = sorted(set(weights) - set(corpus))
+    if missing:
+        raise KeyError(f"val_generation.weights names {missing}, which the preset does not compute; it gives "
+                       f"{sorted(corpus)}")
+    return sum(w * corpus[name] for name, w in weights.items())
+
+
+@torch.no_grad()
+def generation_figures(model, tokenizer, dataset, *, weights: dict[str, float], num_samples: int | None,
+                       max_new_tokens: int, batch_size: int, device, dtype, preset: str = "coco",
+                       meteor: bool = False) -> dict[str, Any]:
+    """Greedy captions for the first ``num_samples`` of ``dataset`` (built with ``with_captions=False``), scored
+    against their captions: ``val_score`` (the weighted sum) and each weighted metric as ``val_<metric>``.
+    Under FSDP every rank generates the same captions, so all ranks run the same number of forward passes."""
+    model.eval()
+    indices = range(len(dataset) if num_samples is None else min(num_samples, len(dataset)))
+    loader = caption_loader(Subset(dataset, list(indices)), tokenizer, batch_size, padding_side="left")
+    predictions = {}
+    for batch in loader:
+        prompts = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
+        outputs = generate(model, prompts, batch["images"].to(device, dtype), max_new_tokens=max_new_tokens,
+                           stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+        predictions.update({sample_id: tokenizer.decode(ids).strip() for sample_id, ids in zip(batch["ids"], outputs)})
+    references = {dataset.samples[i]["id"]: dataset.samples[i]["caption"] for i in indices}
+    kwargs = {"meteor": meteor} if preset == "coco" else {"bertscore": False}
+    corpus = score_captions(predictions, references, preset=preset, **kwargs).corpus
+    return {"val_score": weighted_score(corpus, weights), **{f"val_{name}": corpus[name] for name in weights}}

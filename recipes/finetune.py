@@ -1,0 +1,149 @@
+"""Training for every method; they differ in what trains, which the config sets per part (``model.trainable``:
+encoder / projector / decoder each ``frozen``, ``full``, ``lora`` or, for the decoder, ``qlora``; ``model.lora``:
+rank, alpha, dropout, target layers):
+
+- medcap (configs/medcap, configs/demo): LLM frozen, vision encoder + projector trained;
+- LLaVA SFT (configs/llava): stage 1 projector only; stage 2 projector + LLM with LoRA, QLoRA or in full,
+  starting from stage 1 (``init_from``);
+- R2GenGPT (configs/r2gengpt): shallow (mapper), delta (LoRA on the encoder's query/value + mapper), deep
+  (encoder + mapper), LLM frozen.
+
+    medcap run finetune --config demo/finetune_vision [key=value ...]
+    medcap run finetune --nproc_per_node 8 --config llava/stage2_lora      # FSDP2 data parallel
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+from torchtune import config, training
+from torchtune.modules import TransformerSelfAttentionLayer
+
+from medcap import distributed
+from medcap.checkpoint import load_training_state, resolve_checkpoint, set_rng_state
+from medcap.optim import OptimizerInBackward
+from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_model_and_tokenizer
+from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
+from medcap.validation import generation_figures, validation_loss
+
+
+def param_groups(model, base_lr: float, lr_per_part: dict[str, float]) -> list[dict]:
+    """One optimizer group per trained part, each with its own learning rate if ``lr_per_part`` names it."""
+    groups = []
+    for part, module in model.parts().items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr_per_part.get(part, base_lr), "name": part})
+    if not groups:
+        raise ValueError("nothing to train: every part in model.trainable is frozen")
+    return groups
+
+
+@config.parse
+def main(cfg: DictConfig) -> None:
+    rank_device = distributed.init_from_env(cfg.get("device", "cpu"))
+    if distributed.is_rank_zero():
+        config.log_config(recipe_name="finetune", cfg=cfg)
+    training.set_seed(seed=cfg.seed)
+    device, dtype = device_and_dtype(cfg)
+    device = rank_device or device
+    world = distributed.world_size()
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Resume: the newest checkpoint under resume_from (or output_dir/checkpoints with resume_from=auto).
+    # init_from: trained parts of an earlier run (e.g. LLaVA stage 1's projector), without its optimizer state.
+    resume = cfg.get("resume_from")
+    if resume == "auto":
+        candidates = output_dir / "checkpoints"
+        resume = candidates if any(candidates.glob("step_*/model.safetensors")) else None
+    resume = resolve_checkpoint(resume) if resume else None  # the newest step_* folder
+    init = resume or cfg.get("init_from")
+    model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=init)
+    if cfg.get("enable_activation_checkpointing", False):
+        training.set_activation_checkpointing(model.decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
+    if world > 1:
+        distributed.shard(model, device)
+
+    train_set = caption_dataset(cfg.dataset, tokenizer, model)
+    evaluations = {}
+    # `val_dataset=null` on the command line sets val_dataset._component_ to null (torchtune's override rule)
+    if cfg.get("val_dataset") and cfg.val_dataset.get("_component_"):
+        val_loader = caption_loader(caption_dataset(cfg.val_dataset, tokenizer, model), tokenizer,
+                                    cfg.batch_size, cfg.get("num_workers", 0))
+        evaluations["val_loss"] = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype,
+                                                                       cfg.get("eval_max_batches"))}
+        gen = cfg.get("val_generation")
+        if gen and gen.get("weights"):
+            prompts = caption_dataset(cfg.val_dataset, tokenizer, model, with_captions=False)
+            evaluations["val_generation"] = lambda: generation_figures(
+                model, tokenizer, prompts, weights=dict(gen.weights), num_samples=gen.get("num_samples"),
+                max_new_tokens=gen.get("max_new_tokens", 64), batch_size=gen.get("batch_size", cfg.batch_size),
+                device=device, dtype=dtype, preset=gen.get("preset", "coco"), meteor=gen.get("meteor", False))
+
+    def evaluate() -> dict[str, float]:
+        return {k: v for run in evaluations.values() for k, v in run().items()}
+
+    groups = param_groups(model, cfg.optimizer.lr, cfg.get("lr_per_part") or {})
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    clip = cfg.get("clip_grad_norm")
+    if cfg.get("optimizer_in_bwd", False):
+        if accum > 1 or clip or world > 1:
+            raise ValueError("optimizer_in_bwd=true steps each parameter as soon as its gradient is ready: it needs "
+                             "gradient_accumulation_steps=1, clip_grad_norm=null and a single process")
+        optimizer = OptimizerInBackward(groups, lambda group: config.instantiate(cfg.optimizer, group))
+    else:
+        optimizer = config.instantiate(cfg.optimizer, groups)
+    scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
+    optimizer_state = None
+    if world > 1:  # rank 0 saves the whole optimizer state, gathered from the shards
+        optimizer_state = lambda: training.get_full_optimizer_state_dict(model, optimizer, distributed.is_rank_zero())
+
+    start_step, history = 0, []
+    if resume:
+        state = load_training_state(resume)
+        if world > 1:
+            training.load_from_full_optimizer_state_dict(model, optimizer, state["optimizer"], device)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step, history = state["step"], json.loads(state["history"])
+        log.info(f"resuming from {resume} at step {start_step}")
+
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum,
+                                    shuffle=cfg.get("shuffle", True), rank=distributed.rank(), world_size=world)
+    batches = iter(caption_loader(train_set, tokenizer, cfg.batch_size, cfg.get("num_workers", 0), sampler))
+    metric_logger = None
+    if cfg.get("metric_logger") and distributed.is_rank_zero():
+        metric_logger = config.instantiate(cfg.metric_logger)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensors count in full
+    log.info(f"{len(train_set)} training samples; {world} process(es); trainable {n_trainable:,} parameters "
+             f"({dict(model.trainable)})")
+
+    settings = TrainSettings(
+        max_steps=cfg.max_steps,
+        gradient_accumulation_steps=accum,
+        clip_grad_norm=clip,
+        eval_every=cfg.get("eval_every") if evaluations else None,
+        save_every=cfg.get("save_every"),
+        log_every=cfg.get("log_every", 1),
+        select_metric=cfg.get("select_metric"),
+        select_mode=cfg.get("select_mode", "max"),
+        patience=cfg.get("patience"),
+    )
+    summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device,
+                    dtype=dtype, evaluate=evaluate, metric_logger=metric_logger, cfg=cfg,
+                    start_step=start_step, history=history, optimizer_state=optimizer_state)
+    if metric_logger is not None:
+        metric_logger.close()
+    if distributed.is_rank_zero():
+        plot_loss(summary["history"], output_dir / "loss_curve.png")
+        log.info(f"done: mean step {summary['mean_step_time_s'] or 0:.2f} s, peak memory "
+                 f"{summary['peak_memory_mb']:.0f} MB; checkpoints in {output_dir / 'checkpoints'}")
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""kNN few-shot captioning (the AUEB ImageCLEF 2024 recipe): for each image of ``dataset``, its ``k`` most
+similar images in a retrieval index (``medcap run build_index``) become in-context examples, then the model
+captions the image. Writes ``predictions.csv`` (``ID,caption``) and ``neighbours.csv`` (the examples used).
+
+    medcap run knn_fewshot --config demo/knn_fewshot
+    medcap run knn_fewshot --config demo/knn_fewshot mode=captions k=5 threshold=0.5
+
+``mode``:
+- ``turns``: each neighbour is an earlier exchange of the chat: user = its image + the prompt, assistant = its
+  caption; the query image + the prompt come last. The model sees k + 1 images per query.
+- ``captions``: only the neighbours' captions, listed in the prompt text (``captions_template``,
+  ``caption_line``), with the query image.
+
+Neighbours leave out the query itself and repeated captions (``exclude_self``, ``exclude_identical``,
+``dedupe_captions``) and those below ``threshold`` (cosine); an image left with none gets the plain prompt.
+``nearest_first: false`` puts the most similar example last, next to the query. The query images are embedded
+with the encoder the index names; when that is this config's model + checkpoint, its vision encoder is reused.
+Decoding keys are those of ``generate``.
+"""
+
+import csv
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+from torchtune import config, training
+from tqdm import tqdm
+
+from medcap.data.dataset import collate_captions
+from medcap.data.images import load_image
+from medcap.generation import generate
+from medcap.metrics import write_csv_predictions
+from medcap.retrieval import (CAPTION_LINE, CAPTIONS_TEMPLATE, CaptionIndex, ImageEmbedder, embedder_from_source,
+                              fewshot_prompt, retrieval_source)
+from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
+
+
+class FewShotPrompts(Dataset):
+    """One item per query: prompt ids with its examples, and the images in placeholder order (the examples'
+    first in ``turns`` mode, then the query's)."""
+
+    def __init__(self, samples, neighbours, tokenizer, transform, image_tokens, prompt: str, mode: str,
+                 system: str | None, captions_template: str, caption_line: str, max_len: int):
+        self.samples, self.neighbours, self.transform, self.mode = samples, neighbours, transform, mode
+        self.prompts = []
+        for s, found in zip(samples, neighbours):
+            ids = fewshot_prompt(tokenizer, s["prompt"] or prompt, [n.caption for n in found],
+                                 [image_tokens(n.images, f"neighbour {n.id!r} of sample {s['id']!r}") for n in found],
+                                 image_tokens(s["images"], f"sample {s['id']!r}"), mode, system, captions_template,
+                                 caption_line)
+            if len(ids) > max_len:
+                raise ValueError(f"{s['source']}: sample {s['id']!r}: the prompt with {len(found)} examples needs "
+                                 f"{len(ids)} tokens, more than the model's max_seq_len less max_new_tokens "
+                                 f"({max_len}); lower k or use mode=captions")
+            self.prompts.append(ids)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        paths = [p for n in self.neighbours[index] for p in n.images] if self.mode == "turns" else []
+        paths += s["images"]
+        try:
+            images = torch.stack([self.transform(load_image(p)) for p in paths])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{s['source']}: sample {s['id']!r}: field {s['image_field']!r} (or a neighbour's "
+                             f"image): {e}") from None
+        return {"id": s["id"], "tokens": self.prompts[index], "images": images}
+
+
+def query_embedder(index: CaptionIndex, cfg: DictConfig, model, device, dtype) -> ImageEmbedder:
+    source = index.meta.get("source")
+    if source is None:
+        raise ValueError(f"{cfg.index_dir}: meta.json names no source encoder; rebuild it with medcap run build_index")
+    if source == retrieval_source(cfg.model, None, cfg.get("checkpoint"), cfg.seed):
+        return ImageEmbedder(model.vision.encoder, device, source)  # the captioner's own trained encoder
+    return embedder_from_source(source, device, dtype)
+
+
+@config.parse
+def main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="knn_fewshot", cfg=cfg)
+    training.set_seed(seed=cfg.seed)
+    device, dtype = device_and_dtype(cfg)
+    model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=cfg.get("checkpoint"))
+    model.eval()
+    index = CaptionIndex.load(cfg.index_dir)
+    dataset = caption_dataset(cfg.dataset, tokenizer, model, with_captions=False)
+    samples = dataset.samples[:cfg.max_samples] if cfg.get("max_samples") else dataset.samples
+
+    embedder = query_embedder(index, cfg, model, device, dtype)
+    queries = embedder.embed_samples(samples, cfg.batch_size, cfg.get("num_workers", 0), desc="embed queries")
+    neighbours = index.search(queries, cfg.k, [s["id"] for s in samples], [s["images"] for s in samples],
+                              exclude_self=cfg.get("exclude_self", True),
+                              exclude_identical=cfg.get("exclude_identical", True),
+                              dedupe_captions=cfg.get("dedupe_captions", True), threshold=cfg.get("threshold"))
+    if not cfg.get("nearest_first", True):
+        neighbours = [found[::-1] for found in neighbours]
+
+    views, per_image = model.views_per_block, model.tokens_per_image
+
+    def image_tokens(paths: list[str], what: str) -> int:
+        if len(paths) % views:
+            raise ValueError(f"{what}: {len(paths)} images do not form blocks of views_per_block={views}")
+        return per_image * len(paths) // views
+
+    settings = decoding_settings(cfg)
+    prompts = FewShotPrompts(samples, neighbours, tokenizer, dataset.transform, image_tokens, dataset.prompt,
+                             cfg.get("mode", "turns"), dataset.system, cfg.get("captions_template", CAPTIONS_TEMPLATE),
+                             cfg.get("caption_line", CAPTION_LINE),
+                             max_len=model.decoder.max_seq_len - settings["max_new_tokens"])
+    loader = DataLoader(prompts, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.get("num_workers", 0),
+                        collate_fn=partial(collate_captions, pad_id=tokenizer.pad_id, padding_side="left"))
+    generator = torch.Generator(device=device)
+    predictions, n_tokens, t0 = {}, 0, time.perf_counter()
+    for batch_index, batch in enumerate(tqdm(loader, desc="knn_fewshot", unit="batch", dynamic_ncols=True)):
+        ids = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
+        generator.manual_seed(cfg.seed + batch_index)
+        outputs = generate(model, ids, batch["images"].to(dtype), stop_ids=tokenizer.stop_ids,
+                           pad_id=tokenizer.pad_id, generator=generator, **settings)
+        predictions.update((i, tokenizer.decode(out).strip()) for i, out in zip(batch["ids"], outputs))
+        n_tokens += sum(len(out) for out in outputs)
+    seconds = time.perf_counter() - t0
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv_predictions(out / "predictions.csv", predictions)
+    with (out / "neighbours.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "rank", "neighbour_ID", "similarity"])
+        for s, found in zip(samples, neighbours):
+            writer.writerows([s["id"], rank, n.id, f"{n.score:.6f}"] for rank, n in enumerate(found, 1))
+    shots = sum(len(found) for found in neighbours) / max(len(samples), 1)
+    log.info(f"{len(predictions)} captions ({shots:.2f} examples each, mode {cfg.get('mode', 'turns')}), {n_tokens} "
+             f"tokens in {seconds:.1f} s -> {out / 'predictions.csv'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""LM-Fuser training: a text LM learns to write the gold caption from the captions several runs wrote for the same
+image. ``candidates`` lists the runs' ``ID,caption`` CSVs on the validation split (same IDs in every file; the
+order of the list is the order of the captions in the prompt, and ``fuse`` must list the test runs in the same
+order); ``references`` holds the gold captions (CSV or JSONL manifest). The loss covers the target caption only.
+
+    medcap run train_fuser --config demo/train_fuser [key=value ...]
+
+The shared training core does the loop (medcap.training.train): AdamW, warmup + cosine, gradient accumulation and
+clipping, checkpoints of the whole LM in safetensors (with ``config.yaml``, from which ``fuse`` takes the prompt),
+exact resume (``resume_from=auto``). ``holdout`` IDs are kept out of training for a validation loss. One process.
+"""
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from torchtune import config, training
+
+from medcap.checkpoint import load_training_state, resolve_checkpoint, set_rng_state
+from medcap.fuser import DEFAULT_INSTRUCTION, FuserDataset, collate_text, merge_runs, split_ids, text_lm_and_tokenizer
+from medcap.metrics import read_references
+from medcap.runtime import device_and_dtype, log
+from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
+from medcap.validation import validation_loss
+
+
+@config.parse
+def main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="train_fuser", cfg=cfg)
+    training.set_seed(seed=cfg.seed)
+    device, dtype = device_and_dtype(cfg)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.prompt.get("instruction") is None:  # written into the checkpoints' config.yaml, which fuse reads
+        cfg.prompt.instruction = DEFAULT_INSTRUCTION
+
+    resume = cfg.get("resume_from")
+    if resume == "auto":
+        candidates = output_dir / "checkpoints"
+        resume = candidates if any(candidates.glob("step_*/model.safetensors")) else None
+    init = resolve_checkpoint(resume) if resume else cfg.get("init_from")
+    model, tokenizer = text_lm_and_tokenizer(cfg, device, dtype, checkpoint=init)
+
+    ids, candidates = merge_runs(list(cfg.candidates))
+    references = read_references(cfg.references)
+    train_ids, held_ids = split_ids(ids, cfg.get("holdout", 0), cfg.seed)
+    data = partial(FuserDataset, tokenizer, candidates, references, cfg.max_seq_len,
+                   instruction=cfg.prompt.instruction, system=cfg.prompt.get("system"), references_file=cfg.references)
+    train_set = data(ids=train_ids)
+    collate = partial(collate_text, pad_id=tokenizer.pad_id)
+    evaluate = None
+    if held_ids:
+        val_loader = DataLoader(data(ids=held_ids), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
+                                generator=torch.Generator().manual_seed(0))
+        evaluate = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype)}  # noqa: E731
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: model.trainable is frozen")
+    optimizer = config.instantiate(cfg.optimizer, params)
+    scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
+    start_step, history = 0, []
+    if resume:
+        state = load_training_state(resume)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step, history = state["step"], json.loads(state["history"])
+        log.info(f"resuming from {resume} at step {start_step}")
+
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum)
+    batches = iter(DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                              generator=torch.Generator().manual_seed(0)))  # not the global RNG: exact resume
+    epochs = cfg.max_steps * accum / sampler.per_epoch
+    log.info(f"{len(train_set)} training samples from {len(cfg.candidates)} runs ({len(held_ids)} IDs held out); "
+             f"{cfg.max_steps} steps = {epochs:.1f} epochs; trainable {sum(p.numel() for p in params):,} parameters")
+
+    settings = TrainSettings(max_steps=cfg.max_steps, gradient_accumulation_steps=accum,
+                             clip_grad_norm=cfg.get("clip_grad_norm"),
+                             eval_every=cfg.get("eval_every") if evaluate else None,
+                             save_every=cfg.get("save_every"), log_every=cfg.get("log_every", 1))
+    # `metric_logger=null` on the command line sets metric_logger._component_ to null (torchtune's override rule)
+    logger_node = cfg.get("metric_logger")
+    metric_logger = config.instantiate(logger_node) if logger_node and logger_node.get("_component_") else None
+    summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device, dtype=dtype,
+                    evaluate=evaluate, metric_logger=metric_logger, cfg=cfg, start_step=start_step, history=history)
+    if metric_logger is not None:
+        metric_logger.close()
+    plot_loss(summary["history"], output_dir / "loss_curve.png")
+    log.info(f"done: mean step {summary['mean_step_time_s'] or 0:.2f} s, peak memory "
+             f"{summary['peak_memory_mb']:.0f} MB; checkpoints in {output_dir / 'checkpoints'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

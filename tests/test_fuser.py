@@ -1,0 +1,306 @@
+"""LM-Fuser: merging runs by ID, the one prompt of training and fusing, labels on the target only, training with
+the shared core, checkpoints that reload exactly, and the text-only LM under medcap's generation."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+import medcap.fuser
+import medcap.training
+from medcap import cli
+from medcap.fuser import (FuserDataset, TextLM, collate_text, fuser_prompt, fuser_prompt_ids, fuser_sample,
+                          merge_runs, split_ids, text_lm_and_tokenizer, tiny_smollm2_lm)
+from medcap.generation import generate
+from medcap.metrics import read_predictions
+from medcap.text import IGNORE_INDEX, smollm2_tokenizer
+from medcap.training import caption_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_run(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "caption"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+# --- merging runs ---
+
+def test_merge_keeps_the_first_runs_order_and_aligns_captions(tmp_path):
+    a = write_run(tmp_path / "a.csv", [("x", "a-x"), ("y", "a-y"), ("z", "a-z")])
+    b = write_run(tmp_path / "b.csv", [("z", "b-z"), ("x", "b-x"), ("y", "b-y")])
+    c = write_run(tmp_path / "c.csv", [("y", "c-y"), ("z", "c-z"), ("x", "")])
+    ids, candidates = merge_runs([a, b, c])
+    assert ids == ["x", "y", "z"]
+    assert candidates == {"x": ["a-x", "b-x", ""], "y": ["a-y", "b-y", "c-y"], "z": ["a-z", "b-z", "c-z"]}
+
+
+def test_merge_errors_name_the_file_and_the_id(tmp_path):
+    a = write_run(tmp_path / "a.csv", [("x", "1"), ("y", "2")])
+    missing = write_run(tmp_path / "missing.csv", [("x", "1")])
+    with pytest.raises(ValueError, match=r"missing\.csv: ID 'y' \(in .*a\.csv\) is missing"):
+        merge_runs([a, missing])
+    extra = write_run(tmp_path / "extra.csv", [("x", "1"), ("y", "2"), ("w", "3")])
+    with pytest.raises(ValueError, match=r"extra\.csv: ID 'w' is not in .*a\.csv"):
+        merge_runs([a, extra])
+    duplicate = write_run(tmp_path / "dup.csv", [("x", "1"), ("y", "2"), ("x", "3")])
+    with pytest.raises(ValueError, match=r"dup\.csv: line 4: duplicate ID 'x'"):
+        merge_runs([a, duplicate])
+    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+        merge_runs([a, tmp_path / "nowhere.csv"])
+
+
+# --- the prompt and the labels ---
+
+def test_prompt_lists_the_candidates_in_run_order():
+    text = fuser_prompt(["first  caption\n", "second"], instruction="Fuse these.")
+    assert text == "Fuse these.\n\nCaption 1: first caption\nCaption 2: second"
+
+
+def test_training_sample_starts_with_exactly_the_inference_prompt(tokenizer):
+    candidates = ["Chest radiograph with a nodule.", "Chest radiograph, normal.", "CT of the head."]
+    prompt = fuser_prompt_ids(tokenizer, candidates, "Fuse.", system="Be brief.")
+    sample = fuser_sample(tokenizer, candidates, "Chest radiograph with a nodule in the right lung.", 256,
+                          "Fuse.", system="Be brief.")
+    assert sample["tokens"][:len(prompt)] == prompt
+    shown = tokenizer.decode(prompt, skip_special_tokens=False)
+    assert shown.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nFuse.\n\nCaption 1: ")
+    assert shown.endswith("Caption 3: CT of the head.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_labels_cover_the_target_and_its_end_of_turn_only(tokenizer):
+    target = "Chest radiograph with a nodule."
+    sample = fuser_sample(tokenizer, ["a", "b"], target, 256, "Fuse.")
+    prompt_len = len(fuser_prompt_ids(tokenizer, ["a", "b"], "Fuse."))
+    # the prompt by hand: <|im_start|>user\n, the user text, <|im_end|>\n, <|im_start|>assistant\n
+    hand = ([tokenizer.im_start_id] + tokenizer.encode("user\n")
+            + tokenizer.encode("Fuse.\n\nCaption 1: a\nCaption 2: b") + [tokenizer.im_end_id] + tokenizer.encode("\n")
+            + [tokenizer.im_start_id] + tokenizer.encode("assistant\n"))
+    assert prompt_len == len(hand) and sample["tokens"][:prompt_len] == hand
+    target_ids = tokenizer.encode(target) + [tokenizer.im_end_id]
+    assert sample["labels"] == [IGNORE_INDEX] * prompt_len + target_ids
+    assert tokenizer.decode(sample["labels"][prompt_len:], skip_special_tokens=False) == target + "<|im_end|>"
+
+    short = fuser_sample(tokenizer, ["a"], "x", 256, "Fuse.")
+    batch = collate_text([{"id": "1", **sample}, {"id": "2", **short}], pad_id=tokenizer.pad_id)
+    assert batch["tokens"].shape == batch["labels"].shape == (2, len(sample["tokens"]))
+    assert "images" not in batch
+    labelled = (batch["labels"] != IGNORE_INDEX).nonzero().tolist()
+    short_start = len(short["tokens"]) - 2  # "x" is one token, then <|im_end|>
+    assert labelled == ([[0, i] for i in range(prompt_len, prompt_len + len(target_ids))]
+                        + [[1, short_start], [1, short_start + 1]])
+    # the loss counts exactly the target tokens (next-token prediction shifts labels by one)
+    assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == len(target_ids) + 2
+    logits = torch.zeros(2, batch["tokens"].shape[1], 49152)
+    assert caption_loss(logits, batch["labels"]).item() == pytest.approx(torch.log(torch.tensor(49152.0)).item())
+
+
+def test_dataset_needs_a_reference_per_id_and_names_prompts_that_do_not_fit(tokenizer):
+    candidates = {"x": ["a", "b"], "y": ["c", "d"]}
+    data = FuserDataset(tokenizer, candidates, {"x": ["gold x"], "y": ["gold y", "other y"]}, 128)
+    assert [s["id"] for s in data.samples] == ["x", "y", "y"]
+    with pytest.raises(ValueError, match=r"refs\.jsonl: no reference caption for ID 'y'"):
+        FuserDataset(tokenizer, candidates, {"x": ["gold"]}, 128, references_file="refs.jsonl")
+    with pytest.raises(ValueError, match=r"ID 'x': the prompt needs \d+ tokens"):
+        FuserDataset(tokenizer, {"x": ["word " * 50]}, {"x": ["gold"]}, 32)
+
+
+def test_split_ids_holds_out_a_seeded_share_in_order():
+    ids = [f"id{i}" for i in range(10)]
+    train, held = split_ids(ids, 3, seed=0)
+    assert len(held) == 3 and sorted(train + held) == sorted(ids)
+    assert held == [i for i in ids if i in held] and split_ids(ids, 3, seed=0) == (train, held)
+    assert split_ids(ids, 0, seed=0) == (ids, [])
+    with pytest.raises(ValueError, match="holdout=10"):
+        split_ids(ids, 10, seed=0)
+
+
+# --- the text-only LM under medcap's generation ---
+
+def test_text_lm_generates_with_and_without_the_kv_cache(tokenizer):
+    model = tiny_smollm2_lm(seed=0).eval()
+    prompts = [fuser_prompt_ids(tokenizer, ["a chest radiograph"], "Fuse."),
+               fuser_prompt_ids(tokenizer, ["a much longer caption of a head CT with a lesion"], "Fuse.")]
+    settings = dict(max_new_tokens=6, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+    cached = generate(model, prompts, None, **settings)
+    assert cached == generate(model, prompts, None, use_cache=False, **settings)
+    assert [len(ids) for ids in cached] == [6, 6]  # a random model does not stop early (checked: no stop ids)
+    assert not model.caches_are_setup()
+    # left padding must not change a prompt's continuation
+    assert generate(model, prompts[:1], None, **settings) == cached[:1]
+    with pytest.raises(ValueError, match="takes no images"):
+        model(torch.tensor([prompts[0]]), encoder_input={"image": {}})
+
+
+def test_text_lm_freezes_or_trains_the_decoder():
+    frozen = tiny_smollm2_lm(trainable="frozen")
+    assert frozen.trainable == {"decoder": "frozen"} and not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for p in tiny_smollm2_lm().parameters())
+    with pytest.raises(ValueError, match="trainable='lora'"):
+        TextLM(frozen.decoder, "lora")
+
+
+# --- the recipes ---
+
+IDS = [f"img{i}" for i in range(12)]
+FINDINGS = ["nodule", "fracture", "effusion", "no abnormality"]
+
+
+def gold(i: int) -> str:
+    return f"Chest radiograph with {FINDINGS[i % 4]}."
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three candidate runs over 12 IDs (the first is right on every other ID) and the gold captions."""
+    root = tmp_path_factory.mktemp("runs")
+    files = [write_run(root / "good.csv", [(k, gold(i) if i % 2 == 0 else gold(i + 1)) for i, k in enumerate(IDS)]),
+             write_run(root / "shuffled.csv", [(k, gold(i + 2)) for i, k in reversed(list(enumerate(IDS)))]),
+             write_run(root / "blind.csv", [(k, "Chest radiograph.") for k in IDS])]
+    references = root / "refs.jsonl"
+    references.write_text("".join(json.dumps({"id": k, "caption": gold(i)}) + "\n" for i, k in enumerate(IDS)))
+    return files, references
+
+
+def tiny_config(tmp_path: Path, name: str, **changes) -> Path:
+    """The demo config with the tiny random LM (same tokenizer) and ``changes`` applied, as a file."""
+    cfg = OmegaConf.load(ROOT / "configs" / "demo" / f"{name}.yaml")
+    cfg.model = {"_component_": "medcap.fuser.tiny_smollm2_lm", "max_seq_len": 256, "seed": 0,
+                 "trainable": cfg.model.trainable}
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    path = tmp_path / f"{name}.yaml"
+    OmegaConf.save(cfg, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(runs, tmp_path_factory):
+    """train_fuser on the tiny LM: (output dir, the model object the training core trained, prompts seen)."""
+    files, references = runs
+    out = tmp_path_factory.mktemp("fuser")
+    config = tiny_config(out, "train_fuser", output_dir=str(out), candidates=[str(f) for f in files],
+                         references=str(references), holdout=2, batch_size=4, max_steps=15, eval_every=5,
+                         **{"optimizer.lr": 3e-3, "lr_scheduler.num_warmup_steps": 0,
+                            "prompt.instruction": "Fuse the captions.", "metric_logger": None})
+    captured, prompts = {}, []
+    real_train, real_prompt = medcap.training.train, medcap.fuser.fuser_prompt
+
+    def spy_train(model, *args, **kwargs):
+        captured["model"] = model
+        return real_train(model, *args, **kwargs)
+
+    def spy_prompt(*args, **kwargs):
+        prompts.append(real_prompt(*args, **kwargs))
+        return prompts[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(medcap.training, "train", spy_train)
+        patch.setattr(medcap.fuser, "fuser_prompt", spy_prompt)
+        cli.run_recipe("train_fuser", str(config), [])
+    return out, captured["model"], prompts
+
+
+def test_fuser_training_loss_falls_and_checkpoints_the_whole_lm(trained):
+    out, model, _ = trained
+    summary = json.loads((out / "train_summary.json").read_text())
+    losses = [h["loss"] for h in summary["history"]]
+    assert len(losses) == 15
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+    val = [h["val_loss"] for h in summary["history"] if "val_loss" in h]
+    assert len(val) == 3 and val[-1] < val[0]
+    checkpoint = out / "checkpoints" / "step_000015"
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+        assert json.loads(f.metadata()["trainable"]) == {"decoder": "full"}
+    assert keys == {f"decoder.{k}" for k in model.decoder.state_dict()}
+    saved = OmegaConf.load(checkpoint / "config.yaml")
+    assert saved.prompt.instruction == "Fuse the captions." and len(saved.candidates) == 3
+    assert (out / "loss_curve.png").is_file()
+
+
+def test_fuser_checkpoint_reloads_to_identical_logits(trained):
+    out, model, _ = trained
+    cfg = OmegaConf.load(out / "checkpoints" / "step_000015" / "config.yaml")
+    cfg.model.seed = 1  # a different random start: every weight must come from the checkpoint
+    reloaded, tokenizer = text_lm_and_tokenizer(cfg, torch.device("cpu"), torch.float32,
+                                                checkpoint=out / "checkpoints")
+    tokens = torch.tensor([fuser_prompt_ids(tokenizer, ["a", "b", "c"], "Fuse the captions.")])
+    model.eval()
+    with torch.no_grad():
+        fresh = tiny_smollm2_lm(seed=1)(tokens)
+        assert not torch.equal(fresh, model(tokens))
+        assert torch.equal(reloaded.eval()(tokens), model(tokens))
+
+
+def test_fuse_uses_the_training_prompt_and_writes_every_id_once(trained, runs, tmp_path, monkeypatch):
+    out, _, train_prompts = trained
+    files, _ = runs
+    seen = []
+    real_prompt = medcap.fuser.fuser_prompt
+    monkeypatch.setattr(medcap.fuser, "fuser_prompt", lambda *a, **k: seen.append(real_prompt(*a, **k)) or seen[-1])
+    config = tiny_config(tmp_path, "fuse", output_dir=str(tmp_path / "fused"), checkpoint=str(out / "checkpoints"),
+                         candidates=[str(f) for f in files], max_new_tokens=4, batch_size=5)
+    cli.run_recipe("fuse", str(config), [])
+    assert len(seen) == len(IDS)
+    # each ID's prompt at inference is exactly its prompt in training (10 IDs trained, 2 held out)
+    assert len(train_prompts) == len(IDS) and sorted(seen) == sorted(train_prompts)
+    assert all(p.startswith("Fuse the captions.\n\nCaption 1: ") for p in seen)
+    fused = read_predictions(tmp_path / "fused" / "predictions.csv")
+    assert list(fused) == IDS
+
+    two = tiny_config(tmp_path, "fuse", checkpoint=str(out / "checkpoints"), candidates=[str(f) for f in files[:2]])
+    with pytest.raises(ValueError, match="trained on 3 candidate runs but candidates lists 2"):
+        cli.run_recipe("fuse", str(two), [])
+
+
+# --- the real-weight configs, on a tiny random folder in the published Llama 3.2 layout ---
+
+@pytest.mark.slow
+def test_aueb_configs_run_on_a_tiny_llama_folder(runs, tmp_path_factory):
+    from tests.test_layouts import LLAMA3_2_1B_INSTRUCT, TINY_LLAMA, llama3_folder
+
+    llm_dir, _ = llama3_folder(tmp_path_factory, "Llama-3.2-1B-Instruct",
+                               {**LLAMA3_2_1B_INSTRUCT, **TINY_LLAMA, "head_dim": 8})
+    files, references = runs
+    data_dir = tmp_path_factory.mktemp("imageclef")
+    write_run(data_dir / "valid_captions.csv", [(k, gold(i)) for i, k in enumerate(IDS)])
+    out = tmp_path_factory.mktemp("aueb")
+    common = {"llm_dir": str(llm_dir), "device": "cpu", "dtype": "fp32", "candidates": [str(f) for f in files]}
+
+    def config(name: str, **changes) -> str:
+        cfg = OmegaConf.load(ROOT / "configs" / "aueb" / f"{name}.yaml")
+        for key, value in {**common, **changes}.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+        OmegaConf.save(cfg, out / f"{name}.yaml")
+        return str(out / f"{name}.yaml")
+
+    cli.run_recipe("train_fuser", config("train_fuser", data_dir=str(data_dir), output_dir=str(out / "fuser"),
+                                         holdout=2, batch_size=2, gradient_accumulation_steps=1, max_steps=3,
+                                         eval_every=3, save_every=None, metric_logger=None,
+                                         **{"lr_scheduler.num_warmup_steps": 0}), [])
+    history = json.loads((out / "fuser" / "train_summary.json").read_text())["history"]
+    assert len(history) == 3 and "val_loss" in history[-1]
+    cli.run_recipe("fuse", config("fuse", output_dir=str(out / "fuse"), checkpoint=str(out / "fuser" / "checkpoints"),
+                                  batch_size=5, max_new_tokens=3, num_beams=2), [])
+    assert list(read_predictions(out / "fuse" / "predictions.csv")) == IDS
+
+    neighbours = out / "neighbours.jsonl"
+    neighbours.write_text("".join(json.dumps({"id": k, "neighbours": [gold(i + 1)]}) + "\n" for i, k in enumerate(IDS)))
+    cli.run_recipe("synthesize", config("synthesize", data_dir=str(data_dir), drafts=str(files[0]),
+                                        neighbours=str(neighbours), index_dir=None, output_dir=str(out / "synth"),
+                                        batch_size=6, max_new_tokens=3), [])
+    assert list(read_predictions(out / "synth" / "predictions.csv")) == IDS

@@ -1,0 +1,61 @@
+"""LoRA merged into a Hugging Face Llama folder that transformers loads with the same outputs."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from medcap import cli
+from medcap.checkpoint import save_checkpoint
+from medcap.models import builders
+from medcap.models.hf_export import save_hf_llama
+from medcap.models.llm_weights import hf_llama_decoder
+
+transformers = pytest.importorskip("transformers")
+
+
+def adapted(builder, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = builder(trainable={"encoder": "frozen", "projector": "full", "decoder": "lora"},
+                    lora={"decoder": {"rank": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "w2"]}},
+                    **kwargs).eval()
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if ".lora_b." in name:
+            p.data.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("builder, family", [(builders.tiny_llama3_2_clip336, "llama3"),   # scaled RoPE
+                                             (builders.tiny_demo, None),                   # tied, plain RoPE
+                                             (builders.tiny_llama2_swin, "llama2")])
+def test_transformers_loads_the_merged_llm_with_the_adapted_outputs(builder, family, tmp_path):
+    model = adapted(builder)
+    out = save_hf_llama(model, tmp_path / "hf", dtype=torch.float32)
+    tokens = torch.randint(2, 1000, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(tokens)
+        hf = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+        assert torch.allclose(hf(tokens).logits, expected, atol=1e-4)
+        if family:  # and medcap reads it back as an llm_dir (SmolLM2 loads from its GGUF instead)
+            reloaded = hf_llama_decoder(out, family).eval()
+            assert torch.allclose(reloaded(tokens), expected, atol=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] == (builder is builders.tiny_demo)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_merge_recipe_rebuilds_the_run_from_its_checkpoint(tmp_path):
+    model = adapted(builders.tiny_llama2_swin)
+    run_cfg = OmegaConf.create({"seed": 0, "model": {"_component_": "medcap.models.builders.tiny_llama2_swin",
+                                          "trainable": dict(model.trainable),
+                                          "lora": {"decoder": {"rank": 4, "alpha": 8,
+                                                               "targets": ["q_proj", "k_proj", "v_proj", "w2"]}}}})
+    save_checkpoint(model, tmp_path / "run" / "checkpoints" / "step_000002", run_cfg)
+    cli.run_recipe("merge", "demo/merge", [f"checkpoint={tmp_path / 'run' / 'checkpoints'}",
+                                           f"output_dir={tmp_path / 'merged'}", "dtype=fp32"])
+    tokens = torch.randint(2, 1000, (1, 7), generator=torch.Generator().manual_seed(3))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens).logits, model(tokens), atol=1e-4)

@@ -1,0 +1,205 @@
+"""Synthesizer: neighbours files, the prompt, cleaning the reply, and the recipe end to end on a tiny LM."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import nn
+
+from medcap import cli
+from medcap.metrics import read_predictions
+from medcap.retrieval import CaptionIndex, ImageEmbedder
+from medcap.synthesis import clean_output, read_neighbours, synthesis_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_neighbours_from_jsonl_strings_or_objects(tmp_path):
+    path = write_jsonl(tmp_path / "n.jsonl", [
+        {"id": "q1", "neighbours": ["near", "far"]},
+        {"id": "q2", "neighbours": [{"id": "t9", "caption": "nearest", "score": 0.9}, {"caption": "next"}]},
+        {"id": "q3", "neighbours": []},
+    ])
+    assert read_neighbours(path) == {"q1": ["near", "far"], "q2": ["nearest", "next"], "q3": []}
+
+
+def test_neighbours_from_csv_are_sorted_by_rank(tmp_path):
+    path = tmp_path / "n.csv"
+    path.write_text("ID,rank,caption,score\nq1,2,second,0.5\nq1,1,first,0.9\nq2,1,only,0.7\nq1,10,tenth,0.1\n")
+    assert read_neighbours(path) == {"q1": ["first", "second", "tenth"], "q2": ["only"]}
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['{"id": "q1", "neighbours": ["a"]}', '{"id": "q1", "neighbours": ["b"]}'], r"line 2: duplicate ID 'q1'"),
+    (['{"neighbours": ["a"]}'], r"line 1: field 'id' is missing"),
+    (['{"id": "q1", "neighbours": "a"}'], r"line 1: sample 'q1': field 'neighbours' must be a list"),
+    (['{"id": "q1", "neighbours": ["a", {"text": "b"}]}'], r"line 1: sample 'q1': neighbour 2: expected a caption"),
+    (['{"id": "q1", "neighbours": ["a"]', ], r"line 1: invalid JSON"),
+])
+def test_bad_jsonl_neighbours_name_the_file_line_and_id(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=r"bad\.jsonl: " + message):
+        read_neighbours(path)
+
+
+def test_bad_csv_neighbours_name_the_file_line_and_id(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("ID,rank,caption\nq1,1,a\nq1,one,b\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: line 3: sample 'q1': field 'rank' must be an integer"):
+        read_neighbours(path)
+    path.write_text("ID,rank,caption\nq1,1,a\nq1,1,b\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: line 3: sample 'q1': rank 1 appears twice"):
+        read_neighbours(path)
+    path.write_text("ID,caption\nq1,a\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: line 1: expected columns ID,rank,caption or ID,rank,neighbour_ID"):
+        read_neighbours(path)
+
+
+class MeanColour(nn.Module):
+    """A retrieval encoder for tests: one token per image, its mean normalised colour."""
+
+    image_size, mean, std = 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))  # the embedder reads the dtype from a parameter
+
+    def forward(self, images):
+        return images.mean(dim=(2, 3))[:, None, :]
+
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+@pytest.fixture
+def colour_index(tmp_path):
+    """An index of three plain-coloured training images (captions name the colour) and a manifest of queries:
+    a dark red and a pale blue image."""
+    paths = {}
+    for name, rgb in {**COLOURS, "q_red": (190, 30, 20), "q_blue": (40, 60, 220)}.items():
+        paths[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (8, 8), rgb).save(paths[name])
+    embedder = ImageEmbedder(MeanColour(), torch.device("cpu"))
+    train = [{"id": f"t_{n}", "images": [str(paths[n])]} for n in COLOURS]
+    source = {"encoder": {"_component_": "tests.test_synthesize.MeanColour"}, "checkpoint": None}
+    CaptionIndex(embedder.embed_samples(train), [s["id"] for s in train], [f"All {n}." for n in COLOURS],
+                 [s["images"] for s in train], meta={"source": source}).save(tmp_path / "index")
+    manifest = write_jsonl(tmp_path / "queries.jsonl", [{"id": q, "image": f"{q}.png", "caption": "?"}
+                                                        for q in ("q_red", "q_blue")])
+    return tmp_path / "index", manifest
+
+
+def test_neighbour_ids_take_their_captions_from_the_index(tmp_path, colour_index):
+    index_dir, _ = colour_index
+    path = tmp_path / "knn.csv"  # as knn_fewshot writes it
+    path.write_text("ID,rank,neighbour_ID,similarity\nq1,2,t_blue,0.5\nq1,1,t_red,0.9\nq2,1,t_green,0.7\n")
+    assert read_neighbours(path, index_dir) == {"q1": ["All red.", "All blue."], "q2": ["All green."]}
+    jsonl = write_jsonl(tmp_path / "ids.jsonl", [{"id": "q1", "neighbours": [{"id": "t_green"}, "free text"]}])
+    assert read_neighbours(jsonl, index_dir) == {"q1": ["All green.", "free text"]}
+    with pytest.raises(ValueError, match=r"knn\.csv: line 2: sample 'q1': neighbour 't_blue' has no caption; set "
+                                         r"index_dir"):
+        read_neighbours(path)
+    path.write_text("ID,rank,neighbour_ID\nq1,1,t_pink\n")
+    with pytest.raises(ValueError, match=r"knn\.csv: line 2: sample 'q1': neighbour ID 't_pink' is not in the index"):
+        read_neighbours(path, index_dir)
+
+
+def test_prompt_shows_the_top_n_neighbours_and_the_draft():
+    text = synthesis_prompt("CT  of the\nhead.", ["one", "two", "three"], 2, instruction="Rewrite.")
+    assert text == "Rewrite.\n\nCaptions of similar images:\n1. one\n2. two\n\nDraft caption: CT of the head."
+    custom = synthesis_prompt("d", ["n"], 1, instruction="I", template="{draft} | {neighbours} | {instruction}")
+    assert custom == "d | 1. n | I"
+    with pytest.raises(ValueError, match=r"must contain \{neighbours\}"):
+        synthesis_prompt("d", ["n"], 1, template="{draft} only")
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Chest radiograph with a nodule.", "Chest radiograph with a nodule."),
+    ("\n  Caption: CT of the head.\nThis caption states...", "CT of the head."),
+    ('"MRI of the knee."', "MRI of the knee."),
+    ("Improved caption: 'Ultrasound of the liver.'", "Ultrasound of the liver."),
+    ("   \n ", ""),
+])
+def test_clean_output_keeps_the_caption(reply, expected):
+    assert clean_output(reply) == expected
+
+
+def test_clean_output_can_keep_every_line():
+    assert clean_output("line one\nline two", first_line_only=False) == "line one\nline two"
+
+
+IDS = ["b2", "a1", "c3", "d4", "e5"]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    drafts = tmp_path / "drafts.csv"
+    with drafts.open("w", newline="") as f:
+        csv.writer(f).writerows([["ID", "caption"]] + [[i, f"Chest radiograph {n}."] for n, i in enumerate(IDS)])
+    neighbours = write_jsonl(tmp_path / "neighbours.jsonl",
+                             [{"id": i, "neighbours": [f"neighbour {i} {r}" for r in range(4)]} for i in IDS])
+    return drafts, neighbours
+
+
+def tiny_config(tmp_path: Path, **changes) -> Path:
+    cfg = OmegaConf.load(ROOT / "configs" / "demo" / "synthesize.yaml")
+    cfg.model = {"_component_": "medcap.fuser.tiny_smollm2_lm", "max_seq_len": 256, "seed": 0, "trainable": "frozen"}
+    cfg.max_new_tokens = 5
+    cfg.batch_size = 2
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    path = tmp_path / "synthesize.yaml"
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def test_synthesize_recipe_writes_every_id_once(tmp_path, inputs):
+    drafts, neighbours = inputs
+    out = tmp_path / "out"
+    cli.run_recipe("synthesize", str(tiny_config(tmp_path, drafts=str(drafts), neighbours=str(neighbours),
+                                                  output_dir=str(out), num_neighbours=2)), [])
+    predictions = read_predictions(out / "predictions.csv")
+    assert list(predictions) == IDS
+    rows = [json.loads(line) for line in (out / "synthesis.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == IDS
+    assert rows[1]["neighbours"] == ["neighbour a1 0", "neighbour a1 1"]
+    assert rows[1]["draft"] == "Chest radiograph 1."
+    for row in rows:  # the caption is the cleaned reply, or the draft when nothing was left
+        assert predictions[row["id"]] == (clean_output(row["reply"]) or row["draft"])
+        assert predictions[row["id"]]
+
+
+def test_synthesize_searches_the_index_for_the_planted_neighbours(tmp_path, colour_index):
+    index_dir, manifest = colour_index
+    drafts = tmp_path / "drafts.csv"
+    drafts.write_text("ID,caption\nq_blue,A draft.\nq_red,Another draft.\n")
+    out = tmp_path / "out"
+    cli.run_recipe("synthesize", str(tiny_config(tmp_path, drafts=str(drafts), index_dir=str(index_dir),
+                                                  output_dir=str(out), num_neighbours=2,
+                                                  **{"dataset.manifest": str(manifest)})), [])
+    found = {r["id"]: r["neighbours"] for r in map(json.loads, (out / "neighbours.jsonl").read_text().splitlines())}
+    # cosine similarities by hand (colours normalised to [-1, 1]): dark red .977 red, -.19 green, -.26 blue;
+    # pale blue .992 blue, -.29 green, -.45 red
+    assert [n["id"] for n in found["q_red"]] == ["t_red", "t_green"]
+    assert [n["id"] for n in found["q_blue"]] == ["t_blue", "t_green"]
+    assert found["q_red"][0]["score"] == pytest.approx(0.977, abs=2e-3)
+    rows = {r["id"]: r for r in map(json.loads, (out / "synthesis.jsonl").read_text().splitlines())}
+    assert rows["q_red"]["neighbours"][0] == "All red." and rows["q_blue"]["neighbours"][0] == "All blue."
+    assert list(read_predictions(out / "predictions.csv")) == ["q_blue", "q_red"]
+
+
+def test_synthesize_names_an_id_without_neighbours(tmp_path, inputs):
+    drafts, _ = inputs
+    partial = write_jsonl(tmp_path / "partial.jsonl", [{"id": i, "neighbours": ["n"]} for i in IDS if i != "c3"])
+    config = tiny_config(tmp_path, drafts=str(drafts), neighbours=str(partial), output_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"partial\.jsonl: no neighbours for ID 'c3' \(in .*drafts\.csv\)"):
+        cli.run_recipe("synthesize", str(config), [])
