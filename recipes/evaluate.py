@@ -2,7 +2,8 @@
 ``coco`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr via pycocoevalcap; ``tokenize=false`` for R2Gen's pre-tokenised
 text), ``imageclef`` (official preprocessing; BERTScore, ROUGE-1, BLEU-1) or ``vqa`` (answers against
 questions with options or closed answers: accuracy, macro accuracy over modalities); CLIPScore and RefCLIPScore when
-``clipscore.model`` names a local open_clip folder. Writes ``metrics.json``,
+``clipscore.model`` names a local open_clip folder, BLEURT when ``bleurt.model`` names a local BLEURT
+folder. Writes ``metrics.json``,
 ``per_sample.csv`` and, with ``bootstrap`` > 0, ``intervals.json``; with ``compare_to`` (a second predictions
 CSV) a paired bootstrap of the difference goes to ``paired.json``. Prints a table.
 
@@ -60,6 +61,13 @@ def main(cfg: DictConfig) -> None:
         options["clipscore"] = ClipScore(**OmegaConf.to_container(clip))
     else:
         print("CLIPScore: skipped (set clipscore.model to a local open_clip folder and give a manifest as references)")
+    bleurt = cfg.get("bleurt")
+    if preset != "vqa" and bleurt and bleurt.get("model"):
+        from medcap.metrics.bleurt import Bleurt
+
+        options["bleurt"] = Bleurt(**OmegaConf.to_container(bleurt))
+    elif preset != "vqa":
+        print("BLEURT: skipped (set bleurt.model to a local BLEURT folder in the BERT layout)")
     scored = evaluate(read_predictions(cfg.predictions), references, **options)
 
     out = Path(cfg.output_dir)

@@ -35,7 +35,7 @@ def _bertscore(option):
 
 def evaluate(predictions: dict[str, str], references: dict[str, str | list[str]], preset: str = "coco",
              tokenize: bool = True, bertscore=None, meteor: bool = True, clipscore=None,
-             images: dict[str, str] | None = None, group_by: str | None = "modality") -> Scored:
+             images: dict[str, str] | None = None, group_by: str | None = "modality", bleurt=None) -> Scored:
     """Score ``predictions`` ({id: caption}) against ``references`` ({id: caption or [captions]}); every reference
     id needs a prediction and every prediction a reference.
 
@@ -47,7 +47,9 @@ def evaluate(predictions: dict[str, str], references: dict[str, str | list[str]]
     ``preset="vqa"``: ``references`` are questions ({id: {"answer", "options", "modality", ...}}, see
     ``medcap.metrics.vqa.read_vqa_references``); accuracy, macro accuracy over ``group_by`` and per group.
     ``clipscore``: a ``ClipScore`` or a dict of its arguments (``model``: a local open_clip folder), with
-    ``images`` ({id: image path}), adds CLIPScore and RefCLIPScore to either preset."""
+    ``images`` ({id: image path}), adds CLIPScore and RefCLIPScore to either preset.
+    ``bleurt``: a ``Bleurt`` or a dict of its arguments (``model``: a local BLEURT folder in the BERT layout) adds
+    BLEURT (mean over images of each caption's best score over its references, on the raw captions)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
     if preset == "vqa":
@@ -63,6 +65,13 @@ def evaluate(predictions: dict[str, str], references: dict[str, str | list[str]]
         scored = _imageclef(predictions, refs, bertscore)
     if clipscore:
         scored = scored.merge(_clip_scored(predictions, refs, clipscore, images, scored.ids))
+    if bleurt:
+        from medcap.metrics.bleurt import Bleurt
+        from medcap.metrics.result import mean_scored
+
+        scorer = Bleurt(**bleurt) if isinstance(bleurt, dict) else bleurt
+        ids = scored.ids
+        scored = scored.merge(mean_scored(ids, scorer.score([predictions[k] for k in ids], [refs[k] for k in ids])))
     return scored
 
 
