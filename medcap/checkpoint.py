@@ -3,9 +3,7 @@ produced them and, for resuming, the optimizer/scheduler/RNG state. Writes are a
 is written under a temporary name and renamed into place."""
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from medcap.atomic import replaced_atomically
 from medcap.distributed import full_tensor, is_rank_zero
 from medcap.models.lora import adapter_names
 
@@ -47,19 +46,14 @@ def save_checkpoint(model, out_dir: str | Path, cfg: DictConfig | None = None,
     weights = trained_state_dict(model)
     if not is_rank_zero():  # the other ranks took part in gathering the weights; rank 0 writes them
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     # safetensors refuses tensors that share storage (tied weights): clone those.
     state = {k: v.clone() for k, v in weights.items()}
-    save_file(state, tmp / WEIGHTS, metadata={"trainable": json.dumps(model.trainable)})
-    if cfg is not None:
-        OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
-    if training_state is not None:
-        torch.save(training_state, tmp / STATE)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with replaced_atomically(out_dir, folder=True) as tmp:
+        save_file(state, tmp / WEIGHTS, metadata={"trainable": json.dumps(model.trainable)})
+        if cfg is not None:
+            OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE)
     return out_dir
 
 

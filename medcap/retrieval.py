@@ -13,8 +13,6 @@
 """
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchtune import config, training, utils
 
+from medcap.atomic import replaced_atomically
 from medcap.checkpoint import WEIGHTS, load_checkpoint, resolve_checkpoint
 from medcap.data.dataset import image_transform, load_sample_images
 
@@ -227,20 +226,15 @@ class CaptionIndex:
         """Writes index.faiss, embeddings.safetensors, entries.jsonl (id, caption, images) and meta.json into a
         temporary folder renamed into place."""
         folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        faiss.write_index(self.index, str(tmp / INDEX_FILE))
-        save_numpy({"embeddings": self.embeddings}, str(tmp / EMBEDDINGS_FILE))
-        with (tmp / ENTRIES_FILE).open("w", encoding="utf-8") as f:
-            for i, c, im in zip(self.ids, self.captions, self.images):
-                f.write(json.dumps({"id": i, "caption": c, "images": im}, ensure_ascii=False) + "\n")
         meta = {**self.meta, "count": len(self), "dim": self.dim, "index": self.settings,
                 "similarity": "inner product of L2-normalised embeddings (cosine)"}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with replaced_atomically(folder, folder=True) as tmp:
+            faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            save_numpy({"embeddings": self.embeddings}, str(tmp / EMBEDDINGS_FILE))
+            with (tmp / ENTRIES_FILE).open("w", encoding="utf-8") as f:
+                for i, c, im in zip(self.ids, self.captions, self.images):
+                    f.write(json.dumps({"id": i, "caption": c, "images": im}, ensure_ascii=False) + "\n")
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         return folder
 
     @classmethod

@@ -11,21 +11,15 @@ CSV) a paired bootstrap of the difference goes to ``paired.json``. Prints a tabl
 """
 
 import csv
-import json
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
+from medcap.atomic import write_json
 from medcap.metrics import (bootstrap_ci, check_submission, evaluate, format_table, paired_bootstrap,
                             read_predictions, read_references)
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
 
 
 @config.parse
@@ -72,7 +66,7 @@ def main(cfg: DictConfig) -> None:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "metrics.json", scored.corpus)
+    write_json(out / "metrics.json", scored.corpus)
     with (out / "per_sample.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["ID", *scored.per_sample])
@@ -84,7 +78,7 @@ def main(cfg: DictConfig) -> None:
     resamples, seed = int(cfg.get("bootstrap", 0)), int(cfg.get("seed", 0))
     if resamples:
         intervals[name] = bootstrap_ci(scored, resamples, seed)
-        _write_json(out / "intervals.json", {"level": 0.95, "resamples": resamples, "seed": seed,
+        write_json(out / "intervals.json", {"level": 0.95, "resamples": resamples, "seed": seed,
                                              "intervals": intervals[name]})
     if cfg.get("compare_to"):
         other = evaluate(read_predictions(cfg.compare_to), references, **options)
@@ -93,7 +87,7 @@ def main(cfg: DictConfig) -> None:
             other_name = Path(cfg.compare_to).stem
         rows[other_name] = other.corpus
         paired = paired_bootstrap(scored, other, resamples or 1000, seed)
-        _write_json(out / "paired.json", {"a": str(cfg.predictions), "b": str(cfg.compare_to), "metrics": paired})
+        write_json(out / "paired.json", {"a": str(cfg.predictions), "b": str(cfg.compare_to), "metrics": paired})
     print(format_table(rows, intervals=intervals))
     if cfg.get("compare_to"):
         print(f"\n{name} - {other_name} (paired bootstrap, 95% interval, one-sided p):")

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from torchtune import config, training
 from tqdm import tqdm
 
+from medcap.atomic import write_json, write_text
 from medcap.data.images import load_image
 from medcap.generation import generate
 from medcap.metrics import bootstrap_ci, evaluate, format_table, write_csv_predictions
@@ -39,12 +40,6 @@ from medcap.vqa import (NORMALIZE, answer_prompt, correct_option, option_ids, pi
                         score_options, vqa_questions)
 
 MODES = ("direct", "two_stage", "likelihood", "two_stage_likelihood")
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
 
 
 def batches(items: list, size: int) -> list[list]:
@@ -181,18 +176,16 @@ def main(cfg: DictConfig) -> None:
         if "option_scores" in answers[q["id"]]:
             row["option_scores"] = answers[q["id"]]["option_scores"]
         rows.append(json.dumps(row))
-    tmp = out / "predictions.jsonl.tmp"
-    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    tmp.replace(out / "predictions.jsonl")
+    write_text(out / "predictions.jsonl", "\n".join(rows) + "\n")
     # one line per answer (scoring ignores whitespace runs; medcap.metrics.read_predictions drops newlines inside
     # quoted fields, gluing words together)
     write_csv_predictions(out / "predictions.csv", {k: " ".join(v.split()) for k, v in predictions.items()})
-    _write_json(out / "metrics.json", scored.corpus)
+    write_json(out / "metrics.json", scored.corpus)
     intervals = {}
     resamples = int(cfg.get("bootstrap", 0))
     if resamples:
         intervals = {cfg.mode: bootstrap_ci(scored, resamples, cfg.seed)}
-        _write_json(out / "intervals.json", {"level": 0.95, "resamples": resamples, "seed": cfg.seed,
+        write_json(out / "intervals.json", {"level": 0.95, "resamples": resamples, "seed": cfg.seed,
                                              "intervals": intervals[cfg.mode]})
     print(format_table({cfg.mode: scored.corpus}, intervals=intervals))
     log.info(f"{len(questions)} questions ({cfg.mode}) in {seconds:.1f} s -> {out / 'metrics.json'}")

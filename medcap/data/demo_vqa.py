@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medcap.atomic import write_json
 from medcap.data.problems import DataFileError
 
 # demo modality key -> (imaging modality, body part or None)
@@ -97,9 +98,7 @@ def build_demo_vqa(data_dir: str | Path = "datasets/demo", split: str = "test", 
     items = demo_questions(_read_rows(data_dir / f"{split}.jsonl"), seed)
     out = data_dir / "QA_information" / "Open-access" / f"demo_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(items, indent=1), encoding="utf-8")
-    tmp.replace(out)
+    write_json(out, items, indent=1)
     return out
 
 

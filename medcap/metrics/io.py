@@ -3,8 +3,9 @@
 import csv
 import io
 import json
-import os
 from pathlib import Path
+
+from medcap.atomic import replaced_atomically
 
 _ID_COLUMNS = ("ID", "id", "Id")
 _CAPTION_COLUMNS = ("caption", "Caption", "CAPTION", "answer", "prediction")
@@ -80,9 +81,7 @@ def write_csv_predictions(path: str | Path, predictions: dict[str, str]) -> None
     """``ID,caption`` CSV, UTF-8, written to a temporary file and renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with replaced_atomically(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["ID", "caption"])
         writer.writerows(predictions.items())
-    os.replace(tmp, path)

@@ -3,7 +3,6 @@ with its LoRA adapters merged and NF4 weights dequantised, loadable by ``transfo
 ``hf_llama_decoder``."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import TiedLinear
 
+from medcap.atomic import replaced_atomically
 from medcap.models.lora import merged_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -63,23 +63,18 @@ def save_hf_llama(model, out_dir: str | Path, llm_dir: str | Path | None = None,
     if isinstance(decoder.output, TiedLinear):
         state.pop("lm_head.weight", None)
     state = {k: v.to(dtype).contiguous().clone() for k, v in state.items()}
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    if llm_dir is not None:
-        config = json.loads((Path(llm_dir) / "config.json").read_text())
-        for name in TOKENIZER_FILES:
-            if (Path(llm_dir) / name).is_file():
-                shutil.copy2(Path(llm_dir) / name, tmp / name)
-        if (Path(llm_dir) / "original" / "tokenizer.model").is_file():
-            (tmp / "original").mkdir()
-            shutil.copy2(Path(llm_dir) / "original" / "tokenizer.model", tmp / "original" / "tokenizer.model")
-    else:
-        config = llama_hf_config(decoder, vocab)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with replaced_atomically(out_dir, folder=True) as tmp:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        if llm_dir is not None:
+            config = json.loads((Path(llm_dir) / "config.json").read_text())
+            for name in TOKENIZER_FILES:
+                if (Path(llm_dir) / name).is_file():
+                    shutil.copy2(Path(llm_dir) / name, tmp / name)
+            if (Path(llm_dir) / "original" / "tokenizer.model").is_file():
+                (tmp / "original").mkdir()
+                shutil.copy2(Path(llm_dir) / "original" / "tokenizer.model", tmp / "original" / "tokenizer.model")
+        else:
+            config = llama_hf_config(decoder, vocab)
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
