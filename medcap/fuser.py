@@ -19,7 +19,7 @@ from medcap.checkpoint import load_checkpoint
 from medcap.metrics import read_predictions
 from medcap.models import decoders
 from medcap.models.llm_weights import hf_llama_decoder, load_gguf_decoder
-from medcap.text import IGNORE_INDEX, build_sample
+from medcap.text import build_sample
 
 MODES = ("frozen", "full")
 
@@ -163,17 +163,6 @@ class FuserDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.samples[index]
-
-
-def collate_text(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-padded ``tokens`` and ``labels`` (IGNORE_INDEX on padding); no ``images``."""
-    length = max(len(b["tokens"]) for b in batch)
-    tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-    for row, b in enumerate(batch):
-        tokens[row, :len(b["tokens"])] = torch.tensor(b["tokens"])
-        labels[row, :len(b["labels"])] = torch.tensor(b["labels"])
-    return {"ids": [b["id"] for b in batch], "tokens": tokens, "labels": labels}
 
 
 def split_ids(ids: list[str], holdout: int, seed: int) -> tuple[list[str], list[str]]:

@@ -15,15 +15,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 from torchtune import config, training
 
 from medcap.checkpoint import load_training_state, resolve_checkpoint, set_rng_state
-from medcap.fuser import DEFAULT_INSTRUCTION, FuserDataset, collate_text, merge_runs, split_ids, text_lm_and_tokenizer
+from medcap.fuser import DEFAULT_INSTRUCTION, FuserDataset, merge_runs, split_ids, text_lm_and_tokenizer
 from medcap.metrics import read_references
-from medcap.runtime import device_and_dtype, log
+from medcap.runtime import caption_loader, device_and_dtype, log
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
 from medcap.validation import validation_loss
 
@@ -51,11 +49,9 @@ def main(cfg: DictConfig) -> None:
     data = partial(FuserDataset, tokenizer, candidates, references, cfg.max_seq_len,
                    instruction=cfg.prompt.instruction, system=cfg.prompt.get("system"), references_file=cfg.references)
     train_set = data(ids=train_ids)
-    collate = partial(collate_text, pad_id=tokenizer.pad_id)
     evaluate = None
     if held_ids:
-        val_loader = DataLoader(data(ids=held_ids), batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
-                                generator=torch.Generator().manual_seed(0))
+        val_loader = caption_loader(data(ids=held_ids), tokenizer, cfg.batch_size)
         evaluate = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype)}  # noqa: E731
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -74,8 +70,7 @@ def main(cfg: DictConfig) -> None:
 
     accum = cfg.get("gradient_accumulation_steps", 1)
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum)
-    batches = iter(DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(0)))  # not the global RNG: exact resume
+    batches = iter(caption_loader(train_set, tokenizer, cfg.batch_size, batch_sampler=sampler))
     epochs = cfg.max_steps * accum / sampler.per_epoch
     log.info(f"{len(train_set)} training samples from {len(cfg.candidates)} runs ({len(held_ids)} IDs held out); "
              f"{cfg.max_steps} steps = {epochs:.1f} epochs; trainable {sum(p.numel() for p in params):,} parameters")

@@ -13,8 +13,9 @@ from safetensors import safe_open
 import medcap.fuser
 import medcap.training
 from medcap import cli
-from medcap.fuser import (FuserDataset, TextLM, collate_text, fuser_prompt, fuser_prompt_ids, fuser_sample,
-                          merge_runs, split_ids, text_lm_and_tokenizer, tiny_smollm2_lm)
+from medcap.data.dataset import collate_captions
+from medcap.fuser import (FuserDataset, TextLM, fuser_prompt, fuser_prompt_ids, fuser_sample, merge_runs, split_ids,
+                          text_lm_and_tokenizer, tiny_smollm2_lm)
 from medcap.generation import generate
 from medcap.metrics import read_predictions
 from medcap.text import IGNORE_INDEX, smollm2_tokenizer
@@ -95,7 +96,7 @@ def test_labels_cover_the_target_and_its_end_of_turn_only(tokenizer):
     assert tokenizer.decode(sample["labels"][prompt_len:], skip_special_tokens=False) == target + "<|im_end|>"
 
     short = fuser_sample(tokenizer, ["a"], "x", 256, "Fuse.")
-    batch = collate_text([{"id": "1", **sample}, {"id": "2", **short}], pad_id=tokenizer.pad_id)
+    batch = collate_captions([{"id": "1", **sample}, {"id": "2", **short}], pad_id=tokenizer.pad_id)
     assert batch["tokens"].shape == batch["labels"].shape == (2, len(sample["tokens"]))
     assert "images" not in batch
     labelled = (batch["labels"] != IGNORE_INDEX).nonzero().tolist()

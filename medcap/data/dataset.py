@@ -227,8 +227,9 @@ class CaptionDataset(Dataset):
 
 def collate_captions(batch: list[dict[str, Any]], pad_id: int, padding_side: str = "right") -> dict[str, Any]:
     """Pad tokens (and labels with IGNORE_INDEX) to the longest sample; concatenate all images along dim 0
-    (the model fills placeholders in order, so samples may hold different numbers of images).
-    ``padding_mask`` is True on real tokens. Generation uses left padding."""
+    (the model fills placeholders in order, so samples may hold different numbers of images); text-only
+    samples (no ``images``) give a batch without ``images``. ``padding_mask`` is True on real tokens.
+    Generation uses left padding."""
     length = max(len(b["tokens"]) for b in batch)
     tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
@@ -240,8 +241,9 @@ def collate_captions(batch: list[dict[str, Any]], pad_id: int, padding_side: str
         padding_mask[row, span] = True
         if "labels" in b:
             labels[row, span] = torch.tensor(b["labels"])
-    out = {"ids": [b["id"] for b in batch], "tokens": tokens, "padding_mask": padding_mask,
-           "images": torch.cat([b["images"] for b in batch])}
+    out = {"ids": [b["id"] for b in batch], "tokens": tokens, "padding_mask": padding_mask}
+    if "images" in batch[0]:
+        out["images"] = torch.cat([b["images"] for b in batch])
     if "labels" in batch[0]:
         out["labels"] = labels
     return out
