@@ -102,6 +102,25 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return torch.load(resolve_checkpoint(path) / STATE, weights_only=True)
 
 
+def resume_point(resume_from: str | Path | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint a run resumes from: the newest ``step_*`` folder of ``resume_from``, or of
+    ``output_dir/checkpoints`` when it is ``"auto"`` (None there before the first checkpoint)."""
+    if resume_from == "auto":
+        folder = Path(output_dir) / "checkpoints"
+        resume_from = folder if any(folder.glob(f"step_*/{WEIGHTS}")) else None
+    return resolve_checkpoint(resume_from) if resume_from else None
+
+
+def restore_training_state(path: str | Path, optimizer, scheduler, load_optimizer=None) -> tuple[int, list[dict]]:
+    """Restores the optimizer (through ``load_optimizer`` when it is sharded), the scheduler and the RNGs saved
+    with a checkpoint; returns (step, history) to continue from."""
+    state = load_training_state(path)
+    (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"], json.loads(state["history"])
+
+
 def rng_state() -> dict[str, Any]:
     """torch, numpy and python RNG states in types ``torch.load(weights_only=True)`` accepts."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -12,7 +12,6 @@ rank, alpha, dropout, target layers):
     medcap run finetune --nproc_per_node 8 --config llava/stage2_lora      # FSDP2 data parallel
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torchtune import config, training
 from torchtune.modules import TransformerSelfAttentionLayer
 
 from medcap import distributed
-from medcap.checkpoint import load_training_state, resolve_checkpoint, set_rng_state
+from medcap.checkpoint import restore_training_state, resume_point
 from medcap.optim import OptimizerInBackward
 from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_model_and_tokenizer
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
@@ -54,11 +53,7 @@ def main(cfg: DictConfig) -> None:
 
     # Resume: the newest checkpoint under resume_from (or output_dir/checkpoints with resume_from=auto).
     # init_from: trained parts of an earlier run (e.g. LLaVA stage 1's projector), without its optimizer state.
-    resume = cfg.get("resume_from")
-    if resume == "auto":
-        candidates = output_dir / "checkpoints"
-        resume = candidates if any(candidates.glob("step_*/model.safetensors")) else None
-    resume = resolve_checkpoint(resume) if resume else None  # the newest step_* folder
+    resume = resume_point(cfg.get("resume_from"), output_dir)
     init = resume or cfg.get("init_from")
     model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=init)
     if cfg.get("enable_activation_checkpointing", False):
@@ -102,14 +97,11 @@ def main(cfg: DictConfig) -> None:
 
     start_step, history = 0, []
     if resume:
-        state = load_training_state(resume)
+        load_sharded = None
         if world > 1:
-            training.load_from_full_optimizer_state_dict(model, optimizer, state["optimizer"], device)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step, history = state["step"], json.loads(state["history"])
+            load_sharded = lambda state: training.load_from_full_optimizer_state_dict(  # noqa: E731
+                model, optimizer, state, device)
+        start_step, history = restore_training_state(resume, optimizer, scheduler, load_sharded)
         log.info(f"resuming from {resume} at step {start_step}")
 
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum,

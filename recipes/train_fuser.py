@@ -10,7 +10,6 @@ clipping, checkpoints of the whole LM in safetensors (with ``config.yaml``, from
 exact resume (``resume_from=auto``). ``holdout`` IDs are kept out of training for a validation loss. One process.
 """
 
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torchtune import config, training
 
-from medcap.checkpoint import load_training_state, resolve_checkpoint, set_rng_state
+from medcap.checkpoint import restore_training_state, resume_point
 from medcap.fuser import DEFAULT_INSTRUCTION, FuserDataset, merge_runs, split_ids, text_lm_and_tokenizer
 from medcap.metrics import read_references
 from medcap.runtime import caption_loader, device_and_dtype, log
@@ -36,11 +35,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.prompt.get("instruction") is None:  # written into the checkpoints' config.yaml, which fuse reads
         cfg.prompt.instruction = DEFAULT_INSTRUCTION
 
-    resume = cfg.get("resume_from")
-    if resume == "auto":
-        candidates = output_dir / "checkpoints"
-        resume = candidates if any(candidates.glob("step_*/model.safetensors")) else None
-    init = resolve_checkpoint(resume) if resume else cfg.get("init_from")
+    resume = resume_point(cfg.get("resume_from"), output_dir)
+    init = resume or cfg.get("init_from")
     model, tokenizer = text_lm_and_tokenizer(cfg, device, dtype, checkpoint=init)
 
     ids, candidates = merge_runs(list(cfg.candidates))
@@ -61,11 +57,7 @@ def main(cfg: DictConfig) -> None:
     scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
     start_step, history = 0, []
     if resume:
-        state = load_training_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step, history = state["step"], json.loads(state["history"])
+        start_step, history = restore_training_state(resume, optimizer, scheduler)
         log.info(f"resuming from {resume} at step {start_step}")
 
     accum = cfg.get("gradient_accumulation_steps", 1)
