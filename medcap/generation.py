@@ -298,6 +298,18 @@ def generate(
     return [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
 
 
+def generate_batch(model, tokenizer, batch: dict, dtype: torch.dtype, seed: int | None = None,
+                   **decoding) -> list[list[int]]:
+    """``generate`` for a left-padded batch of ``collate_captions``: its prompts without the padding, its images
+    in ``dtype``, the tokenizer's stop and pad ids; sampling seeded with ``seed``."""
+    prompts = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return generate(model, prompts, batch["images"].to(dtype), stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                    generator=generator, **decoding)
+
+
 def _keep_best(hypotheses: list[tuple[float, list[int]]], score: float, ids: list[int], size: int) -> None:
     hypotheses.append((score, ids))
     hypotheses.sort(key=lambda h: h[0], reverse=True)

@@ -12,6 +12,7 @@
   their images (``turns``) or as a list of captions in the prompt text (``captions``).
 """
 
+import csv
 import json
 import time
 from dataclasses import dataclass
@@ -328,6 +329,15 @@ class CaptionIndex:
                     still.append(q)
             pending, fetch = still, min(len(self), fetch * 2)
         return results
+
+
+def write_neighbours_csv(path: str | Path, query_ids: list[str], neighbours: list[list[Neighbour]]) -> None:
+    """``ID,rank,neighbour_ID,similarity``, one row per neighbour kept (rank from 1); a query with none has no row."""
+    with Path(path).open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "rank", "neighbour_ID", "similarity"])
+        for query_id, found in zip(query_ids, neighbours):
+            writer.writerows([query_id, rank, n.id, f"{n.score:.6f}"] for rank, n in enumerate(found, 1))
 
 
 # ----------------------------------------------------------------------------------------------- few-shot prompts

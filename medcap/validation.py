@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from medcap.generation import generate
+from medcap.generation import generate_batch
 from medcap.metrics import evaluate as score_captions
 from medcap.runtime import caption_loader
 from medcap.text import IGNORE_INDEX
@@ -37,7 +37,7 @@ def weighted_score(corpus: dict[str, float], weights: dict[str, float]) -> float
 
 @torch.no_grad()
 def generation_figures(model, tokenizer, dataset, *, weights: dict[str, float], num_samples: int | None,
-                       max_new_tokens: int, batch_size: int, device, dtype, preset: str = "coco",
+                       max_new_tokens: int, batch_size: int, dtype, preset: str = "coco",
                        meteor: bool = False) -> dict[str, Any]:
     """Greedy captions for the first ``num_samples`` of ``dataset`` (built with ``with_captions=False``), scored
     against their captions: ``val_score`` (the weighted sum) and each weighted metric as ``val_<metric>``.
@@ -47,9 +47,7 @@ def generation_figures(model, tokenizer, dataset, *, weights: dict[str, float], 
     loader = caption_loader(Subset(dataset, list(indices)), tokenizer, batch_size, padding_side="left")
     predictions = {}
     for batch in loader:
-        prompts = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
-        outputs = generate(model, prompts, batch["images"].to(device, dtype), max_new_tokens=max_new_tokens,
-                           stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+        outputs = generate_batch(model, tokenizer, batch, dtype, max_new_tokens=max_new_tokens)
         predictions.update({sample_id: tokenizer.decode(ids).strip() for sample_id, ids in zip(batch["ids"], outputs)})
     references = {dataset.samples[i]["id"]: dataset.samples[i]["caption"] for i in indices}
     kwargs = {"meteor": meteor} if preset == "coco" else {"bertscore": False}

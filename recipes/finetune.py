@@ -75,7 +75,7 @@ def main(cfg: DictConfig) -> None:
             evaluations["val_generation"] = lambda: generation_figures(
                 model, tokenizer, prompts, weights=dict(gen.weights), num_samples=gen.get("num_samples"),
                 max_new_tokens=gen.get("max_new_tokens", 64), batch_size=gen.get("batch_size", cfg.batch_size),
-                device=device, dtype=dtype, preset=gen.get("preset", "coco"), meteor=gen.get("meteor", False))
+                dtype=dtype, preset=gen.get("preset", "coco"), meteor=gen.get("meteor", False))
 
     def evaluate() -> dict[str, float]:
         return {k: v for run in evaluations.values() for k, v in run().items()}

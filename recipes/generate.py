@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from medcap.generation import generate, rank_batches
+from medcap.generation import generate_batch, rank_batches
 from medcap.metrics import write_csv_predictions
 from medcap.runtime import (caption_dataset, caption_loader, decoding_settings, device_and_dtype, log,
                             setup_model_and_tokenizer)
@@ -52,15 +52,11 @@ def run(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> None:
     loader = caption_loader(dataset, tokenizer, cfg.batch_size, cfg.get("num_workers", 0),
                             batch_sampler=[indices for _, indices in batches], padding_side="left")
     settings = decoding_settings(cfg)
-    generator = torch.Generator(device=device)
 
     done, n_tokens, t0 = [], 0, time.perf_counter()
     progress = tqdm(loader, desc="generate", unit="batch", dynamic_ncols=True, disable=rank != 0)
     for (batch_index, _), batch in zip(batches, progress):
-        prompts = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
-        generator.manual_seed(cfg.seed + batch_index)
-        outputs = generate(model, prompts, batch["images"].to(dtype), stop_ids=tokenizer.stop_ids,
-                           pad_id=tokenizer.pad_id, generator=generator, **settings)
+        outputs = generate_batch(model, tokenizer, batch, dtype, seed=cfg.seed + batch_index, **settings)
         done.append((batch_index, [(i, tokenizer.decode(ids).strip()) for i, ids in zip(batch["ids"], outputs)]))
         n_tokens += sum(len(ids) for ids in outputs)
     seconds = time.perf_counter() - t0

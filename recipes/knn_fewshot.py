@@ -18,7 +18,6 @@ with the encoder the index names; when that is this config's model + checkpoint,
 Decoding keys are those of ``generate``.
 """
 
-import csv
 import sys
 import time
 from functools import partial
@@ -32,10 +31,10 @@ from tqdm import tqdm
 
 from medcap.data.dataset import collate_captions
 from medcap.data.images import load_image
-from medcap.generation import generate
+from medcap.generation import generate_batch
 from medcap.metrics import write_csv_predictions
 from medcap.retrieval import (CAPTION_LINE, CAPTIONS_TEMPLATE, CaptionIndex, ImageEmbedder, embedder_from_source,
-                              fewshot_prompt, retrieval_source)
+                              fewshot_prompt, retrieval_source, write_neighbours_csv)
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 
 
@@ -116,13 +115,9 @@ def main(cfg: DictConfig) -> None:
                              max_len=model.decoder.max_seq_len - settings["max_new_tokens"])
     loader = DataLoader(prompts, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.get("num_workers", 0),
                         collate_fn=partial(collate_captions, pad_id=tokenizer.pad_id, padding_side="left"))
-    generator = torch.Generator(device=device)
     predictions, n_tokens, t0 = {}, 0, time.perf_counter()
     for batch_index, batch in enumerate(tqdm(loader, desc="knn_fewshot", unit="batch", dynamic_ncols=True)):
-        ids = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
-        generator.manual_seed(cfg.seed + batch_index)
-        outputs = generate(model, ids, batch["images"].to(dtype), stop_ids=tokenizer.stop_ids,
-                           pad_id=tokenizer.pad_id, generator=generator, **settings)
+        outputs = generate_batch(model, tokenizer, batch, dtype, seed=cfg.seed + batch_index, **settings)
         predictions.update((i, tokenizer.decode(out).strip()) for i, out in zip(batch["ids"], outputs))
         n_tokens += sum(len(out) for out in outputs)
     seconds = time.perf_counter() - t0
@@ -130,11 +125,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv_predictions(out / "predictions.csv", predictions)
-    with (out / "neighbours.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["ID", "rank", "neighbour_ID", "similarity"])
-        for s, found in zip(samples, neighbours):
-            writer.writerows([s["id"], rank, n.id, f"{n.score:.6f}"] for rank, n in enumerate(found, 1))
+    write_neighbours_csv(out / "neighbours.csv", [s["id"] for s in samples], neighbours)
     shots = sum(len(found) for found in neighbours) / max(len(samples), 1)
     log.info(f"{len(predictions)} captions ({shots:.2f} examples each, mode {cfg.get('mode', 'turns')}), {n_tokens} "
              f"tokens in {seconds:.1f} s -> {out / 'predictions.csv'}")

@@ -9,7 +9,6 @@ The query image itself is never its own neighbour (same id or image file, or an 
 ``exclude_self`` / ``exclude_identical``); below ``threshold`` an image gets ``fallback_caption``.
 """
 
-import csv
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from omegaconf import DictConfig
 from torchtune import config
 
 from medcap.metrics import write_csv_predictions
-from medcap.retrieval import CaptionIndex, embedder_from_source
+from medcap.retrieval import CaptionIndex, embedder_from_source, write_neighbours_csv
 from medcap.runtime import device_and_dtype, log
 
 
@@ -38,11 +37,7 @@ def main(cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv_predictions(out / "predictions.csv",
                           {s["id"]: found[0].caption if found else fallback for s, found in zip(samples, neighbours)})
-    with (out / "neighbours.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["ID", "rank", "neighbour_ID", "similarity"])  # as knn_fewshot's; none for a fallback
-        writer.writerows([s["id"], 1, found[0].id, f"{found[0].score:.6f}"] for s, found in zip(samples, neighbours)
-                         if found)
+    write_neighbours_csv(out / "neighbours.csv", [s["id"] for s in samples], neighbours)  # none for a fallback
     missing = sum(not found for found in neighbours)
     if missing:
         log.warning(f"{missing} image(s) had no neighbour at or above threshold={cfg.get('threshold')}: they got "

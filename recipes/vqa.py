@@ -35,7 +35,7 @@ from medcap.data.images import load_image
 from medcap.generation import generate
 from medcap.metrics import bootstrap_ci, evaluate, format_table, write_csv_predictions
 from medcap.metrics.vqa import parse_choice
-from medcap.runtime import caption_dataset, device_and_dtype, log, setup_model_and_tokenizer
+from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 from medcap.vqa import (NORMALIZE, answer_prompt, correct_option, option_ids, pick_option, question_text,
                         score_options, vqa_questions)
 
@@ -64,10 +64,9 @@ class VQARun:
                  batch_index: int) -> list[str]:
         cfg = self.cfg
         self.generator.manual_seed(cfg.seed + batch_index)
-        outputs = generate(self.model, prompts, images.to(self.dtype), max_new_tokens=max_new_tokens,
-                           stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id,
-                           temperature=cfg.get("temperature", 0.0), top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
-                           generator=self.generator, use_cache=cfg.get("use_cache", True))
+        settings = {**decoding_settings(cfg), "max_new_tokens": max_new_tokens}
+        outputs = generate(self.model, prompts, images.to(self.dtype), stop_ids=self.tokenizer.stop_ids,
+                           pad_id=self.tokenizer.pad_id, generator=self.generator, **settings)
         return [self.tokenizer.decode(ids).strip() for ids in outputs]
 
     def describe(self, questions: list[dict]) -> dict[tuple, str]:
