@@ -272,6 +272,13 @@ class CaptionIndex:
 
     # -- queries
 
+    def search_samples(self, embedder: ImageEmbedder, samples: list[dict[str, Any]], k: int, batch_size: int = 32,
+                       num_workers: int = 0, **options) -> list[list[Neighbour]]:
+        """``search`` for the images of ``samples`` (records of a CaptionDataset) embedded with ``embedder``, their
+        ids and image files given so that a sample is never its own neighbour."""
+        queries = embedder.embed_samples(samples, batch_size, num_workers, desc="embed queries")
+        return self.search(queries, k, [s["id"] for s in samples], [s["images"] for s in samples], **options)
+
     def search(self, queries: np.ndarray, k: int, query_ids: list[str] | None = None,
                query_images: list[list[str]] | None = None, exclude_self: bool = True,
                exclude_identical: bool = True, dedupe_captions: bool = True,
@@ -338,6 +345,13 @@ def write_neighbours_csv(path: str | Path, query_ids: list[str], neighbours: lis
         writer.writerow(["ID", "rank", "neighbour_ID", "similarity"])
         for query_id, found in zip(query_ids, neighbours):
             writer.writerows([query_id, rank, n.id, f"{n.score:.6f}"] for rank, n in enumerate(found, 1))
+
+
+def search_options(cfg) -> dict[str, Any]:
+    """``CaptionIndex.search``'s filters from a recipe config (defaults: leave out the query itself and repeated
+    captions, no threshold)."""
+    return dict(exclude_self=cfg.get("exclude_self", True), exclude_identical=cfg.get("exclude_identical", True),
+                dedupe_captions=cfg.get("dedupe_captions", True), threshold=cfg.get("threshold"))
 
 
 # ----------------------------------------------------------------------------------------------- few-shot prompts

@@ -117,8 +117,7 @@ def search_neighbours(index_dir: str | Path, samples: list[dict], k: int, device
 
     index = CaptionIndex.load(index_dir)
     embedder = embedder_from_source(index.meta["source"], device, dtype)
-    queries = embedder.embed_samples(samples, batch_size, desc="embed queries")
-    found = index.search(queries, k, [s["id"] for s in samples], [s["images"] for s in samples], **options)
+    found = index.search_samples(embedder, samples, k, batch_size, **options)
     return {s["id"]: [{"id": n.id, "caption": n.caption, "score": round(n.score, 6)} for n in row]
             for s, row in zip(samples, found)}
 

@@ -34,7 +34,7 @@ from medcap.data.images import load_image
 from medcap.generation import generate_batch
 from medcap.metrics import write_csv_predictions
 from medcap.retrieval import (CAPTION_LINE, CAPTIONS_TEMPLATE, CaptionIndex, ImageEmbedder, embedder_from_source,
-                              fewshot_prompt, retrieval_source, write_neighbours_csv)
+                              fewshot_prompt, retrieval_source, search_options, write_neighbours_csv)
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 
 
@@ -93,11 +93,8 @@ def main(cfg: DictConfig) -> None:
     samples = dataset.samples[:cfg.max_samples] if cfg.get("max_samples") else dataset.samples
 
     embedder = query_embedder(index, cfg, model, device, dtype)
-    queries = embedder.embed_samples(samples, cfg.batch_size, cfg.get("num_workers", 0), desc="embed queries")
-    neighbours = index.search(queries, cfg.k, [s["id"] for s in samples], [s["images"] for s in samples],
-                              exclude_self=cfg.get("exclude_self", True),
-                              exclude_identical=cfg.get("exclude_identical", True),
-                              dedupe_captions=cfg.get("dedupe_captions", True), threshold=cfg.get("threshold"))
+    neighbours = index.search_samples(embedder, samples, cfg.k, cfg.batch_size, cfg.get("num_workers", 0),
+                                      **search_options(cfg))
     if not cfg.get("nearest_first", True):
         neighbours = [found[::-1] for found in neighbours]
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torchtune import config
 
 from medcap.metrics import write_csv_predictions
-from medcap.retrieval import CaptionIndex, embedder_from_source, write_neighbours_csv
+from medcap.retrieval import CaptionIndex, embedder_from_source, search_options, write_neighbours_csv
 from medcap.runtime import device_and_dtype, log
 
 
@@ -27,10 +27,8 @@ def main(cfg: DictConfig) -> None:
     index = CaptionIndex.load(cfg.index_dir)
     embedder = embedder_from_source(index.meta["source"], device, dtype)
     samples = config.instantiate(cfg.dataset, with_captions=False).samples
-    queries = embedder.embed_samples(samples, cfg.get("batch_size", 32), cfg.get("num_workers", 0))
-    neighbours = index.search(queries, 1, [s["id"] for s in samples], [s["images"] for s in samples],
-                              exclude_self=cfg.get("exclude_self", True),
-                              exclude_identical=cfg.get("exclude_identical", True), threshold=cfg.get("threshold"))
+    neighbours = index.search_samples(embedder, samples, 1, cfg.get("batch_size", 32), cfg.get("num_workers", 0),
+                                      **search_options(cfg))
 
     fallback = cfg.get("fallback_caption", "")
     out = Path(cfg.output_dir)

@@ -52,10 +52,10 @@ def main(cfg: DictConfig) -> None:
             raise ValueError("set neighbours (a file), or index_dir and dataset (the query images) to search them")
         source = f"the images of {cfg.dataset.get('manifest') or cfg.dataset.get('data_dir')}"
         samples = config.instantiate(cfg.dataset, with_captions=False).samples
+        from medcap.retrieval import search_options  # faiss only when searching
+
         found = search_neighbours(cfg.index_dir, samples, k, device, dtype, cfg.get("embed_batch_size", 32),
-                                  exclude_self=cfg.get("exclude_self", True),
-                                  exclude_identical=cfg.get("exclude_identical", True),
-                                  dedupe_captions=cfg.get("dedupe_captions", True), threshold=cfg.get("threshold"))
+                                  **search_options(cfg))
         with (out / "neighbours.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps({"id": i, "neighbours": row}) + "\n" for i, row in found.items())
         neighbours = {i: [n["caption"] for n in row] for i, row in found.items()}
