@@ -23,6 +23,11 @@ DATA = ROOT / "datasets" / "demo"
 COLUMNS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "modality_acc", "finding_acc"]
 
 
+def demo_scores(predictions: dict[str, str], references: dict[str, str]) -> dict[str, float]:
+    """A row of the demo tables: the COCO metrics and the findings parsed from the captions."""
+    return {**score(predictions, references), **findings_scores(predictions, references)}
+
+
 def image_blind_predictions(train_manifest: Path, test_ids: list[str]) -> dict[str, str]:
     """The most frequent training caption, for every test image."""
     caption, _ = Counter(s["caption"] for s in read_manifest(train_manifest)).most_common(1)[0]
@@ -62,7 +67,7 @@ def main() -> None:
     t0 = time.perf_counter()
     report = {}
     for name, preds in predictions.items():
-        report[name] = {**score(preds, references), **findings_scores(preds, references)}
+        report[name] = demo_scores(preds, references)
     times["score"] = time.perf_counter() - t0
 
     summary = json.loads((out / "train" / "train_summary.json").read_text())

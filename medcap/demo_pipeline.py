@@ -23,12 +23,10 @@ from pathlib import Path
 from medcap.cli import ROOT, run_recipe
 from medcap.data.demo_builder import build_demo
 from medcap.data.demo_vqa import build_demo_vqa
-from medcap.data.findings import findings_scores
-from medcap.metrics import format_table, read_predictions, read_references, score
+from medcap.demo import COLUMNS, DATA, demo_scores
+from medcap.metrics import format_table, read_predictions, read_references
 
-DATA = ROOT / "datasets" / "demo"
 TRAIN = ROOT / "outputs" / "demo" / "train"
-COLUMNS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "modality_acc", "finding_acc"]
 CANDIDATES = {  # name -> generate overrides; the fuser reads the captions in this order
     "greedy": [f"checkpoint={TRAIN / 'checkpoints'}"],
     "sample07": [f"checkpoint={TRAIN / 'checkpoints'}", "temperature=0.7", "top_p=0.9", "seed=7"],
@@ -89,7 +87,7 @@ def main() -> None:
         missing = set(references) - set(predictions)
         if missing:
             raise RuntimeError(f"{path}: {len(missing)} test IDs have no caption, e.g. {sorted(missing)[:3]}")
-        report[name] = {**score(predictions, references), **findings_scores(predictions, references)}
+        report[name] = demo_scores(predictions, references)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "timings.json").write_text(json.dumps({"seconds": times, "total_seconds": sum(times.values())}, indent=2))
 
