@@ -31,11 +31,12 @@ def main(cfg: DictConfig) -> None:
         references = read_vqa_references(cfg.references)
     else:
         references = read_references(cfg.references)
-    if cfg.get("check_submission", False):
-        problems = check_submission(cfg.predictions, references)
-        if problems:
-            print("\n".join(problems), file=sys.stderr)
-            raise SystemExit(f"evaluate: {cfg.predictions} is not a valid submission ({len(problems)} problem(s))")
+    if cfg.get("check_submission", True):  # every preset: a malformed file must not be scored
+        for predictions in filter(None, (cfg.predictions, cfg.get("compare_to"))):
+            problems = check_submission(predictions, references)
+            if problems:
+                print("\n".join(problems), file=sys.stderr)
+                raise SystemExit(f"evaluate: {predictions} is not a valid submission ({len(problems)} problem(s))")
     bertscore = cfg.get("bertscore")
     options = dict(preset=preset, tokenize=cfg.get("tokenize", True), group_by=cfg.get("group_by", "modality"),
                    meteor=cfg.get("meteor", True),

@@ -183,7 +183,7 @@ def test_check_submission(tmp_path):
         f"{bad}: line 3: ID 'img1' appears more than once",
         f"{bad}: line 4: empty ID",
         f"{bad}: line 5: ID 'img9' is not in the test set",
-        f"{bad}: line 6: expected 2 fields ID,caption, found 3",
+        f"{bad}: line 6: expected 2 fields (ID,caption), found 3; quote fields that contain commas",
         f"{bad}: 2 test ID(s) have no caption, e.g. ['img2', 'img3']",
     ]
     (tmp_path / "latin.csv").write_bytes("img1,caf\xe9\n".encode("latin-1"))

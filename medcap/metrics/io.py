@@ -1,8 +1,10 @@
 """Reading prediction/reference files and writing prediction CSVs."""
 
+import codecs
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from medcap.atomic import replaced_atomically
@@ -11,42 +13,75 @@ _ID_COLUMNS = ("ID", "id", "Id")
 _CAPTION_COLUMNS = ("caption", "Caption", "CAPTION", "answer", "prediction")
 
 
-def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file with a leading byte-order mark (Excel's "CSV UTF-8") dropped, as the data readers do;
+    other bytes that are not UTF-8 are an error naming the file and the offset."""
+    path = Path(path)
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = path.read_text(encoding="utf-8")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps newlines inside quoted captions
-    fields = reader.fieldnames or []
-    id_col = next((c for c in _ID_COLUMNS if c in fields), None)
-    cap_col = next((c for c in _CAPTION_COLUMNS if c in fields), None)
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start + bom})") from None
+
+
+def csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line where the row starts, fields) for each row that is not blank. Broken quoting (a quote never closed,
+    text after a closing quote) is an error naming the line: read leniently it would swallow the rows after it."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # keeps newlines inside quoted captions
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as e:
+            raise ValueError(f"{path}: line {start}: malformed CSV ({e}); quote fields that contain commas, "
+                             f"quotes or newlines") from None
+        if row is None:
+            return
+        if any(field.strip() for field in row):
+            yield start, row
+
+
+def field_count_error(path: Path, line: int, row: list[str], header: list[str]) -> str:
+    return (f"{path}: line {line}: expected {len(header)} fields ({','.join(header)}), found "
+            f"{len(row)}; quote fields that contain commas")
+
+
+def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line, id, caption) of every row of an ``ID,caption`` CSV with a header. A row with more or fewer fields
+    than the header is an error naming the line (an unquoted comma would otherwise cut the caption short)."""
+    rows = csv_rows(path, read_text(path))
+    _, header = next(rows, (1, []))
+    names = [name.strip() for name in header]
+    id_col = next((names.index(c) for c in _ID_COLUMNS if c in names), None)
+    cap_col = next((names.index(c) for c in _CAPTION_COLUMNS if c in names), None)
     if id_col is None or cap_col is None:
-        raise ValueError(f"{path}: line 1: expected columns ID,caption, found {fields}")
-    rows = []
-    for row in reader:
-        line = reader.line_num
-        sample_id = (row.get(id_col) or "").strip()
+        raise ValueError(f"{path}: line 1: expected columns ID,caption, found {header}")
+    out = []
+    for line, row in rows:
+        if len(row) != len(header):
+            raise ValueError(field_count_error(path, line, row, header))
+        sample_id = row[id_col].strip()
         if not sample_id:
-            raise ValueError(f"{path}: line {line}: field {id_col!r} is empty")
-        rows.append((line, sample_id, row.get(cap_col) or ""))
-    return rows
+            raise ValueError(f"{path}: line {line}: field {names[id_col]!r} is empty")
+        out.append((line, sample_id, row[cap_col]))
+    return out
 
 
 def iter_jsonl(path: Path):
     """(line number, id, row) for each non-blank line of a JSONL file whose rows carry an ``id``; invalid JSON or a
     missing id is an error naming the line."""
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-            sample_id = str(row.get("id") or "").strip() if isinstance(row, dict) else ""
-            if not sample_id:
-                raise ValueError(f"{path}: line {line_no}: field 'id' is missing or empty")
-            yield line_no, sample_id, row
+    for line_no, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+        sample_id = str(row.get("id") or "").strip() if isinstance(row, dict) else ""
+        if not sample_id:
+            raise ValueError(f"{path}: line {line_no}: field 'id' is missing or empty")
+        yield line_no, sample_id, row
 
 
 def read_predictions(path: str | Path) -> dict[str, str]:
@@ -70,9 +105,16 @@ def read_references(path: str | Path) -> dict[str, list[str]]:
             references.setdefault(sample_id, []).append(caption)
         return references
     for line_no, sample_id, row in iter_jsonl(path):
-        captions = row.get("captions") or ([row["caption"]] if isinstance(row.get("caption"), str) else None)
-        if not captions:
-            raise ValueError(f"{path}: line {line_no}: sample {sample_id!r}: field 'caption' is missing")
+        if row.get("captions") is not None:
+            field, captions = "captions", row["captions"]
+            ok, wanted = isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions), \
+                "a non-empty list of texts"
+        else:
+            field, captions = "caption", [row.get("caption")]
+            ok, wanted = isinstance(row.get("caption"), str), "text"
+        if not ok:
+            raise ValueError(f"{path}: line {line_no}: sample {sample_id!r}: field {field!r} is missing or not "
+                             f"{wanted} ({json.dumps(row.get(field))})")
         references.setdefault(sample_id, []).extend(captions)
     return references
 

@@ -170,8 +170,10 @@ def read_vqa_references(path) -> dict[str, dict]:
     import json
     from pathlib import Path
 
+    from medcap.metrics.io import read_text
+
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # a byte-order mark is dropped
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else [
             json.loads(line) for line in text.splitlines() if line.strip()]
