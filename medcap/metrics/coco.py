@@ -82,17 +82,10 @@ def coco_scores(predictions: dict[str, str], references: dict[str, list[str]], p
     per_sample["BLEU-4"] = np.asarray(bleu_per_sample[3], dtype=np.float64)
     stats = np.stack([bleu_stats(hyps[k][0], refs[k]) for k in ids])
 
-    if meteor:
-        # METEOR's Java process cannot score an empty hypothesis: such segments score 0 and the corpus score
-        # is scaled by the share of non-empty ones (exact for a mean; METEOR's aggregate is close to one).
-        non_empty = [k for k in ids if hyps[k][0]]
-        per_sample["METEOR"] = np.zeros(len(ids))
-        corpus["METEOR"] = 0.0
-        if non_empty:
-            value, segments = Meteor().compute_score({k: refs[k] for k in non_empty}, {k: hyps[k] for k in non_empty})
-            corpus["METEOR"] = float(value) * len(non_empty) / len(ids)
-            position = {k: i for i, k in enumerate(ids)}
-            per_sample["METEOR"][[position[k] for k in non_empty]] = segments
+    if meteor:  # every hypothesis, empty ones included, as pycocoevalcap's evaluation sends them
+        value, segments = Meteor().compute_score(refs, hyps)
+        corpus["METEOR"] = float(value)
+        per_sample["METEOR"] = np.asarray(segments, dtype=np.float64)
 
     rouge, rouge_per_sample = Rouge().compute_score(refs, hyps)
     corpus["ROUGE-L"] = float(rouge)

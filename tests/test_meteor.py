@@ -1,0 +1,52 @@
+"""METEOR in the COCO preset equals pycocoevalcap's own evaluation (PTB tokeniser + Java METEOR 1.5), corpus and
+per image, on predictions that mix empty, punctuation-only and ordinary captions; the bootstrap's METEOR resample
+is consistent with it."""
+
+import numpy as np
+import pytest
+
+from medcap.metrics import bootstrap_ci, evaluate
+
+REFERENCES = {
+    "1": ["Left lower lobe nodule.", "A nodule in the left lower lobe."],
+    "2": ["No acute cardiopulmonary finding."],
+    "3": ["Right rib fracture, displaced."],
+    "4": ["Chest X-ray with a small effusion."],
+    "5": ["Normal study."],
+    "6": ["Large right pleural effusion."],
+    "7": ["Axial CT of the head, no bleed."],
+}
+PREDICTIONS = {"1": "A nodule in the left lung.", "2": "", "3": "...", "4": "Chest X-ray, small effusion.",
+               "5": "?!", "6": "large effusion on the right", "7": ""}
+
+
+def oracle(predictions: dict[str, str], references: dict[str, list[str]], ptb: bool):
+    """What pycocoevalcap's COCOEvalCap computes: both sides through its PTB tokeniser (or, for pre-tokenised
+    text as R2Gen scores it, lowercased whitespace tokens), then every image through METEOR."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if ptb:
+        tokenizer = PTBTokenizer()
+        gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+        res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
+    else:
+        gts = {k: [" ".join(c.lower().split()) for c in v] for k, v in references.items()}
+        res = {k: [" ".join(predictions[k].lower().split())] for k in references}
+    return Meteor().compute_score(gts, res)
+
+
+# each case starts Java METEOR twice (~10 s each on 2 CPU cores): the R2Gen (no PTB) case runs with -m slow
+@pytest.mark.parametrize("ptb", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["coco", "r2gen"])
+def test_meteor_equals_pycocoevalcap_with_empty_and_punctuation_only_predictions(ptb):
+    expected_corpus, expected_segments = oracle(PREDICTIONS, REFERENCES, ptb)
+    scored = evaluate(PREDICTIONS, REFERENCES, tokenize=ptb)
+    assert scored.corpus["METEOR"] == pytest.approx(expected_corpus, abs=1e-12)
+    np.testing.assert_allclose(scored.per_sample["METEOR"], expected_segments, rtol=0, atol=1e-12)
+    assert scored.per_sample["METEOR"][[1, 6]].tolist() == [0.0, 0.0]  # the empty predictions
+    assert 0 < scored.corpus["METEOR"] < 1
+    # the bootstrap's METEOR for the identity resample is the corpus score; intervals contain it
+    identity = np.arange(len(REFERENCES))[None]
+    assert scored.resample(identity)["METEOR"][0] == pytest.approx(scored.corpus["METEOR"], abs=1e-12)
+    low, high = bootstrap_ci(scored, resamples=200, seed=0)["METEOR"]
+    assert low <= scored.corpus["METEOR"] <= high and low < high
