@@ -3,9 +3,12 @@ image once, and prints counts, image sizes, caption lengths in tokens and every 
 
     medcap run prepare_data --config data/imageclef data_dir=DIR [on_bad_sample=skip] [splits=[train,valid]]
 
-Exits 0 when every split can be used as configured, 1 when a problem would stop training: a file that cannot
-be read, a bad sample with ``on_bad_sample: error``, a prompt that leaves no room for the caption. With
-``on_bad_sample=skip`` bad samples are left out, counted by reason and listed in ``skipped_samples_csv``.
+A split the data set does not have at all (no files, no entries; e.g. ImageCLEF's ``test/`` not downloaded) is
+reported as absent and does not count, unless training reads it (``dataset.split``, ``val_dataset.split``).
+Exits 0 when every split that is there can be used as configured, 1 when a problem would stop training: a file
+that cannot be read, a bad sample with ``on_bad_sample: error``, a prompt that leaves no room for the caption, a
+training split without captions or with no usable sample left. With ``on_bad_sample=skip`` bad samples are left
+out, counted by reason and listed in ``skipped_samples_csv``.
 """
 
 import statistics
@@ -17,15 +20,29 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
 from medcap.data.dataset import CaptionDataset
-from medcap.data.problems import BadSampleError, CaptionsMissingError
+from medcap.data.problems import BadSampleError, CaptionsMissingError, SplitMissingError
+
+ABSENT = "absent"
 
 
 def spread(values: list[int]) -> str:
     return f"min {min(values)} / median {statistics.median(values):g} / max {max(values)}"
 
 
-def load_split(cfg: DictConfig, split: str, tokenizer, on_bad_sample: str) -> tuple[CaptionDataset | None, bool]:
-    """The split's data set (None when it cannot be built, after printing why) and whether it has captions."""
+def training_splits(cfg: DictConfig) -> dict[str, str]:
+    """{split: the config key that trains or validates on it}."""
+    keys = {}
+    for node in ("val_dataset", "dataset"):
+        if cfg.get(node) is not None and cfg[node].get("split") is not None:
+            keys[str(cfg[node].split)] = f"{node}.split"
+    return keys
+
+
+def load_split(cfg: DictConfig, split: str, tokenizer, on_bad_sample: str, trains_on: str | None
+               ) -> tuple[CaptionDataset | str | None, bool]:
+    """The split's data set, ABSENT when the data set has no such split, or None when it cannot be used (after
+    printing why); and whether it has captions. ``trains_on``: the config key that trains on this split, if any
+    (such a split needs captions)."""
     views = cfg.dataset.get("num_views", 2) if cfg.dataset.get("views") == "average" else 1
     kwargs: dict[str, Any] = dict(split=split, tokenizer=tokenizer, tokens_per_image=cfg.tokens_per_image,
                                   transform=None, check_images=True, image_workers=cfg.get("image_workers", 8),
@@ -33,14 +50,23 @@ def load_split(cfg: DictConfig, split: str, tokenizer, on_bad_sample: str) -> tu
     try:
         try:
             return config.instantiate(cfg.dataset, **kwargs), True
-        except CaptionsMissingError:
+        except CaptionsMissingError as e:
+            if trains_on:
+                print(f"{split}: {e}; but {trains_on} trains on it, which needs captions")
+                return None, False
             return config.instantiate(cfg.dataset, with_captions=False, **kwargs), False
+    except SplitMissingError as e:
+        if trains_on:
+            print(f"{split}: absent ({e}), but {trains_on} reads it")
+            return None, False
+        print(f"{split}: absent ({e})")
+        return ABSENT, False
     except BadSampleError as e:
         print(f"{split}: {len(e.problems)} problem(s) (on_bad_sample: error):")
         for problem in e.problems:
             print(f"  {problem}")
     except (OSError, ValueError, NotImplementedError) as e:
-        print(f"{split}: cannot be read: {e}")
+        print(f"{split}: cannot be used: {e}")
     return None, False
 
 
@@ -86,15 +112,23 @@ def main(cfg: DictConfig) -> int:
     tokenizer = config.instantiate(cfg.tokenizer)
     print(f"data set: {cfg.dataset.get('format') or cfg.dataset.get('manifest')} in {cfg.data_dir} "
           f"(on_bad_sample: {on_bad_sample})")
-    usable = True
+    usable, absent = True, []
+    trains = training_splits(cfg)
     for split in cfg.splits:
-        dataset, has_captions = load_split(cfg, split, tokenizer, on_bad_sample)
+        dataset, has_captions = load_split(cfg, split, tokenizer, on_bad_sample, trains.get(str(split)))
+        if isinstance(dataset, str):  # ABSENT
+            absent.append(str(split))
+            continue
         split_usable = dataset is not None and report_split(dataset, split, has_captions, tokenizer)
         usable = usable and split_usable
     if skipped_csv and Path(skipped_csv).is_file():
         print(f"skipped samples listed in {skipped_csv}")
+    if len(absent) == len(cfg.splits):
+        print(f"FAILED: none of the splits {', '.join(absent)} is there; check data_dir")
+        return 1
     if usable:
-        print("OK: every split can be used")
+        print(f"OK: every split present can be used (absent: {', '.join(absent)})" if absent else
+              "OK: every split can be used")
     elif on_bad_sample == "skip":
         print("FAILED: fix the problems above (skipping samples cannot help with them)")
     else:

@@ -128,7 +128,8 @@ def test_imageclef_test_split_without_captions_is_for_generation_only(tmp_path):
                              concepts_file="{split}_concepts.csv")  # no test concepts: fine without captions
     assert [s["id"] for s in dataset.samples] == ["ROCOv2_2023_test_000001", "ROCOv2_2023_test_000002"]
     assert all(s["caption"] is None for s in dataset.samples)
-    with pytest.raises(CaptionsMissingError, match="imageclef:test .* has no captions"):
+    with pytest.raises(CaptionsMissingError,
+                       match="imageclef:test has no captions: no sample in .*test has field 'Caption'"):
         CaptionDataset(format="imageclef", data_dir=str(root), split="test")
 
 

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from medcap.data.problems import DataFileError, Problem, Source, read_csv, read_json, read_jsonl
-from medcap.data.records import Samples, drop_duplicates, image_list, sample_record, text_or_none
+from medcap.data.problems import (DataFileError, Problem, Source, SplitMissingError, read_csv, read_json,
+                                  read_jsonl)
+from medcap.data.records import Samples, caption_not_text, drop_duplicates, image_list, sample_record
 from medcap.data.reports import clean_report_iu_xray, clean_report_mimic_cxr
 
 IMAGE_TAG = "<image>"
@@ -55,8 +56,11 @@ def read_imageclef(data_dir: Path, split: str, captions_file: str = "{split}_cap
     ``{split}_concepts.csv``, ``ID,CUIs`` with ``;``-separated CUIs) adds ``concepts`` (a list; empty for IDs the
     file lacks) to each sample; it may be absent only for a split without captions."""
     captions_path = data_dir / captions_file.format(split=split)
+    folder = data_dir / image_folder.format(split=split)
+    if not captions_path.is_file() and not folder.is_dir():
+        raise SplitMissingError(f"split {split!r} is absent: neither {captions_path} nor {folder}/ exists")
     image_extensions = list(image_extensions)
-    images = index_images(data_dir / image_folder.format(split=split), image_extensions)
+    images = index_images(folder, image_extensions)
     samples, problems = [], []
     if not captions_path.is_file():
         for sample_id, path in sorted(images.items()):
@@ -96,7 +100,7 @@ def read_r2gen(data_dir: Path, split: str, cleaner: Callable[[str], str], annota
     if not isinstance(annotation, dict) or not all(isinstance(v, list) for v in annotation.values()):
         raise DataFileError(f"{path}: expected {{split: [samples]}} (R2Gen's layout)")
     if split not in annotation:
-        raise DataFileError(f"{path}: no split {split!r}; the file has {', '.join(map(repr, annotation))}")
+        raise SplitMissingError(f"{path}: no split {split!r}; the file has {', '.join(map(repr, annotation))}")
     samples, problems = [], []
     for index, item in enumerate(annotation[split]):
         source = Source(str(path), item=f"{split}[{index}]")
@@ -105,12 +109,14 @@ def read_r2gen(data_dir: Path, split: str, cleaner: Callable[[str], str], annota
             continue
         sample_id = str(item.get("id") or "").strip()
         images = image_list(item.get("image_path"))
-        report = text_or_none(item.get("report"))
+        report = item.get("report")
         if not sample_id:
             problems.append(Problem(source, None, "id", "missing id", "field 'id' is missing or empty"))
         elif not images:
             problems.append(Problem(source, sample_id, "image_path", "missing image",
                                     "field 'image_path' is missing or empty"))
+        elif caption_not_text(report, source, sample_id, "report"):
+            problems.append(caption_not_text(report, source, sample_id, "report"))
         else:
             if views == "first":
                 images = images[:1]
@@ -164,6 +170,8 @@ def read_llava(data_dir: Path, split: str, annotation_file: str = "{split}.json"
     Every sample keeps ``turns`` (tags removed); the data set trains on every exchange of a multi-turn one.
     The number of ``<image>`` tags in the conversation must equal the number of images."""
     path = data_dir / annotation_file.format(split=split)
+    if "{split}" in annotation_file and not path.is_file():
+        raise SplitMissingError(f"split {split!r} is absent: {path} does not exist")
     if path.suffix == ".jsonl":
         items = [(Source(str(path), line_no), item) for line_no, item in read_jsonl(path)]
     else:

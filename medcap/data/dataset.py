@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchtune import utils
 from torchvision import transforms as T
 
 from medcap.data.formats import read_samples
-from medcap.data.images import ImageLoadError, load_image
+from medcap.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, load_image, open_image
 from medcap.data.problems import (ON_BAD_SAMPLE, BadSampleError, CaptionsMissingError, Problem, skipped_entries,
                                   summary, write_skipped_csv)
 from medcap.data.records import read_manifest_samples
@@ -31,27 +32,82 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     return samples
 
 
-def image_transform(encoder: torch.nn.Module) -> Callable:
-    """Resize to the encoder's square input and normalise with the statistics its weights expect."""
-    size = encoder.image_size
-    return T.Compose([
-        T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.ToTensor(),
-        T.Normalize(encoder.mean, encoder.std),
-    ])
+RESIZE_MODES = ("crop", "pad", "squash")
 
 
-def image_size_or_error(path: str) -> tuple[int, int] | ImageLoadError:
+class PadToSquare:
+    """The image centred on a square canvas of colour ``fill`` (LLaVA 1.5's expand-to-square)."""
+
+    def __init__(self, fill: tuple[int, int, int]):
+        self.fill = fill
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if width == height:
+            return image
+        side = max(width, height)
+        canvas = Image.new(image.mode, (side, side), self.fill)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
+
+
+class ImageTransform:
+    """PIL image -> normalised tensor ``[3, size, size]`` for an encoder, resized by ``resize_mode``:
+
+    - ``crop``: the shorter side resized to ``size`` (bicubic, antialiased), then the centre ``size`` x ``size``
+      cut out: the evaluation transform of CLIP / open_clip, BiomedCLIP and timm models such as Swin (there with
+      crop fraction 1);
+    - ``pad``: the image centred on a square of the mean colour (``int(mean * 255)`` per channel, as LLaVA 1.5
+      computes it), then resized to ``size`` x ``size``: LLaVA 1.5's ``image_aspect_ratio: pad``;
+    - ``squash``: resized to ``size`` x ``size`` whatever its aspect ratio.
+    """
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], resize_mode: str = "squash"):
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        self.size, self.mean, self.std, self.resize_mode = size, tuple(mean), tuple(std), resize_mode
+        bicubic = T.InterpolationMode.BICUBIC
+        if resize_mode == "crop":
+            resize = [T.Resize(size, interpolation=bicubic, antialias=True), T.CenterCrop(size)]
+        else:
+            resize = [T.Resize((size, size), interpolation=bicubic, antialias=True)]
+            if resize_mode == "pad":
+                resize.insert(0, PadToSquare(tuple(int(m * 255) for m in self.mean)))
+        self.steps = T.Compose([*resize, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.steps(image)
+
+    def with_resize_mode(self, resize_mode: str) -> "ImageTransform":
+        return ImageTransform(self.size, self.mean, self.std, resize_mode)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(size={self.size}, resize_mode={self.resize_mode!r})"
+
+
+def image_transform(encoder: torch.nn.Module, resize_mode: str | None = None) -> ImageTransform:
+    """The transform to the encoder's square input, normalised with the statistics its weights expect; resized
+    by ``resize_mode`` or else by the encoder's own ``resize_mode`` (the one its model was trained with; see
+    ``medcap.models.encoders``), ``squash`` for an encoder without one."""
+    return ImageTransform(encoder.image_size, encoder.mean, encoder.std,
+                          resize_mode or getattr(encoder, "resize_mode", "squash"))
+
+
+def image_size_or_error(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                        ) -> tuple[int, int] | ImageLoadError:
+    """The (width, height) the file holds, after decoding it (downscaled, see ``load_image``)."""
     try:
-        return load_image(path).size
+        return open_image(path, max_pixels=max_pixels)[1]
     except ImageLoadError as e:
         return e
 
 
-def check_image_files(samples: list[dict[str, Any]], decode: bool, workers: int = 8
+def check_image_files(samples: list[dict[str, Any]], decode: bool, workers: int = 8,
+                      max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
                       ) -> tuple[list[Problem], dict[str, tuple[int, int]]]:
     """Problems of image files that are missing or empty and, with ``decode``, that cannot be decoded (opened
-    in ``workers`` threads, each file once), and the (width, height) of every decoded image."""
+    in ``workers`` threads, each file once, downscaled to ``max_pixels``), and the (width, height) of every
+    decoded image as the file holds it."""
     paths = list(dict.fromkeys(p for s in samples for p in s["images"]))  # each file once, in order
     bad: dict[str, tuple[str, str]] = {}
     for path in paths:
@@ -63,7 +119,8 @@ def check_image_files(samples: list[dict[str, Any]], decode: bool, workers: int 
     if decode:
         readable = [p for p in paths if p not in bad]
         with ThreadPoolExecutor(max(workers, 1)) as pool:
-            for path, result in zip(readable, pool.map(image_size_or_error, readable)):
+            sizes_or_errors = pool.map(lambda path: image_size_or_error(path, max_pixels), readable)
+            for path, result in zip(readable, sizes_or_errors):
                 if isinstance(result, ImageLoadError):
                     bad[path] = ("unreadable image", str(result))
                 else:
@@ -93,13 +150,31 @@ def sample_problems(samples: list[dict[str, Any]], with_captions: bool) -> list[
     return problems
 
 
-def load_sample_images(sample: dict[str, Any], transform, hint: str = "") -> torch.Tensor:
-    """A sample's images, transformed and stacked ``[n_images, C, H, W]``; an image that cannot be read is an error
-    naming the manifest, the sample ID and the field."""
+def outside_problems(samples: list[dict[str, Any]], data_dir: str | Path) -> list[Problem]:
+    """Image paths that resolve (through ``..``, an absolute path or a symbolic link) to a place outside
+    ``data_dir``."""
+    root = Path(data_dir).resolve()
+    problems = []
+    for s in samples:
+        for path in s["images"]:
+            resolved = Path(path).resolve()
+            if not resolved.is_relative_to(root):
+                problems.append(Problem(s["source"], s["id"], s["image_field"], "image outside data_dir",
+                                        f"field {s['image_field']!r}: image path {path} resolves to {resolved}, "
+                                        f"outside data_dir {root} (allow_outside_data_dir: true allows it)"))
+                break
+    return problems
+
+
+def load_sample_images(sample: dict[str, Any], transform, hint: str = "",
+                       max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """A sample's images (each downscaled on load to at most ``max_pixels`` pixels), transformed and stacked
+    ``[n_images, C, H, W]``; an image that cannot be read is an error naming the manifest, the sample ID and the
+    field."""
     images = []
     for path in sample["images"]:
         try:
-            images.append(transform(load_image(path)))
+            images.append(transform(load_image(path, max_pixels=max_pixels)))
         except (OSError, ValueError) as e:
             raise ValueError(f"{sample.get('source', '')}: sample {sample['id']!r}: "
                              f"field {sample.get('image_field', 'image')!r}: {e}{hint}") from None
@@ -118,6 +193,12 @@ class CaptionDataset(Dataset):
     found before training rather than when a batch reaches them; it is off by default because it reads the
     whole data set (``medcap run prepare_data`` does it once). ``problems`` holds what was found,
     ``image_sizes`` the (width, height) of each decoded image.
+
+    With ``format``, an image path that resolves outside ``data_dir`` (``..``, an absolute path, a symbolic link)
+    is a bad sample unless ``allow_outside_data_dir``. Images of more than ``max_image_pixels`` pixels are
+    downscaled on load (``medcap.data.images.load_image``; None: no limit). ``resize_mode`` (``crop``, ``pad``,
+    ``squash``; None: the encoder's default) replaces the resize step of a ``transform`` that
+    ``image_transform`` built.
     """
 
     def __init__(
@@ -139,6 +220,9 @@ class CaptionDataset(Dataset):
         image_workers: int = 8,
         skipped_samples_csv: str | None = None,
         views_per_block: int = 1,
+        allow_outside_data_dir: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        resize_mode: str | None = None,
         **format_options: Any,
     ):
         if format_options.get("views") == "average" and format_options.get("num_views", 2) != views_per_block:
@@ -160,12 +244,28 @@ class CaptionDataset(Dataset):
                 raise ValueError(f"format {format!r} needs data_dir and split")
             self.name = f"{format}:{split}"
             samples, problems = read_samples(format, data_dir, split, **format_options)
+        if resize_mode is not None:
+            if resize_mode not in RESIZE_MODES:
+                raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+            if transform is not None:
+                if not isinstance(transform, ImageTransform):
+                    raise ValueError(f"resize_mode={resize_mode!r} needs a transform that image_transform built, "
+                                     f"got {transform!r}")
+                transform = transform.with_resize_mode(resize_mode)
         if with_captions and samples and all(s["caption"] is None for s in samples):
-            raise CaptionsMissingError(f"{self.name} ({data_dir or manifest}) has no captions (e.g. a challenge's "
-                                       f"test split); it can only be used to generate (medcap run generate)")
+            files = ", ".join(dict.fromkeys(s["source"].file for s in samples))
+            field = samples[0]["caption_field"]
+            raise CaptionsMissingError(f"{self.name} has no captions: no sample in {files} has field {field!r} "
+                                       f"(a challenge's test split, for example); it can only be used to generate "
+                                       f"(medcap run generate)")
         found = sample_problems(samples, with_captions)
-        image_problems, self.image_sizes = check_image_files(samples, check_images, image_workers)
+        if format is not None and not allow_outside_data_dir:
+            found += outside_problems(samples, data_dir)
+        outside = {p.source for p in found if p.reason == "image outside data_dir"}  # never opened
+        image_problems, self.image_sizes = check_image_files([s for s in samples if s["source"] not in outside],
+                                                             check_images, image_workers, max_image_pixels)
         found += image_problems
+        self.max_image_pixels = max_image_pixels
         bad = {p.source for p in found}
         self.samples = [s for s in samples if s["source"] not in bad]
         # by line within each file (problems of JSON items keep the order they were found in)
@@ -222,7 +322,7 @@ class CaptionDataset(Dataset):
         else:
             sample = {"tokens": self.tokenizer.prompt_ids(prompt, num_image_tokens, self.system)}
         hint = " (check_images: true or `medcap run prepare_data` finds such files before training)"
-        return {"id": s["id"], "images": load_sample_images(s, self.transform, hint), **sample}
+        return {"id": s["id"], "images": load_sample_images(s, self.transform, hint, self.max_image_pixels), **sample}
 
 
 def collate_captions(batch: list[dict[str, Any]], pad_id: int, padding_side: str = "right") -> dict[str, Any]:

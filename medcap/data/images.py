@@ -1,6 +1,7 @@
 """Opening images: ordinary files with PIL, DICOM with pydicom, NIfTI volumes with nibabel; always returned as
-8-bit RGB PIL images."""
+8-bit RGB PIL images, downscaled on load to at most ``max_pixels`` pixels."""
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,10 @@ DEFAULT_CT_WINDOW = (40.0, 400.0)
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NIFTI_PERCENTILES = (0.5, 99.5)
+# Decoded images larger than this are downscaled on load (aspect ratio kept): 16.8 MP, 48 MiB as 8-bit RGB, far
+# above any encoder's input, far below what an image just under PIL's own limit takes (13000 x 13000: ~0.5 GB
+# as RGB, several GB through the float conversions of 16-bit images).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 class ImageLoadError(ValueError):
@@ -123,41 +128,78 @@ def _open_nifti(path: Path) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(nifti_to_uint8(np.asanyarray(volume.dataobj))))
 
 
-def _open_with_pil(path: Path) -> Image.Image:
+def capped_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int]:
+    """``size`` (width, height) scaled down, aspect ratio kept, to at most ``max_pixels`` pixels; ``size`` itself
+    when it fits or ``max_pixels`` is None."""
+    width, height = size
+    if not max_pixels or width * height <= max_pixels:
+        return size
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _downscaled(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    # reducing_gap: an integer box reduction first, then the bicubic filter (PIL's resize antialiases)
+    return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def _open_with_pil(path: Path, max_pixels: int | None) -> tuple[Image.Image, tuple[int, int]]:
     with Image.open(path) as opened:
+        original = opened.size
+        target = capped_size(original, max_pixels)
+        if target != original and opened.format == "JPEG":
+            opened.draft(None, target)  # the decoder scales by 1/2, 1/4 or 1/8: the full image is never decoded
         opened.load()
-        image = opened.copy()
+        if target == opened.size:
+            image = opened.copy()
+        elif opened.mode in ("P", "PA", "1"):  # resampling would take the nearest palette entry / bit
+            image = _downscaled(opened.convert("L" if opened.mode == "1" else "RGBA"), target)
+        else:
+            image = _downscaled(opened, target)  # before any conversion: 16-bit stays 2 bytes a pixel
     if image.mode in HIGH_BIT_DEPTH_MODES:  # 16-bit / 32-bit grayscale: scale by the actual range
         array = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(unit_to_uint8(to_unit_range(array, array.min(), array.max())))
-    return image
+        image = Image.fromarray(unit_to_uint8(to_unit_range(array, array.min(), array.max())))
+    return image, original
 
 
-def load_image(path: str | Path, window: tuple[float, float] | None = None) -> Image.Image:
-    """An RGB image from any file PIL can read, from a DICOM file (chosen by the ``.dcm``/``.dicom`` suffix
-    or the ``DICM`` marker) or from a NIfTI file (``.nii``/``.nii.gz``: its middle axial slice, see
-    ``nifti_to_uint8``). Grayscale, palette, CMYK and 16-bit images are converted (16-bit scaled by
-    their actual range); transparent images are composited onto black. ``window`` = (centre, width) in HU
-    overrides the window of CT DICOMs (see ``dicom_to_uint8``). Raises ``ImageLoadError`` naming the file."""
+def open_image(path: str | Path, window: tuple[float, float] | None = None,
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+    """``load_image``'s RGB image and the (width, height) the file holds before any downscaling."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"image file is empty (0 bytes): {path}")
     try:
-        if is_nifti(path):
-            image = _open_nifti(path)
-        elif is_dicom(path):
-            import pydicom
+        if is_nifti(path) or is_dicom(path):  # decoded whole by their readers; downscaled once 8-bit
+            if is_nifti(path):
+                image = _open_nifti(path)
+            else:
+                import pydicom
 
-            image = Image.fromarray(dicom_to_uint8(pydicom.dcmread(path), window))
+                image = Image.fromarray(dicom_to_uint8(pydicom.dcmread(path), window))
+            original = image.size
+            image = _downscaled(image, capped_size(original, max_pixels))
         else:
-            image = _open_with_pil(path)
+            image, original = _open_with_pil(path, max_pixels)
     except Exception as e:  # PIL and pydicom raise many error types on broken files; all mean "unreadable"
         raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, (0, 0, 0))
         background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+        return background, original
+    return (image if image.mode == "RGB" else image.convert("RGB")), original
+
+
+def load_image(path: str | Path, window: tuple[float, float] | None = None,
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image from any file PIL can read, from a DICOM file (chosen by the ``.dcm``/``.dicom`` suffix
+    or the ``DICM`` marker) or from a NIfTI file (``.nii``/``.nii.gz``: its middle axial slice, see
+    ``nifti_to_uint8``). Grayscale, palette, CMYK and 16-bit images are converted (16-bit scaled by
+    their actual range); transparent images are composited onto black. ``window`` = (centre, width) in HU
+    overrides the window of CT DICOMs (see ``dicom_to_uint8``). An image of more than ``max_pixels`` pixels
+    (None: no limit) is downscaled to fit, aspect ratio kept (``capped_size``): JPEG files are decoded at
+    1/2, 1/4 or 1/8 scale directly (never whole), other files are downscaled right after decoding, before
+    any conversion. Raises ``ImageLoadError`` naming the file."""
+    return open_image(path, window, max_pixels)[0]

@@ -48,6 +48,11 @@ class DataFileError(ValueError):
     """A whole file that cannot be used (missing, not UTF-8, malformed JSON or CSV); skipping cannot help."""
 
 
+class SplitMissingError(DataFileError):
+    """A split that the data set does not have at all (none of its files or entries exist), as opposed to one
+    whose files exist but are broken."""
+
+
 class CaptionsMissingError(DataFileError):
     """A split without captions (e.g. ImageCLEF's test split) used where captions are needed."""
 

@@ -7,6 +7,7 @@ become records (missing ID, duplicate ID, malformed row, missing image, ``<image
 images); a file that cannot be read at all raises ``DataFileError``.
 """
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,17 @@ def sample_record(sample_id: str, images: list[str], caption: str | None, source
 def text_or_none(value: Any) -> str | None:
     """Text fields as read: strings stay, numbers (some VQA-RAD answers and IDs) become text, others are None."""
     return str(value) if isinstance(value, (str, int, float)) else None
+
+
+def caption_not_text(value: Any, source: Source, sample_id: str, field: str) -> Problem | None:
+    """A caption or report must be text or absent (null): a JSON number, boolean, list or object is a problem, not
+    a caption (``12345`` would otherwise train as the caption "12345")."""
+    if value is None or isinstance(value, str):
+        return None
+    kind = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(value), "value")
+    return Problem(source, sample_id, field, "caption not text",
+                   f"field {field!r} is a JSON {kind} ({json.dumps(value)[:60]}), not text; write the caption as a "
+                   f"JSON string")
 
 
 def drop_duplicates(samples: list[dict[str, Any]], problems: list[Problem],
@@ -79,6 +91,10 @@ def read_manifest_samples(path: str | Path) -> Samples:
         if not images:
             problems.append(Problem(source, sample_id, "image", "missing image",
                                     "field 'image' is missing or empty"))
+            continue
+        problem = caption_not_text(row.get("caption"), source, sample_id, "caption")
+        if problem:
+            problems.append(problem)
             continue
         samples.append(sample_record(sample_id, [str(path.parent / p) for p in images], row.get("caption"),
                                      source, prompt=row.get("prompt") or None))

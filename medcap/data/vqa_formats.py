@@ -5,7 +5,7 @@ reads); as a caption data set the prompt is the question with its options and th
 from pathlib import Path
 from typing import Any
 
-from medcap.data.problems import DataFileError, Problem, Source, read_json
+from medcap.data.problems import DataFileError, Problem, Source, SplitMissingError, read_json
 from medcap.data.records import Samples, drop_duplicates, sample_record, text_or_none
 
 
@@ -93,6 +93,8 @@ def read_vqa_rad(data_dir: Path, split: str, annotation_file: str = "VQA_RAD Dat
     if not per_split_file and split not in ("train", "test"):
         raise ValueError(f"VQA-RAD's splits are train and test (got {split!r})")
     path = data_dir / annotation_file.format(split=split)
+    if per_split_file and not path.is_file():
+        raise SplitMissingError(f"split {split!r} is absent: {path} does not exist")
     rows = read_json(path)
     if not isinstance(rows, list):
         raise DataFileError(f"{path}: expected a JSON list of questions (VQA-RAD's layout)")

