@@ -293,7 +293,7 @@ def test_qlora_trains_only_adapters_and_exports_dequantised(llava_dir, tmp_path)
         ours = model(tokens, encoder_input={"image": {"images": pixels}})
         theirs = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()(
             input_ids=tokens, pixel_values=pixels).logits
-    assert (theirs - ours).abs().max().item() < 1e-3  # NF4 dequantised once vs on the fly
+    assert (theirs - ours).abs().max().item() < 1e-4  # the NF4 weights dequantised once = on the fly
 
 
 def test_export_refuses_a_model_of_another_folder(llava_dir, tmp_path):
