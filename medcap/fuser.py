@@ -1,6 +1,8 @@
 """The LM-Fuser (AUEB, ImageCLEFmedical 2024): a small text LM reads the captions that several systems wrote for
 one image and writes one caption. Trained on the validation split (input: the candidates, target: the gold
-caption, loss on the target only), then applied to the test split's candidates.
+caption, loss on the target only), then applied to the test split's candidates. The LM is a decoder (``TextLM``:
+chat prompt, then the caption) or, as AUEB published it, an encoder-decoder (Flan-T5, ``medcap.seq2seq``: the
+prompt is the source, the caption the target).
 
 This module also holds what the text-only recipes share (the fuser and the synthesizer): ``TextLM``, a text
 decoder with the interface of medcap's generation, training core and checkpoints, and its builders.
@@ -19,6 +21,8 @@ from medcap.checkpoint import load_checkpoint
 from medcap.metrics import read_predictions
 from medcap.models import decoders
 from medcap.models.llm_weights import hf_llama_decoder, load_gguf_decoder
+from medcap.models.lora import DECODER_LINEARS, NF4Linear
+from medcap.seq2seq import Seq2SeqLM, Seq2SeqTokenizer, seq2seq_sample
 from medcap.text import build_sample
 
 MODES = ("frozen", "full")
@@ -58,9 +62,19 @@ def smollm2_lm(gguf_path: str | None = None, max_seq_len: int = 2048, trainable:
     return TextLM(load_gguf_decoder(decoder, gguf_path), trainable)
 
 
-def hf_llama_lm(llm_dir: str, family: str = "llama3", trainable: str = "full") -> TextLM:
-    """A Llama decoder from a local Hugging Face folder (Llama-3.1-8B-Instruct, Llama-3.2-1B-Instruct...)."""
-    return TextLM(hf_llama_decoder(llm_dir, family), trainable)
+def hf_llama_lm(llm_dir: str, family: str = "llama3", trainable: str = "full", quantize_base: bool = False) -> TextLM:
+    """A Llama decoder from a local Hugging Face folder (Llama-3.1-8B-Instruct, Llama-3.2-1B-Instruct...).
+    ``quantize_base``: the layers' linear weights kept in NF4 (torchao), frozen, as AUEB ran its 4-bit
+    synthesizer; the embeddings and the output projection stay in the model's dtype."""
+    decoder = hf_llama_decoder(llm_dir, family)
+    if quantize_base:
+        if trainable != "frozen":
+            raise ValueError("quantize_base=true keeps the LLM's weights in NF4, frozen: set trainable to frozen")
+        for name, layer in list(decoder.layers.named_modules()):
+            if isinstance(layer, nn.Linear) and name.rpartition(".")[2] in DECODER_LINEARS:
+                parent, _, child = name.rpartition(".")
+                setattr(decoder.layers.get_submodule(parent), child, NF4Linear(layer))
+    return TextLM(decoder, trainable)
 
 
 def tiny_smollm2_lm(max_seq_len: int = 512, trainable: str = "full", seed: int | None = None) -> TextLM:
@@ -70,16 +84,23 @@ def tiny_smollm2_lm(max_seq_len: int = 512, trainable: str = "full", seed: int |
     return TextLM(decoders.tiny_smollm2(max_seq_len=max_seq_len), trainable)
 
 
-def text_lm_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype, checkpoint: str | Path | None = None):
-    """``cfg.tokenizer`` and ``cfg.model`` (a ``TextLM`` built in ``dtype``), with trained weights from
-    ``checkpoint`` (a folder written by ``train_fuser``) if given."""
+def text_lm_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype, checkpoint: str | Path | None = None,
+                          seq2seq: bool = True):
+    """``cfg.tokenizer`` and ``cfg.model`` (a ``TextLM``, or with ``seq2seq`` a ``medcap.seq2seq.Seq2SeqLM``,
+    built in ``dtype``), with trained weights from ``checkpoint`` (a folder written by ``train_fuser``) if given."""
     tokenizer = config.instantiate(cfg.tokenizer)
     with training.set_default_dtype(dtype):
         model = config.instantiate(cfg.model)
-    if not isinstance(model, TextLM):
-        raise TypeError(f"model._component_ must build a medcap.fuser.TextLM (smollm2_lm, hf_llama_lm...), "
-                        f"got {type(model).__name__}")
-    vocab = model.decoder.tok_embeddings.num_embeddings
+    kinds = (TextLM, Seq2SeqLM) if seq2seq else (TextLM,)
+    if not isinstance(model, kinds):
+        names = "a medcap.fuser.TextLM (smollm2_lm, hf_llama_lm...)" + (
+            " or a medcap.seq2seq.Seq2SeqLM (hf_seq2seq_lm)" if seq2seq else "")
+        raise TypeError(f"model._component_ must build {names}, got {type(model).__name__}")
+    if isinstance(model, Seq2SeqLM) != isinstance(tokenizer, Seq2SeqTokenizer):
+        raise TypeError(f"an encoder-decoder model needs the encoder-decoder tokenizer (medcap.seq2seq."
+                        f"hf_seq2seq_tokenizer) and a decoder a chat tokenizer; got {type(model).__name__} with "
+                        f"{type(tokenizer).__name__}")
+    vocab = model.vocab_size if isinstance(model, Seq2SeqLM) else model.decoder.tok_embeddings.num_embeddings
     if vocab < tokenizer.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model embeds only {vocab}; pair "
                          f"a model with the tokenizer of its LLM family")
@@ -118,26 +139,67 @@ def merge_runs(paths: list[str | Path]) -> tuple[list[str], dict[str, list[str]]
 
 DEFAULT_INSTRUCTION = ("Several systems described the same medical image. Combine their captions into the one "
                        "caption that is most likely correct.")
+DEFAULT_TEMPLATE = "{instruction}\n\n{candidates}"
+DEFAULT_CANDIDATE_LINE = "Caption {rank}: {caption}"
+DEFAULT_SEPARATOR = "\n"
+# the keys of a config's ``prompt`` node (strings, or null for the default)
+PROMPT_DEFAULTS = {"instruction": DEFAULT_INSTRUCTION, "template": DEFAULT_TEMPLATE,
+                   "candidate_line": DEFAULT_CANDIDATE_LINE, "separator": DEFAULT_SEPARATOR, "system": None}
 
 
-def fuser_prompt(candidates: list[str], instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The user text listing the candidates, numbered in the order of the runs."""
-    lines = [instruction.strip(), ""]
-    lines += [f"Caption {n}: {' '.join(caption.split())}" for n, caption in enumerate(candidates, 1)]
-    return "\n".join(lines)
+def prompt_settings(node: dict[str, Any] | None, source: str) -> dict[str, Any]:
+    """The prompt keys of ``node`` (a config's ``prompt``) with the defaults for null or absent ones; each must
+    be a string (``system`` may stay null). Plain data only: nothing in it is instantiated."""
+    node = dict(node or {})
+    unknown = sorted(set(node) - set(PROMPT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{source}: prompt has unknown key(s) {unknown}; it takes {sorted(PROMPT_DEFAULTS)}")
+    settings = {k: node.get(k) if node.get(k) is not None else default for k, default in PROMPT_DEFAULTS.items()}
+    for key, value in settings.items():
+        if not (isinstance(value, str) or (key == "system" and value is None)):
+            raise ValueError(f"{source}: prompt.{key} must be a string, found {type(value).__name__} {value!r}")
+    return settings
+
+
+def fuser_prompt(candidates: list[str], instruction: str = DEFAULT_INSTRUCTION, template: str = DEFAULT_TEMPLATE,
+                 candidate_line: str = DEFAULT_CANDIDATE_LINE, separator: str = DEFAULT_SEPARATOR) -> str:
+    """The text listing the candidates in the order of the runs: ``template`` with ``{instruction}`` and
+    ``{candidates}``, the candidates one ``candidate_line`` each (``{rank}`` from 1, ``{caption}`` with its
+    whitespace runs made single spaces) joined by ``separator``. AUEB's LM-Fuser: ``"...more concise:
+    {candidates}"``, ``"{rank}. {caption}"``, ``" "``."""
+    if "{candidates}" not in template:
+        raise ValueError(f"the fuser prompt template must contain {{candidates}}; got {template!r}")
+    listed = separator.join(candidate_line.format(rank=n, caption=" ".join(caption.split()))
+                            for n, caption in enumerate(candidates, 1))
+    return template.format(instruction=instruction.strip(), candidates=listed)
 
 
 def fuser_prompt_ids(tokenizer, candidates: list[str], instruction: str = DEFAULT_INSTRUCTION,
-                     system: str | None = None) -> list[int]:
-    """What the fuser reads at inference: the chat prompt up to the assistant header."""
-    return tokenizer.prompt_ids(fuser_prompt(candidates, instruction), 0, system)
+                     system: str | None = None, **layout: str) -> list[int]:
+    """What the fuser reads at inference: the chat prompt up to the assistant header, or an encoder-decoder's
+    source (not truncated, as AUEB fused). ``layout``: ``template``, ``candidate_line``, ``separator``."""
+    text = fuser_prompt(candidates, instruction, **layout)
+    if isinstance(tokenizer, Seq2SeqTokenizer):
+        _no_system(system)
+        return tokenizer.source_ids(text)
+    return tokenizer.prompt_ids(text, 0, system)
+
+
+def _no_system(system: str | None) -> None:
+    if system:
+        raise ValueError("an encoder-decoder fuser has no system turn: set prompt.system to null")
 
 
 def fuser_sample(tokenizer, candidates: list[str], target: str, max_seq_len: int,
-                 instruction: str = DEFAULT_INSTRUCTION, system: str | None = None) -> dict[str, Any]:
+                 instruction: str = DEFAULT_INSTRUCTION, system: str | None = None, **layout: str) -> dict[str, Any]:
     """A training sample: the same prompt as ``fuser_prompt_ids``, then the target caption; labels on the
-    target and its end-of-turn token only."""
-    return build_sample(tokenizer, fuser_prompt(candidates, instruction), target, 0, max_seq_len, system)
+    target and its end-of-turn token only. An encoder-decoder's source and target are each cut at
+    ``max_seq_len`` tokens (AUEB: 300); a decoder's prompt and caption together."""
+    text = fuser_prompt(candidates, instruction, **layout)
+    if isinstance(tokenizer, Seq2SeqTokenizer):
+        _no_system(system)
+        return seq2seq_sample(tokenizer, text, target, max_seq_len, max_seq_len)
+    return build_sample(tokenizer, text, target, 0, max_seq_len, system)
 
 
 class FuserDataset(torch.utils.data.Dataset):
@@ -146,14 +208,15 @@ class FuserDataset(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer, candidates: dict[str, list[str]], references: dict[str, list[str]],
                  max_seq_len: int, instruction: str = DEFAULT_INSTRUCTION, system: str | None = None,
-                 ids: list[str] | None = None, references_file: str = "references"):
+                 ids: list[str] | None = None, references_file: str = "references", **layout: str):
         self.samples = []
         for sample_id in ids if ids is not None else list(candidates):
             if sample_id not in references:
                 raise ValueError(f"{references_file}: no reference caption for ID {sample_id!r} (it has candidates)")
             for target in references[sample_id]:
                 try:
-                    sample = fuser_sample(tokenizer, candidates[sample_id], target, max_seq_len, instruction, system)
+                    sample = fuser_sample(tokenizer, candidates[sample_id], target, max_seq_len, instruction, system,
+                                          **layout)
                 except ValueError as error:
                     raise ValueError(f"ID {sample_id!r}: {error}") from None
                 self.samples.append({"id": sample_id, **sample})
@@ -184,12 +247,23 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], *, batch_size: in
     from medcap.generation import generate
 
     device = next(model.parameters()).device
+    seq2seq = isinstance(model, Seq2SeqLM)
+    if seq2seq and decoding.get("repetition_penalty", 1.0) != 1.0 and decoding.get("penalize_prompt", True):
+        raise ValueError("an encoder-decoder's repetition penalty counts the generated tokens only: set "
+                         "penalize_prompt to false")
+    if not seq2seq and decoding.get("early_stopping"):
+        raise ValueError("early_stopping applies to the encoder-decoder fuser (transformers' beam search); "
+                         "medcap's beam search stops as transformers' early_stopping=false does")
+    decoding = {k: v for k, v in decoding.items() if k != "early_stopping" or seq2seq}
     generator = torch.Generator(device=device)
     texts = []
     starts = range(0, len(prompts), batch_size)
     for index, start in enumerate(tqdm(starts, desc=progress or "generate", unit="batch", disable=progress is None)):
         generator.manual_seed(seed + index)
-        outputs = generate(model, prompts[start:start + batch_size], None, stop_ids=tokenizer.stop_ids,
-                           pad_id=tokenizer.pad_id, generator=generator, **decoding)
+        if seq2seq:
+            outputs = model.generate(prompts[start:start + batch_size], generator=generator, **decoding)
+        else:
+            outputs = generate(model, prompts[start:start + batch_size], None, stop_ids=tokenizer.stop_ids,
+                               pad_id=tokenizer.pad_id, generator=generator, **decoding)
         texts += [tokenizer.decode(ids).strip() for ids in outputs]
     return texts

@@ -10,10 +10,13 @@
   threshold.
 - ``fewshot_prompt``: a query's prompt with its neighbours as in-context examples, as earlier chat turns with
   their images (``turns``) or as a list of captions in the prompt text (``captions``).
+- ``CaptionSets``: several caption data sets as one (AUEB searched train + valid); ``aueb_caption_cleanup``: the
+  AUEB few-shot captions' clean-up.
 """
 
 import csv
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,3 +385,47 @@ def fewshot_prompt(tokenizer, prompt: str, neighbour_captions: list[str], neighb
         user = tokenizer.prompt_ids(prompt, count, system) if i == 0 else tokenizer.followup_ids(prompt, count)
         ids += user + tokenizer.answer_ids(caption)
     return ids + tokenizer.followup_ids(prompt, query_image_tokens)
+
+
+# ----------------------------------------------------------------------------------------------- AUEB's choices
+
+class CaptionSets:
+    """Several caption data sets as one, e.g. the train and valid splits that AUEB searched for neighbours:
+    ``datasets`` are config nodes (``_component_`` + arguments) built here in order; ``samples`` are theirs
+    concatenated. An ID in two of them is an error naming both."""
+
+    def __init__(self, datasets: list):
+        if not datasets:
+            raise ValueError("CaptionSets needs at least one data set")
+        sets = [config.instantiate(OmegaConf.create(node)) if isinstance(node, (dict, DictConfig)) else node
+                for node in datasets]
+        self.samples, seen = [], {}
+        for dataset in sets:
+            for sample in dataset.samples:
+                if sample["id"] in seen:
+                    raise ValueError(f"ID {sample['id']!r} is in {seen[sample['id']]} and in {dataset.name}")
+                seen[sample["id"]] = dataset.name
+                self.samples.append(sample)
+        self.name = " + ".join(d.name for d in sets)
+
+
+_LIST_MARKER = re.compile(r"\b(\d+\.|\w+\.)\s")
+_SENTENCE_END = re.compile(r"(?<=\.)\s+")
+
+
+def aueb_caption_cleanup(text: str) -> str:
+    """AUEB's clean-up of its few-shot captions, as its code does it: the text after the last ``ASSISTANT:``,
+    every match of ``\\b(\\d+\\.|\\w+\\.)\\s`` removed (list markers such as ``1. ``, but the pattern also takes
+    the word that ends each sentence followed by a space), then sentences (split after a period) that repeat an
+    earlier one dropped, the rest joined by single spaces."""
+    if "ASSISTANT:" in text:
+        text = text.rsplit("ASSISTANT:", 1)[1]
+    text = _LIST_MARKER.sub("", text.strip())
+    kept: list[str] = []
+    for sentence in (s.strip() for s in _SENTENCE_END.split(text)):
+        if sentence not in kept:
+            kept.append(sentence)
+    return " ".join(kept)
+
+
+CLEANUPS = {"aueb": aueb_caption_cleanup}

@@ -122,19 +122,49 @@ def search_neighbours(index_dir: str | Path, samples: list[dict], k: int, device
             for s, row in zip(samples, found)}
 
 
-def check_template(template: str) -> None:
-    for field in ("{draft}", "{neighbours}"):
+DEFAULT_NEIGHBOUR_LINE = "{rank}. {caption}"
+
+
+def check_template(template: str, draft_turn: bool = False, fallback: bool = False) -> None:
+    """A template must show the neighbours (a ``fallback`` template, used without any, need not) and the draft,
+    unless the draft comes in a turn of its own (``draft_turn``)."""
+    fields = ([] if fallback else ["{neighbours}"]) + ([] if draft_turn else ["{draft}"])
+    for field in fields:
         if field not in template:
-            raise ValueError(f"the synthesis template must contain {field}; got {template!r}")
+            kind = "fallback template" if fallback else "template"
+            raise ValueError(f"the synthesis {kind} must contain {field}; got {template!r}")
 
 
 def synthesis_prompt(draft: str, neighbours: list[str], num_neighbours: int,
-                     instruction: str = DEFAULT_INSTRUCTION, template: str = DEFAULT_TEMPLATE) -> str:
-    """The user text: ``template`` with the instruction, the first ``num_neighbours`` neighbour captions as a
-    numbered list, and the draft. Whitespace runs inside captions become single spaces."""
-    check_template(template)
-    listed = "\n".join(f"{n}. {' '.join(c.split())}" for n, c in enumerate(neighbours[:num_neighbours], 1))
-    return template.format(instruction=instruction.strip(), neighbours=listed, draft=" ".join(draft.split()))
+                     instruction: str = DEFAULT_INSTRUCTION, template: str = DEFAULT_TEMPLATE,
+                     neighbour_line: str = DEFAULT_NEIGHBOUR_LINE, image: str = "",
+                     fallback: str | None = None, draft_turn: bool = False) -> str:
+    """The user text: ``template`` with ``{instruction}``, ``{neighbours}`` (the first ``num_neighbours``
+    neighbour captions, one ``neighbour_line`` each, ``{rank}`` from 1, joined by newlines), ``{draft}`` and
+    ``{image}`` (the image's ID). ``fallback`` is the template for an image without neighbours (AUEB's prompt
+    then asks for the caption without a neighbouring one). Whitespace runs inside captions become single spaces."""
+    shown = neighbours[:num_neighbours]
+    if not shown and fallback is not None:
+        template = fallback
+    else:
+        check_template(template, draft_turn)
+    listed = "\n".join(neighbour_line.format(rank=n, caption=" ".join(c.split())) for n, c in enumerate(shown, 1))
+    return template.format(instruction=instruction.strip(), neighbours=listed, draft=" ".join(draft.split()),
+                           image=image)
+
+
+def synthesis_prompt_ids(tokenizer, text: str, draft: str, system: str | None = None,
+                         draft_turn: bool = False) -> list[int]:
+    """The chat prompt: one user turn with ``text``, or with ``draft_turn`` (AUEB) the draft caption as a user
+    turn of its own before it (Llama 3 chat format only)."""
+    if not draft_turn:
+        return tokenizer.prompt_ids(text, 0, system)
+    from medcap.text.llama import Llama3ChatTokenizer, llama3_user_turns_ids
+
+    if not isinstance(tokenizer, Llama3ChatTokenizer):
+        raise ValueError(f"draft_turn=true (the draft as a user turn of its own) is written for the Llama 3 chat "
+                         f"format; the tokenizer is {type(tokenizer).__name__}")
+    return llama3_user_turns_ids(tokenizer, [" ".join(draft.split()), text], system)
 
 
 def clean_output(text: str, first_line_only: bool = True) -> str:

@@ -27,6 +27,24 @@ def validation_loss(model, loader, device, dtype, max_batches: int | None = None
     return total / max(count, 1)
 
 
+EDIT_DISTANCE = "EditDistance"  # a val_generation.weights key (lower is better: select_mode min)
+
+
+def normalized_edit_distance(prediction: str, reference: str) -> float:
+    """Character Levenshtein distance / the longer string's length (AUEB's early-stopping criterion; 0 for two
+    empty strings)."""
+    if len(prediction) < len(reference):
+        prediction, reference = reference, prediction
+    if not prediction:
+        return 0.0
+    row = list(range(len(reference) + 1))
+    for i, a in enumerate(prediction, 1):
+        previous, row[0] = row[0], i
+        for j, b in enumerate(reference, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (a != b))
+    return row[-1] / len(prediction)
+
+
 def weighted_score(corpus: dict[str, float], weights: dict[str, float]) -> float:
     missing = sorted(set(weights) - set(corpus))
     if missing:
@@ -40,7 +58,8 @@ def generation_figures(model, tokenizer, dataset, *, weights: dict[str, float], 
                        max_new_tokens: int, batch_size: int, dtype, preset: str = "coco",
                        meteor: bool = False) -> dict[str, Any]:
     """Greedy captions for the first ``num_samples`` of ``dataset`` (built with ``with_captions=False``), scored
-    against their captions: ``val_score`` (the weighted sum) and each weighted metric as ``val_<metric>``.
+    against their captions: ``val_score`` (the weighted sum) and each weighted metric as ``val_<metric>``; the
+    preset's metrics and ``EditDistance`` (mean ``normalized_edit_distance``) can be weighted.
     Under FSDP every rank generates the same captions, so all ranks run the same number of forward passes."""
     model.eval()
     indices = range(len(dataset) if num_samples is None else min(num_samples, len(dataset)))
@@ -52,4 +71,7 @@ def generation_figures(model, tokenizer, dataset, *, weights: dict[str, float], 
     references = {dataset.samples[i]["id"]: dataset.samples[i]["caption"] for i in indices}
     kwargs = {"meteor": meteor} if preset == "coco" else {"bertscore": False}
     corpus = score_captions(predictions, references, preset=preset, **kwargs).corpus
+    if EDIT_DISTANCE in weights:
+        corpus[EDIT_DISTANCE] = sum(normalized_edit_distance(predictions[k], references[k]) for k in references
+                                    ) / max(len(references), 1)
     return {"val_score": weighted_score(corpus, weights), **{f"val_{name}": corpus[name] for name in weights}}

@@ -1,6 +1,6 @@
 """Score a predictions CSV (``ID,caption``) against references (a CSV or a JSONL manifest) with a preset:
 ``coco`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr via pycocoevalcap; ``tokenize=false`` for R2Gen's pre-tokenised
-text), ``imageclef`` (official preprocessing; BERTScore, ROUGE-1, BLEU-1) or ``vqa`` (answers against
+text), ``imageclef`` (official preprocessing; BERTScore, ROUGE-1, ROUGE-L, BLEU-1) or ``vqa`` (answers against
 questions with options or closed answers: accuracy, macro accuracy over modalities); CLIPScore and RefCLIPScore when
 ``clipscore.model`` names a local open_clip folder, BLEURT when ``bleurt.model`` names a local BLEURT
 folder. Writes ``metrics.json``,

@@ -12,10 +12,14 @@ captions the image. Writes ``predictions.csv`` (``ID,caption``) and ``neighbours
   ``caption_line``), with the query image.
 
 Neighbours leave out the query itself and repeated captions (``exclude_self``, ``exclude_identical``,
-``dedupe_captions``) and those below ``threshold`` (cosine); an image left with none gets the plain prompt.
-``nearest_first: false`` puts the most similar example last, next to the query. The query images are embedded
-with the encoder the index names; when that is this config's model + checkpoint, its vision encoder is reused.
-Decoding keys are those of ``generate``.
+``dedupe_captions``) and those below ``threshold`` (cosine); an image left with none gets ``fallback_prompt``
+(null: the plain prompt). ``nearest_first: false`` puts the most similar example last, next to the query. The
+query images are embedded with the encoder the index names; when that is this config's model + checkpoint, its
+vision encoder is reused. ``clean_captions: aueb`` applies AUEB's clean-up to the captions
+(``medcap.retrieval.aueb_caption_cleanup``); the raw ones then go to ``raw_predictions.csv``. Decoding keys are
+those of ``generate``.
+
+    medcap run knn_fewshot --config aueb/knn_fewshot model_dir=DIR data_dir=DIR index_dir=INDEX
 """
 
 import sys
@@ -33,8 +37,9 @@ from medcap.data.dataset import collate_captions
 from medcap.data.images import load_image
 from medcap.generation import generate_batch
 from medcap.metrics import write_csv_predictions
-from medcap.retrieval import (CAPTION_LINE, CAPTIONS_TEMPLATE, CaptionIndex, ImageEmbedder, embedder_from_source,
-                              fewshot_prompt, retrieval_source, search_options, write_neighbours_csv)
+from medcap.retrieval import (CAPTION_LINE, CAPTIONS_TEMPLATE, CLEANUPS, CaptionIndex, ImageEmbedder,
+                              embedder_from_source, fewshot_prompt, retrieval_source, search_options,
+                              write_neighbours_csv)
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 
 
@@ -43,11 +48,13 @@ class FewShotPrompts(Dataset):
     first in ``turns`` mode, then the query's)."""
 
     def __init__(self, samples, neighbours, tokenizer, transform, image_tokens, prompt: str, mode: str,
-                 system: str | None, captions_template: str, caption_line: str, max_len: int):
+                 system: str | None, captions_template: str, caption_line: str, max_len: int,
+                 fallback_prompt: str | None = None):
         self.samples, self.neighbours, self.transform, self.mode = samples, neighbours, transform, mode
         self.prompts = []
         for s, found in zip(samples, neighbours):
-            ids = fewshot_prompt(tokenizer, s["prompt"] or prompt, [n.caption for n in found],
+            text = fallback_prompt if fallback_prompt and not found else s["prompt"] or prompt
+            ids = fewshot_prompt(tokenizer, text, [n.caption for n in found],
                                  [image_tokens(n.images, f"neighbour {n.id!r} of sample {s['id']!r}") for n in found],
                                  image_tokens(s["images"], f"sample {s['id']!r}"), mode, system, captions_template,
                                  caption_line)
@@ -106,10 +113,14 @@ def main(cfg: DictConfig) -> None:
         return per_image * len(paths) // views
 
     settings = decoding_settings(cfg)
+    cleanup = cfg.get("clean_captions")
+    if cleanup is not None and cleanup not in CLEANUPS:
+        raise ValueError(f"clean_captions must be null or one of {sorted(CLEANUPS)}, got {cleanup!r}")
     prompts = FewShotPrompts(samples, neighbours, tokenizer, dataset.transform, image_tokens, dataset.prompt,
                              cfg.get("mode", "turns"), dataset.system, cfg.get("captions_template", CAPTIONS_TEMPLATE),
                              cfg.get("caption_line", CAPTION_LINE),
-                             max_len=model.decoder.max_seq_len - settings["max_new_tokens"])
+                             max_len=model.decoder.max_seq_len - settings["max_new_tokens"],
+                             fallback_prompt=cfg.get("fallback_prompt"))
     loader = DataLoader(prompts, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.get("num_workers", 0),
                         collate_fn=partial(collate_captions, pad_id=tokenizer.pad_id, padding_side="left"))
     predictions, n_tokens, t0 = {}, 0, time.perf_counter()
@@ -121,11 +132,15 @@ def main(cfg: DictConfig) -> None:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cleanup is not None:
+        write_csv_predictions(out / "raw_predictions.csv", predictions)
+        predictions = {i: CLEANUPS[cleanup](caption) for i, caption in predictions.items()}
     write_csv_predictions(out / "predictions.csv", predictions)
     write_neighbours_csv(out / "neighbours.csv", [s["id"] for s in samples], neighbours)
     shots = sum(len(found) for found in neighbours) / max(len(samples), 1)
-    log.info(f"{len(predictions)} captions ({shots:.2f} examples each, mode {cfg.get('mode', 'turns')}), {n_tokens} "
-             f"tokens in {seconds:.1f} s -> {out / 'predictions.csv'}")
+    without = sum(not found for found in neighbours)
+    log.info(f"{len(predictions)} captions ({shots:.2f} examples each, {without} without any, mode "
+             f"{cfg.get('mode', 'turns')}), {n_tokens} tokens in {seconds:.1f} s -> {out / 'predictions.csv'}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@ Writes ``output_dir/predictions.csv`` (every draft ID once, in the drafts' order
     medcap run synthesize --config demo/synthesize drafts=run/predictions.csv
     medcap run synthesize --config demo/synthesize neighbours=outputs/demo/knn_fewshot/neighbours.csv
 
+The prompt: ``template`` (``{instruction}``, ``{neighbours}``: one ``neighbour_line`` per neighbour, ``{draft}``,
+``{image}``: the image's ID), or ``fallback_template`` for an image without neighbours (null: the template with
+an empty list); ``draft_turn: true`` sends the draft as a user turn of its own first (AUEB, Llama 3 chat format).
 A reply that is empty after cleaning keeps the draft (counted in the log). Decoding keys are those of
 ``generate``; greedy by default.
+
+    medcap run synthesize --config aueb/synthesize llm_dir=DIR data_dir=DIR drafts=RUN/predictions.csv index_dir=INDEX
 """
 
 import json
@@ -25,8 +30,8 @@ from torchtune import config, training
 from medcap.fuser import generate_texts, text_lm_and_tokenizer
 from medcap.metrics import read_predictions, write_csv_predictions
 from medcap.runtime import decoding_settings, device_and_dtype, log
-from medcap.synthesis import (DEFAULT_INSTRUCTION, DEFAULT_TEMPLATE, check_template, clean_output, read_neighbours,
-                              search_neighbours, synthesis_prompt)
+from medcap.synthesis import (DEFAULT_INSTRUCTION, DEFAULT_NEIGHBOUR_LINE, DEFAULT_TEMPLATE, check_template,
+                              clean_output, read_neighbours, search_neighbours, synthesis_prompt, synthesis_prompt_ids)
 
 
 @config.parse
@@ -36,7 +41,12 @@ def main(cfg: DictConfig) -> None:
     device, dtype = device_and_dtype(cfg)
     instruction = cfg.get("instruction") or DEFAULT_INSTRUCTION
     template = cfg.get("template") or DEFAULT_TEMPLATE
-    check_template(template)
+    fallback = cfg.get("fallback_template")
+    draft_turn = bool(cfg.get("draft_turn", False))
+    neighbour_line = cfg.get("neighbour_line") or DEFAULT_NEIGHBOUR_LINE
+    check_template(template, draft_turn)
+    if fallback is not None:
+        check_template(fallback, draft_turn, fallback=True)
     k = cfg.num_neighbours
     if k < 1:
         raise ValueError(f"num_neighbours must be at least 1, got {k}")
@@ -65,14 +75,19 @@ def main(cfg: DictConfig) -> None:
                          + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
     few = [i for i in drafts if len(neighbours[i]) < k]
     if few:
+        none = sum(not neighbours[i] for i in few)
+        then = "the fallback template" if fallback is not None else "an empty neighbour list"
         log.warning(f"{len(few)} IDs have fewer than num_neighbours={k} neighbours (e.g. {few[0]!r}: "
-                    f"{len(neighbours[few[0]])}); they are prompted with what there is")
+                    f"{len(neighbours[few[0]])}); they are prompted with what there is, the {none} without any "
+                    f"with {then}")
 
-    model, tokenizer = text_lm_and_tokenizer(cfg, device, dtype)
+    model, tokenizer = text_lm_and_tokenizer(cfg, device, dtype, seq2seq=False)  # a chat LLM
     model.eval()
     ids = list(drafts)
-    texts = [synthesis_prompt(drafts[i], neighbours[i], k, instruction, template) for i in ids]
-    prompts = [tokenizer.prompt_ids(text, 0, cfg.get("system")) for text in texts]
+    texts = [synthesis_prompt(drafts[i], neighbours[i], k, instruction, template, neighbour_line, image=i,
+                              fallback=fallback, draft_turn=draft_turn) for i in ids]
+    prompts = [synthesis_prompt_ids(tokenizer, text, drafts[i], cfg.get("system"), draft_turn)
+               for i, text in zip(ids, texts)]
     t0 = time.perf_counter()
     replies = generate_texts(model, tokenizer, prompts, batch_size=cfg.batch_size, seed=cfg.seed,
                              progress="synthesize", **decoding_settings(cfg))
@@ -80,13 +95,13 @@ def main(cfg: DictConfig) -> None:
 
     predictions, kept_draft = {}, 0
     with (out / "synthesis.jsonl").open("w", encoding="utf-8") as f:
-        for sample_id, reply in zip(ids, replies):
+        for sample_id, text, reply in zip(ids, texts, replies):
             caption = clean_output(reply, cfg.get("first_line_only", True))
             if not caption:
                 caption, kept_draft = drafts[sample_id], kept_draft + 1
             predictions[sample_id] = caption
             f.write(json.dumps({"id": sample_id, "draft": drafts[sample_id], "neighbours": neighbours[sample_id][:k],
-                                "reply": reply, "caption": caption}) + "\n")
+                                "prompt": text, "reply": reply, "caption": caption}) + "\n")
     write_csv_predictions(out / "predictions.csv", predictions)
     log.info(f"{len(predictions)} captions in {seconds:.1f} s ({kept_draft} empty replies kept their draft) "
              f"-> {out / 'predictions.csv'}")

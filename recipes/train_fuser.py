@@ -2,12 +2,16 @@
 image. ``candidates`` lists the runs' ``ID,caption`` CSVs on the validation split (same IDs in every file; the
 order of the list is the order of the captions in the prompt, and ``fuse`` must list the test runs in the same
 order); ``references`` holds the gold captions (CSV or JSONL manifest). The loss covers the target caption only.
+The LM is a decoder (``medcap.fuser.TextLM``: ``max_seq_len`` bounds prompt + caption) or an encoder-decoder
+(``medcap.seq2seq.hf_seq2seq_lm``, Flan-T5 as AUEB: ``max_seq_len`` bounds the source and the target each).
 
     medcap run train_fuser --config demo/train_fuser [key=value ...]
+    medcap run train_fuser --config aueb/train_fuser fuser_dir=DIR data_dir=DIR candidates=[A.csv,B.csv,C.csv]
 
-The shared training core does the loop (medcap.training.train): AdamW, warmup + cosine, gradient accumulation and
-clipping, checkpoints of the whole LM in safetensors (with ``config.yaml``, from which ``fuse`` takes the prompt),
-exact resume (``resume_from=auto``). ``holdout`` IDs are kept out of training for a validation loss. One process.
+The shared training core does the loop (medcap.training.train): AdamW, the configured schedule, gradient
+accumulation and clipping, checkpoints of the whole LM in safetensors (with ``config.yaml``, whose prompt
+strings ``fuse`` can take), exact resume (``resume_from=auto``). ``epochs`` (when set) fixes ``max_steps`` from
+the training set's size. ``holdout`` IDs are kept out of training for a validation loss. One process.
 """
 
 import sys
@@ -18,7 +22,7 @@ from omegaconf import DictConfig
 from torchtune import config, training
 
 from medcap.checkpoint import restore_training_state, resume_point
-from medcap.fuser import DEFAULT_INSTRUCTION, FuserDataset, merge_runs, split_ids, text_lm_and_tokenizer
+from medcap.fuser import FuserDataset, merge_runs, prompt_settings, split_ids, text_lm_and_tokenizer
 from medcap.metrics import read_references
 from medcap.runtime import caption_loader, device_and_dtype, log
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
@@ -32,8 +36,9 @@ def main(cfg: DictConfig) -> None:
     device, dtype = device_and_dtype(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.prompt.get("instruction") is None:  # written into the checkpoints' config.yaml, which fuse reads
-        cfg.prompt.instruction = DEFAULT_INSTRUCTION
+    # the prompt as used, defaults filled in, goes into the checkpoints' config.yaml (fuse may read it)
+    prompt = prompt_settings(cfg.get("prompt"), "train_fuser config")
+    cfg.prompt = prompt
 
     resume = resume_point(cfg.get("resume_from"), output_dir)
     init = resume or cfg.get("init_from")
@@ -43,7 +48,8 @@ def main(cfg: DictConfig) -> None:
     references = read_references(cfg.references)
     train_ids, held_ids = split_ids(ids, cfg.get("holdout", 0), cfg.seed)
     data = partial(FuserDataset, tokenizer, candidates, references, cfg.max_seq_len,
-                   instruction=cfg.prompt.instruction, system=cfg.prompt.get("system"), references_file=cfg.references)
+                   instruction=prompt["instruction"], system=prompt["system"], references_file=cfg.references,
+                   template=prompt["template"], candidate_line=prompt["candidate_line"], separator=prompt["separator"])
     train_set = data(ids=train_ids)
     evaluate = None
     if held_ids:
@@ -53,6 +59,12 @@ def main(cfg: DictConfig) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: model.trainable is frozen")
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    per_epoch = len(train_set) // cfg.batch_size
+    if cfg.get("epochs"):  # AUEB trained its fuser for 4 epochs
+        cfg.max_steps = max(1, cfg.epochs * per_epoch // accum)
+    elif not cfg.get("max_steps"):
+        raise ValueError("set max_steps, or epochs to derive it from the training set's size")
     optimizer = config.instantiate(cfg.optimizer, params)
     scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
     start_step, history = 0, []
@@ -60,7 +72,6 @@ def main(cfg: DictConfig) -> None:
         start_step, history = restore_training_state(resume, optimizer, scheduler)
         log.info(f"resuming from {resume} at step {start_step}")
 
-    accum = cfg.get("gradient_accumulation_steps", 1)
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum)
     batches = iter(caption_loader(train_set, tokenizer, cfg.batch_size, batch_sampler=sampler))
     epochs = cfg.max_steps * accum / sampler.per_epoch

@@ -92,7 +92,7 @@ def test_evaluate_recipe_with_bleurt(tmp_path, bleurt_dir, capsys):
     pair = Bleurt(bleurt_dir).pairs(["left lower lobe nodule", "no acute finding"],
                                     ["left lower lobe nodule", "right rib fracture"])
     assert metrics["BLEURT"] == pytest.approx(pair.mean(), abs=1e-6)
-    assert (out / "per_sample.csv").read_text().splitlines()[0] == "ID,ROUGE-1,BLEU-1,BLEURT"
+    assert (out / "per_sample.csv").read_text().splitlines()[0] == "ID,ROUGE-1,ROUGE-L,BLEU-1,BLEURT"
     cli.main(["run", "evaluate", "--config", "eval/imageclef", f"predictions={preds}", f"references={refs}",
               "bertscore=false", "bootstrap=0", f"output_dir={tmp_path / 'eval2'}"])
     assert "BLEURT: skipped" in capsys.readouterr().out

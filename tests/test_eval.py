@@ -12,7 +12,7 @@ from medcap import cli
 from medcap.metrics import (bootstrap_ci, check_submission, evaluate, paired_bootstrap, preprocess_caption, score,
                             write_csv_predictions)
 from medcap.metrics.coco import bleu_stats, corpus_bleu
-from medcap.metrics.imageclef import bleu1, rouge1_f
+from medcap.metrics.imageclef import bleu1, rouge1_f, rougeL_f
 from medcap.metrics.result import mean_scored
 
 WORDS = "left right upper lower lobe nodule opacity fracture effusion chest ct mri x-ray no acute finding".split()
@@ -92,6 +92,23 @@ def test_imageclef_rouge_and_bleu_match_rouge_score_and_nltk():
     ours = score(preds, refs, preset="imageclef", bertscore=False)
     assert ours["ROUGE-1"] == pytest.approx(np.mean(rouge), abs=1e-12)
     assert ours["BLEU-1"] == pytest.approx(np.mean(bleu), abs=1e-12)
+
+
+def test_imageclef_rouge_l_matches_rouge_score_after_the_official_preprocessing():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    preds, refs = _corpus(80, seed=5)
+    refs = {k: v[0] + (" 12 mm, lower lobe." if int(k) % 4 == 0 else "") for k, v in refs.items()}
+    preds["0"], refs["1"] = "", ""  # one empty prediction, one empty reference
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    expected = [1.0 if not preds[k] and not refs[k] else
+                scorer.score(preprocess_caption(refs[k]), preprocess_caption(preds[k]))["rougeL"].fmeasure
+                for k in refs]
+    ours = evaluate(preds, refs, preset="imageclef", bertscore=False)
+    assert ours.corpus["ROUGE-L"] == pytest.approx(np.mean(expected), abs=1e-12)
+    assert ours.per_sample["ROUGE-L"][ours.ids.index("0")] == 0.0
+    # hand-checked: LCS of "a b c d" and "a c e d" is "a c d": P = R = 3/4
+    assert rougeL_f("a b c d", "a c e d") == pytest.approx(0.75)
+    assert rougeL_f("the left lung", "Left lung, the") == pytest.approx(2 / 3)  # LCS "left lung" of 3 and 3
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +221,7 @@ def test_evaluate_recipe_and_compare(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ROUGE-1"] == pytest.approx((1 + 1 + 2 / 3) / 3)
     rows = (out / "per_sample.csv").read_text().splitlines()
-    assert rows[0] == "ID,ROUGE-1,BLEU-1" and rows[3].startswith("c,0.666667,")
+    assert rows[0] == "ID,ROUGE-1,ROUGE-L,BLEU-1" and rows[3].startswith("c,0.666667,0.666667,")
     intervals = json.loads((out / "intervals.json").read_text())["intervals"]
     assert intervals["ROUGE-1"][0] <= metrics["ROUGE-1"] <= intervals["ROUGE-1"][1]
     paired = json.loads((out / "paired.json").read_text())["metrics"]
@@ -224,7 +241,7 @@ def test_evaluate_recipe_and_compare(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = printed.splitlines()
-    assert lines[0].split() == ["ROUGE-1", "BLEU-1"] and lines[1].split()[0] == "eval"
+    assert lines[0].split() == ["ROUGE-1", "ROUGE-L", "BLEU-1"] and lines[1].split()[0] == "eval"
 
 
 def _tiny_open_clip_dir(path):

@@ -289,13 +289,13 @@ def test_aueb_configs_run_on_a_tiny_llama_folder(runs, tmp_path_factory):
         OmegaConf.save(cfg, out / f"{name}.yaml")
         return str(out / f"{name}.yaml")
 
-    cli.run_recipe("train_fuser", config("train_fuser", data_dir=str(data_dir), output_dir=str(out / "fuser"),
+    cli.run_recipe("train_fuser", config("train_fuser_decoder", data_dir=str(data_dir), output_dir=str(out / "fuser"),
                                          holdout=2, batch_size=2, gradient_accumulation_steps=1, max_steps=3,
                                          eval_every=3, save_every=None, metric_logger=None,
                                          **{"lr_scheduler.num_warmup_steps": 0}), [])
     history = json.loads((out / "fuser" / "train_summary.json").read_text())["history"]
     assert len(history) == 3 and "val_loss" in history[-1]
-    cli.run_recipe("fuse", config("fuse", output_dir=str(out / "fuse"), checkpoint=str(out / "fuser" / "checkpoints"),
+    cli.run_recipe("fuse", config("fuse_decoder", output_dir=str(out / "fuse"), checkpoint=str(out / "fuser" / "checkpoints"),
                                   batch_size=5, max_new_tokens=3, num_beams=2), [])
     assert list(read_predictions(out / "fuse" / "predictions.csv")) == IDS
 

@@ -9,7 +9,7 @@ from medcap.metrics.result import Scored
 from medcap.metrics.submission import check_submission
 
 PRESETS = ("coco", "imageclef", "vqa")
-IMAGECLEF_METRICS = ["BERTScore", "ROUGE-1", "BLEU-1"]
+IMAGECLEF_METRICS = ["BERTScore", "ROUGE-1", "ROUGE-L", "BLEU-1"]
 
 
 def _check_ids(predictions: dict, references: dict) -> None:
@@ -41,7 +41,8 @@ def evaluate(predictions: dict[str, str], references: dict[str, str | list[str]]
 
     ``preset="coco"``: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) after PTB tokenisation, or only
     lowercasing and whitespace splitting with ``tokenize=False`` (pre-tokenised text, as R2Gen scores).
-    ``preset="imageclef"``: the official preprocessing, then BERTScore, ROUGE-1 and BLEU-1 averaged over images.
+    ``preset="imageclef"``: the official preprocessing, then BERTScore, ROUGE-1, ROUGE-L and BLEU-1 averaged over
+    images.
     ``bertscore``: None or True for the default (MiniLM, F1), False to skip, a dict of ``BertScore`` arguments
     (``model``, ``num_layers``, ``idf``, ``component``) or a ``BertScore``.
     ``preset="vqa"``: ``references`` are questions ({id: {"answer", "options", "modality", ...}}, see

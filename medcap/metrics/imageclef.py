@@ -1,6 +1,7 @@
 """The ImageCLEFmedical caption preset: the official per-caption preprocessing, ROUGE-1 F-measure (tokenised as
-rouge-score does, no stemming), BLEU-1 and BERTScore, each averaged over images; a pair whose raw captions are
-both empty scores 1, as in the official evaluator."""
+rouge-score does, no stemming; the 2024 leaderboard's ROUGE), ROUGE-L F-measure (the same tokens, longest common
+subsequence; the AUEB thesis' table names its ROUGE column so), BLEU-1 and BERTScore, each averaged over images;
+a pair whose raw captions are both empty scores 1, as in the official evaluator."""
 
 import re
 import string
@@ -33,6 +34,25 @@ def rouge1_f(prediction: str, reference: str) -> float:
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        previous = 0  # the row above, one column to the left
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], previous + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rougeL_f(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (beta 1) on rouge-score's tokens: LCS / length for precision and recall."""
+    hyp, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    if not hyp or not ref:
+        return 0.0
+    lcs = _lcs_length(hyp, ref)
+    precision, recall = lcs / len(hyp), lcs / len(ref)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
 def bleu1(prediction: str, reference: str) -> float:
     """Sentence BLEU-1 on whitespace tokens: clipped unigram precision times the brevity penalty (no smoothing)."""
     hyp, ref = prediction.split(), reference.split()
@@ -51,6 +71,7 @@ def imageclef_scores(predictions: dict[str, str], references: dict[str, str], be
     refs = [preprocess_caption(references[k]) for k in ids]
     per_sample = {
         "ROUGE-1": np.array([rouge1_f(h, r) for h, r in zip(hyps, refs)]),
+        "ROUGE-L": np.array([rougeL_f(h, r) for h, r in zip(hyps, refs)]),
         "BLEU-1": np.array([bleu1(h, r) for h, r in zip(hyps, refs)]),
     }
     if bertscore is not None:

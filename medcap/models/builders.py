@@ -83,6 +83,19 @@ def llama3_2_1b_clip336(llm_dir: str | None = None, vision_dir: str | None = Non
     return vision_language_model(decoder, encoder, projector, LLAMA3_IMAGE_ID, trainable, lora=lora)
 
 
+def llava_hf(model_dir: str, trainable: dict[str, str] | None = None, lora: dict | None = None,
+             max_seq_len: int | None = None) -> VisionLanguageModel:
+    """LLaVA 1.5 as published (``llava-hf/llava-1.5-7b-hf``): CLIP ViT-L/14-336 (``vision_feature_layer``,
+    ``vision_feature_select_strategy``), the two-layer GELU projector and Vicuna-7B, all with their weights, from
+    the local folder ``model_dir`` (config.json, safetensors shards; see ``medcap.models.llava_hf``). The image
+    placeholder is config.json's ``image_token_index`` (inside the LLM's vocabulary); its tokenizer is
+    ``medcap.text.llava_hf_tokenizer(model_dir)``. ``max_seq_len`` (default: the LLM's
+    ``max_position_embeddings``) sizes the RoPE tables."""
+    from medcap.models.llava_hf import llava_hf_model
+
+    return llava_hf_model(model_dir, trainable, lora, max_seq_len)
+
+
 def tiny_demo(projector: str = "mlp2", trainable: dict[str, str] | None = None,
               lora: dict | None = None) -> VisionLanguageModel:
     return vision_language_model(decoders.tiny_smollm2(), encoders.tiny_efficientnet(), projector,

@@ -135,3 +135,18 @@ def llama3_tokenizer(path: str) -> Llama3ChatTokenizer:
 
 def llama2_tokenizer(path: str) -> Llama2ChatTokenizer:
     return Llama2ChatTokenizer(path)
+
+
+def llama3_user_turns_ids(tokenizer: Llama3ChatTokenizer, turns: list[str], system: str | None = None) -> list[int]:
+    """Several user turns in a row, then the assistant header (AUEB's synthesizer sent the draft caption and the
+    instruction as two user messages)::
+
+        <|begin_of_text|>[system turn]<|start_header_id|>user<|end_header_id|>\\n\\n{turn}<|eot_id|>...
+        <|start_header_id|>assistant<|end_header_id|>\\n\\n
+    """
+    if not turns:
+        raise ValueError("at least one user turn is needed")
+    ids = tokenizer.prompt_ids(turns[0], 0, system)[:-len(tokenizer._header("assistant"))]
+    for text in turns[1:]:
+        ids += tokenizer._header("user") + tokenizer.encode(text.strip()) + [tokenizer.eot_id]
+    return ids + tokenizer._header("assistant")

@@ -7,11 +7,27 @@ from medcap.text.tokenizers import ChatTokenizer
 IGNORE_INDEX = -100  # label of positions the loss skips (torch's cross_entropy default)
 
 
+def prompt_labels(tokenizer: ChatTokenizer, prompt_ids: list[int]) -> list[int]:
+    """Labels of prompt tokens: IGNORE_INDEX, or, for a tokenizer with ``loss_on_prompt`` (the AUEB thesis trained
+    LLaVA so), the token ids themselves, image placeholders still ignored."""
+    if not getattr(tokenizer, "loss_on_prompt", False):
+        return [IGNORE_INDEX] * len(prompt_ids)
+    return [IGNORE_INDEX if i == tokenizer.image_token_id else i for i in prompt_ids]
+
+
+def _cut(answer: list[int], room: int, tokenizer: ChatTokenizer) -> list[int]:
+    """``answer`` cut to ``room`` tokens, keeping its end-of-turn token when it ends with one (an answer without
+    one, e.g. ``VicunaTokenizer(answer_eos=False)``, is simply cut)."""
+    if answer[-1] in getattr(tokenizer, "stop_ids", answer[-1:]):
+        return answer[:room - 1] + answer[-1:]
+    return answer[:room]
+
+
 def build_sample(tokenizer: ChatTokenizer, prompt: str, caption: str, num_image_tokens: int, max_seq_len: int,
                  system: str | None = None) -> dict[str, Any]:
     """``tokens`` = ``prompt_ids`` + ``answer_ids(caption)``. ``labels`` are aligned with ``tokens`` (the loss
-    shifts them): IGNORE_INDEX on the whole prompt (its text, the image placeholders, the assistant header), the
-    token ids on the caption and its end-of-turn token.
+    shifts them): IGNORE_INDEX on the whole prompt (its text, the image placeholders, the assistant header; see
+    ``prompt_labels`` for the exception), the token ids on the caption and its end-of-turn token.
 
     A caption that does not fit ``max_seq_len`` is cut, keeping its end-of-turn token (``truncated`` is then
     True); the prompt and the image placeholders are never cut. ValueError when the prompt leaves no room for
@@ -24,8 +40,9 @@ def build_sample(tokenizer: ChatTokenizer, prompt: str, caption: str, num_image_
                          f"the caption at least 2 more, but max_seq_len is {max_seq_len}")
     truncated = len(answer) > room
     if truncated:
-        answer = answer[:room - 1] + answer[-1:]
-    return {"tokens": prompt_ids + answer, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer, "truncated": truncated}
+        answer = _cut(answer, room, tokenizer)
+    return {"tokens": prompt_ids + answer, "labels": prompt_labels(tokenizer, prompt_ids) + answer,
+            "truncated": truncated}
 
 
 def build_conversation_sample(tokenizer: ChatTokenizer, turns: list[tuple[str, str]], num_image_tokens: int,
@@ -51,7 +68,7 @@ def build_conversation_sample(tokenizer: ChatTokenizer, turns: list[tuple[str, s
             truncated = True
             break
         if len(reply) > room:
-            reply, truncated = reply[:room - 1] + reply[-1:], True
+            reply, truncated = _cut(reply, room, tokenizer), True
         tokens = tokens + prompt + reply
-        labels = labels + [IGNORE_INDEX] * len(prompt) + reply
+        labels = labels + prompt_labels(tokenizer, prompt) + reply
     return {"tokens": tokens, "labels": labels, "truncated": truncated}
