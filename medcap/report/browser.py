@@ -9,6 +9,7 @@ import argparse
 import base64
 import json
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -76,7 +77,8 @@ class Chromium:
         deadline = time.monotonic() + self.timeout
         while True:
             while b"\0" not in self._buffer:
-                if time.monotonic() > deadline:
+                ready, _, _ = select.select([self._events], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
                     raise BrowserError(f"{method}: no answer within {self.timeout:.0f} s")
                 chunk = os.read(self._events, 1 << 20)
                 if not chunk:

@@ -125,7 +125,7 @@ def _default_sort(keys: list[str], wanted: str | None) -> str:
 def _images(ids: list[str], images: dict[str, list[str]] | None, page: Path,
             options: ReportOptions) -> dict[str, dict]:
     """{id: {"img": src, "href": link to the full image} or {"noimg": why}} for the ids with images."""
-    first = {k: (images or {}).get(k, [None])[0] for k in ids}
+    first = {k: ((images or {}).get(k) or [None])[0] for k in ids}
     paths = [p for p in first.values() if p]
     sources, problems = thumbnail_sources(paths, page, options.thumbnail_px, options.inline_kb)
     if problems:
