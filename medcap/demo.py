@@ -1,6 +1,7 @@
 """``make demo``: build the demo data, train the demo captioner with the LLM frozen, caption the test split
 with the trained and the untrained model, score both against an image-blind baseline, and write
-``outputs/demo/report.json`` and ``outputs/demo/loss_curve.png``.
+``outputs/demo/report.json``, ``outputs/demo/loss_curve.png`` and, through the evaluate recipe (trained against
+the image-blind baseline), ``outputs/demo/report.html`` to browse the test images.
 
     python -m medcap.demo [--steps N] [--out outputs/demo]
 """
@@ -70,6 +71,12 @@ def main() -> None:
         report[name] = demo_scores(preds, references)
     times["score"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()  # metrics.json, intervals, the paired comparison and report.html in ``out``
+    run_recipe("evaluate", "demo/evaluate", [f"predictions={out / 'trained' / 'predictions.csv'}",
+                                             f"compare_to={out / 'image_blind' / 'predictions.csv'}",
+                                             f"references={DATA / 'test.jsonl'}", f"output_dir={out}"])
+    times["report"] = time.perf_counter() - t0
+
     summary = json.loads((out / "train" / "train_summary.json").read_text())
     shutil.copyfile(out / "train" / "loss_curve.png", out / "loss_curve.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -84,6 +91,7 @@ def main() -> None:
           f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())}); training step "
           f"{summary['mean_step_time_s']:.2f} s, peak memory {summary['peak_memory_mb']:.0f} MB.")
     print(f"Report: {out / 'report.json'}; loss curve: {out / 'loss_curve.png'}")
+    print(f"Browse the test images, captions and scores (trained vs image_blind): {out / 'report.html'}")
     for name in ("trained",):
         for sample_id in list(references)[:3]:
             print(f"  {sample_id}\n    reference: {references[sample_id]}\n    {name}: {predictions[name][sample_id]}")

@@ -5,7 +5,8 @@ questions with options or closed answers: accuracy, macro accuracy over modaliti
 ``clipscore.model`` names a local open_clip folder, BLEURT when ``bleurt.model`` names a local BLEURT
 folder. Writes ``metrics.json``,
 ``per_sample.csv`` and, with ``bootstrap`` > 0, ``intervals.json``; with ``compare_to`` (a second predictions
-CSV) a paired bootstrap of the difference goes to ``paired.json``. Prints a table.
+CSV) a paired bootstrap of the difference goes to ``paired.json``; ``report.html`` (unless ``report=false``) is a
+page to browse the samples (``medcap.report``). Prints a table.
 
     medcap run evaluate --config eval/coco predictions=P.csv references=R.jsonl
 """
@@ -20,6 +21,7 @@ from torchtune import config
 from medcap.atomic import write_json
 from medcap.metrics import (bootstrap_ci, check_submission, evaluate, format_table, paired_bootstrap,
                             read_predictions, read_references)
+from medcap.report import evaluation_report, report_options
 
 
 @config.parse
@@ -95,6 +97,13 @@ def main(cfg: DictConfig) -> None:
         for metric, d in paired.items():
             print(f"  {metric:<10} {d['difference']:+.4f}  [{d['low']:+.4f}, {d['high']:+.4f}]  p={d['p_value']:.3f}")
     print(f"{len(references)} images scored -> {out / 'metrics.json'}")
+
+    report = report_options(cfg.get("report", True))  # report.html beside metrics.json; report=false: none
+    if report:
+        compared = (other_name, cfg.compare_to, other, paired) if cfg.get("compare_to") else None
+        page = evaluation_report(out / "report.html", report, preset, scored, name, cfg.predictions, cfg.references,
+                                 references, intervals.get(name), compared, resamples, seed)
+        print(f"report -> {page}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Writes ``output_dir/predictions.jsonl`` (id, question, options, raw answer, pars
 whether it is right, modality, question type; the description and the option scores where the mode has them),
 ``predictions.csv`` (``ID,caption``, scorable with ``medcap run evaluate --config eval/vqa``), ``metrics.json``
 (accuracy, macro accuracy over ``group_by``, per group; the evaluation's VQA scorer) and, with ``bootstrap`` > 0,
-``intervals.json``.
+``intervals.json``; ``report.html`` (unless ``report=false``) shows every question with its image, options and
+the parsed answer, right or wrong (``medcap.report``).
 
     medcap run vqa --config demo/vqa mode=likelihood
 """
@@ -35,6 +36,7 @@ from medcap.data.images import load_image
 from medcap.generation import generate
 from medcap.metrics import bootstrap_ci, evaluate, format_table, write_csv_predictions
 from medcap.metrics.vqa import parse_choice
+from medcap.report import report_options, vqa_report
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 from medcap.vqa import (NORMALIZE, answer_prompt, correct_option, option_ids, pick_option, question_text,
                         score_options, vqa_questions)
@@ -188,6 +190,12 @@ def main(cfg: DictConfig) -> None:
                                              "intervals": intervals[cfg.mode]})
     print(format_table({cfg.mode: scored.corpus}, intervals=intervals))
     log.info(f"{len(questions)} questions ({cfg.mode}) in {seconds:.1f} s -> {out / 'metrics.json'}")
+    report = report_options(cfg.get("report", True))  # report.html beside metrics.json; report=false: none
+    if report:
+        records = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        page = vqa_report(out / "report.html", records, scored.corpus, intervals.get(cfg.mode),
+                          {q["id"]: q["images"] for q in questions}, report, cfg.mode)
+        log.info(f"report -> {page}")
 
 
 if __name__ == "__main__":
