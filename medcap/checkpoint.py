@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from medcap.atomic import replaced_atomically
 from medcap.distributed import full_tensor, is_rank_zero
+from medcap.models import import_medcap
 from medcap.models.lora import adapter_names
 
 WEIGHTS = "model.safetensors"
@@ -71,6 +72,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(model, path: str | Path) -> Path:
     """Load the trained parts saved by :func:`save_checkpoint` into ``model``: per part either every weight, or
     (a LoRA run's checkpoint) every adapter; anything else missing or unexpected is an error."""
+    if import_medcap.is_seed_checkpoint(path):  # the medcap seed's meta_model_*.pt (medcap.models.import_medcap)
+        return import_medcap.load(model, path)
     path = resolve_checkpoint(path)
     state = load_file(path / WEIGHTS)
     by_part: dict[str, dict[str, torch.Tensor]] = {}
