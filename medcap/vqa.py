@@ -183,3 +183,41 @@ def pick_option(scores: list[tuple[float, int]], normalize: str = "mean") -> int
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     values = [total if normalize == "sum" else total / n for total, n in scores]
     return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+# --- two_stage_judge: the medcap seed's protocol -------------------------------------------------------------------
+
+JUDGE_INSTRUCTION = ("Based on the question and our answer, respond with only the letter of the correct option from "
+                     "the given choices.")
+JUDGE_MISSING = ("omit", "nan")
+SEED_LETTERS = "ABCD"
+
+
+def judge_text(question: str, answer: str, options: dict[str, str], missing: str = "omit") -> str:
+    """The medcap seed's judge prompt: the question, the model's free answer, the options, the instruction. With
+    ``missing="nan"`` it is the prompt the seed's run actually built: it read its answers back from a CSV with
+    pandas, so an empty cell (option C and D of a two-option question, an empty answer) came back as NaN and was
+    printed ``nan``, and every question showed options A to D."""
+    if missing not in JUDGE_MISSING:
+        raise ValueError(f"judge_missing must be one of {JUDGE_MISSING}, got {missing!r}")
+    if missing == "nan":
+        options = {letter: options.get(letter) or "nan" for letter in SEED_LETTERS}
+        answer = answer or "nan"
+    lines = [f"Question: {question.strip()}", f"Our answer: {answer}"]
+    lines += [f"{letter}. {text}" for letter, text in options.items()]
+    return "\n".join(lines) + "\n\n" + JUDGE_INSTRUCTION
+
+
+def judge_letter(reply: str) -> str:
+    """The seed's reading of the judge's reply: its first character after stripping, upper-cased ('' if none)."""
+    return reply.strip()[:1].upper()
+
+
+def description_budget(max_new_tokens: int, context_len: int | None, prompt_len: int, question_len: int,
+                       spare: int = 5) -> int:
+    """How many tokens the image description may take: ``min(max_new_tokens, context_len - prompt_len -
+    question_len - spare)`` (the seed: min(200, 500 - prompt - question - 5), so that the second turn still fits
+    its 500-token context); ``max_new_tokens`` without a ``context_len``."""
+    if context_len is None:
+        return max_new_tokens
+    return min(max_new_tokens, context_len - prompt_len - question_len - spare)

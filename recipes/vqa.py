@@ -10,6 +10,17 @@ vision-language model in one of four modes (``mode``):
   one is the answer. All options of a question go through the model in one packed row, the image encoded once
   (``medcap.vqa``). Questions without options are answered by generation, as in ``direct``.
 - ``two_stage_likelihood``: the options are scored after the description turn.
+- ``two_stage_judge`` (the medcap seed's protocol, ``medcap.vqa``): turn 1 is the image placeholders alone and the
+  model's description, at most min(``description_max_new_tokens``, ``describe_context_len`` - prompt - question -
+  5) tokens, once per image (the first question asked about it sets the budget); turn 2 is the bare question
+  (no options), at most ``max_new_tokens``; then the same LLM, text only, is shown the question, that answer and
+  the options and asked for the letter (``judge_max_new_tokens``); the first character of its reply is the
+  answer. Questions without options (VQA-RAD closed) are scored on the turn-2 answer. ``judge_missing: nan``
+  builds the judge prompt the seed's run built (empty options printed ``nan``); ``prompt_encoding: seed_text``
+  feeds the model what the seed's generation recipe fed it (``medcap.text.seed_prompts``).
+
+``shuffle_seed`` (not null) puts the questions in the order ``random.Random(shuffle_seed).shuffle`` gives, as the
+seed ordered OmniMedVQA (options stay in the file's order); ``limit`` then takes the first N of that order.
 
 Writes ``output_dir/predictions.jsonl`` (id, question, options, raw answer, parsed option, correct option,
 whether it is right, modality, question type; the description and the option scores where the mode has them),
@@ -22,6 +33,7 @@ the parsed answer, right or wrong (``medcap.report``).
 """
 
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -38,10 +50,12 @@ from medcap.metrics import bootstrap_ci, evaluate, format_table, write_csv_predi
 from medcap.metrics.vqa import parse_choice
 from medcap.report import report_options, vqa_report
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
-from medcap.vqa import (NORMALIZE, answer_prompt, correct_option, option_ids, pick_option, question_text,
-                        score_options, vqa_questions)
+from medcap.text.seed_prompts import rendered_prompt, seed_text_ids
+from medcap.vqa import (JUDGE_MISSING, NORMALIZE, answer_prompt, correct_option, description_budget, judge_letter,
+                        judge_text, option_ids, pick_option, question_text, score_options, vqa_questions)
 
-MODES = ("direct", "two_stage", "likelihood", "two_stage_likelihood")
+MODES = ("direct", "two_stage", "likelihood", "two_stage_likelihood", "two_stage_judge")
+PROMPT_ENCODINGS = ("chat", "seed_text")
 
 
 def batches(items: list, size: int) -> list[list]:
@@ -62,14 +76,19 @@ class VQARun:
     def image_tokens(self, question: dict) -> int:
         return self.model.tokens_per_image * len(question["images"]) // self.model.views_per_block
 
-    def generate(self, prompts: list[list[int]], images: torch.Tensor, max_new_tokens: int,
+    def generate(self, prompts: list[list[int]], images: torch.Tensor | None, max_new_tokens: int,
                  batch_index: int) -> list[str]:
+        return [self.tokenizer.decode(ids).strip()
+                for ids in self.generate_ids(prompts, images, max_new_tokens, batch_index)]
+
+    def generate_ids(self, prompts: list[list[int]], images: torch.Tensor | None, max_new_tokens: int,
+                     batch_index: int) -> list[list[int]]:
         cfg = self.cfg
         self.generator.manual_seed(cfg.seed + batch_index)
         settings = {**decoding_settings(cfg), "max_new_tokens": max_new_tokens}
-        outputs = generate(self.model, prompts, images.to(self.dtype), stop_ids=self.tokenizer.stop_ids,
-                           pad_id=self.tokenizer.pad_id, generator=self.generator, **settings)
-        return [self.tokenizer.decode(ids).strip() for ids in outputs]
+        return generate(self.model, prompts, None if images is None else images.to(self.dtype),
+                        stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id, generator=self.generator,
+                        **settings)
 
     def describe(self, questions: list[dict]) -> dict[tuple, str]:
         """{image paths: description}, each distinct image (set) described once."""
@@ -95,6 +114,65 @@ class VQARun:
             texts = self.generate(prompts, self.images(batch), self.cfg.max_new_tokens, index)
             answers.update({q["id"]: {"raw_answer": text} for q, text in zip(batch, texts)})
         return answers
+
+    # --- two_stage_judge ---------------------------------------------------------------------------------------
+
+    def encoded(self, ids: list[int]) -> list[int]:
+        """Chat prompt ids as the model gets them: as built (``chat``) or as the seed's recipe re-encoded them."""
+        return ids if self.cfg.get("prompt_encoding", "chat") == "chat" else seed_text_ids(self.tokenizer, ids)
+
+    def describe_ids(self, question: dict) -> list[int]:
+        """Turn 1: the image placeholders alone."""
+        return self.tokenizer.prompt_ids("", self.image_tokens(question), self.dataset.system)
+
+    def description_tokens(self, question: dict) -> int:
+        """The description's budget for the image of ``question`` (see ``medcap.vqa.description_budget``). The
+        prompt is the two-turn prompt with an empty description and an empty question; with ``seed_text`` both
+        lengths are counted as the seed counted them: its rendered text re-encoded, with BOS and EOS."""
+        tok, cfg = self.tokenizer, self.cfg
+        empty = self.describe_ids(question) + tok.answer_ids("") + tok.followup_ids("")
+        if cfg.get("prompt_encoding", "chat") == "chat":
+            prompt_len, question_len = len(empty), len(tok.encode(question["question"].strip()))
+        else:
+            prompt_len, question_len = len(tok.encode(rendered_prompt(tok, empty))) + 2, len(
+                tok.encode(question["question"])) + 2
+        budget = description_budget(cfg.description_max_new_tokens, cfg.get("describe_context_len"), prompt_len,
+                                    question_len)
+        if budget < 1:
+            raise ValueError(f"question {question['id']!r}: no room for a description in describe_context_len="
+                             f"{cfg.describe_context_len} (prompt {prompt_len} + question {question_len} + 5 tokens)")
+        return budget
+
+    def answer_by_judge(self, questions: list[dict]) -> tuple[dict[str, dict], dict[tuple, str]]:
+        cfg, tok = self.cfg, self.tokenizer
+        firsts: dict[tuple, dict] = {}
+        for q in questions:
+            firsts.setdefault(tuple(q["images"]), q)
+        descriptions = {}
+        for index, batch in enumerate(tqdm(batches(list(firsts.values()), cfg.batch_size), desc="describe",
+                                           unit="batch")):
+            budgets = [self.description_tokens(q) for q in batch]
+            outputs = self.generate_ids([self.encoded(self.describe_ids(q)) for q in batch], self.images(batch),
+                                        max(budgets), 10_000 + index)
+            # greedy decoding: the first n tokens of a longer generation are the generation of n tokens
+            descriptions.update({tuple(q["images"]): tok.decode(ids[:n]).strip()
+                                 for q, ids, n in zip(batch, outputs, budgets)})
+        answers = {}
+        for index, batch in enumerate(tqdm(batches(questions, cfg.batch_size), desc="answer", unit="batch")):
+            prompts = [self.encoded(self.describe_ids(q) + tok.answer_ids(descriptions[tuple(q["images"])])
+                                    + tok.followup_ids(q["question"])) for q in batch]
+            texts = self.generate(prompts, self.images(batch), cfg.max_new_tokens, index)
+            answers.update({q["id"]: {"raw_answer": text, "answer_text": text} for q, text in zip(batch, texts)})
+        with_options = [q for q in questions if q["options"]]
+        missing = cfg.get("judge_missing", "omit")
+        for index, batch in enumerate(tqdm(batches(with_options, cfg.batch_size), desc="judge", unit="batch")):
+            prompts = [self.encoded(tok.prompt_ids(judge_text(q["question"], answers[q["id"]]["answer_text"],
+                                                              q["options"], missing)))
+                       for q in batch]
+            replies = self.generate(prompts, None, cfg.get("judge_max_new_tokens", 20), 20_000 + index)
+            for q, reply in zip(batch, replies):
+                answers[q["id"]].update(raw_answer=judge_letter(reply), judge_reply=reply)
+        return answers, descriptions
 
     def rows(self, questions: list[dict]) -> list[list[dict]]:
         """Questions about the same image(s) share a row, at most ``questions_per_row`` of them."""
@@ -135,20 +213,28 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.mode.endswith("likelihood") and cfg.normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {cfg.normalize!r}")
+    if cfg.get("prompt_encoding", "chat") not in PROMPT_ENCODINGS:
+        raise ValueError(f"prompt_encoding must be one of {PROMPT_ENCODINGS}, got {cfg.prompt_encoding!r}")
+    if cfg.get("judge_missing", "omit") not in JUDGE_MISSING:
+        raise ValueError(f"judge_missing must be one of {JUDGE_MISSING}, got {cfg.judge_missing!r}")
     training.set_seed(seed=cfg.seed)
     device, dtype = device_and_dtype(cfg)
     model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=cfg.get("checkpoint"))
     model.eval()
     dataset = caption_dataset(cfg.dataset, tokenizer, model, with_captions=False)
     questions = vqa_questions(dataset.samples)
+    if cfg.get("shuffle_seed") is not None:
+        random.Random(cfg.shuffle_seed).shuffle(questions)
     if cfg.get("limit"):
         questions = questions[:cfg.limit]
     run = VQARun(cfg, model, tokenizer, dataset, dtype)
 
     t0 = time.perf_counter()
     two_stage = cfg.mode.startswith("two_stage")
-    descriptions = run.describe(questions) if two_stage else {}
-    if cfg.mode.endswith("likelihood"):
+    descriptions = run.describe(questions) if two_stage and cfg.mode != "two_stage_judge" else {}
+    if cfg.mode == "two_stage_judge":
+        answers, descriptions = run.answer_by_judge(questions)
+    elif cfg.mode.endswith("likelihood"):
         with_options = [q for q in questions if q["options"]]
         answers = run.answer_by_likelihood(with_options, descriptions)
         open_questions = [q for q in questions if not q["options"]]
@@ -174,8 +260,7 @@ def main(cfg: DictConfig) -> None:
                "correct": bool(correct[q["id"]]), "modality": q["modality"], "question_type": q["question_type"]}
         if two_stage:
             row["description"] = descriptions[tuple(q["images"])]
-        if "option_scores" in answers[q["id"]]:
-            row["option_scores"] = answers[q["id"]]["option_scores"]
+        row.update({k: v for k, v in answers[q["id"]].items() if k != "raw_answer"})  # option scores, judge reply
         rows.append(json.dumps(row))
     write_text(out / "predictions.jsonl", "\n".join(rows) + "\n")
     # one line per answer (scoring ignores whitespace runs; medcap.metrics.read_predictions drops newlines inside

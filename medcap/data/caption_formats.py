@@ -207,3 +207,67 @@ def read_llava(data_dir: Path, split: str, annotation_file: str = "{split}.json"
                                          source, prompt=turns[0]["content"], caption_field="conversations[1].value",
                                          turns=turns))
     return drop_duplicates(samples, problems), problems
+
+
+SEED_PLACEHOLDER = "①"  # the medcap seed's image placeholder character (Llama 3 token 118075)
+
+
+def _meta_fields(meta: Any) -> dict[str, str] | None:
+    """The medcap seed's ``meta``: ``key=value`` pairs joined by ``;`` (``dir=/data/images``); None if malformed."""
+    if meta in (None, ""):
+        return {}
+    if not isinstance(meta, str):
+        return None
+    pairs = [part.split("=", 1) for part in meta.split(";") if part.strip()]
+    return {k.strip(): v for k, v in pairs} if all(len(p) == 2 for p in pairs) else None
+
+
+def read_sharegpt(data_dir: Path, split: str, annotation_file: str = "{split}.json", image_folder: str = ".",
+                  placeholder: str = SEED_PLACEHOLDER) -> Samples:
+    """The ShareGPT files the medcap seed converts its training sets to: a JSON list of ``{"conversations":
+    [{"from": "human", "value": "①①...①"}, {"from": "gpt", "value": caption}], "image": file name, "meta":
+    "dir=<image folder>"}`` (``meta`` holds ``;``-separated ``key=value`` pairs; a relative ``dir`` is taken
+    relative to ``data_dir``; without ``meta`` the image is in ``image_folder``). The run of ``placeholder``
+    characters in the first human turn stands for the image (the model puts its own placeholders there) and
+    must not appear in later turns; the text left around it is the prompt. The seed's files hold no text there
+    (None: the data set's ``prompt`` applies, ``prompt: ""`` gives a user turn of placeholders only); its
+    ``instruction_type`` random / fixed files add ``"\\n\\n" + instruction``. ID: the item's ``id``, else its
+    index in the list. Multi-turn conversations train on every answer, as ``read_llava``'s."""
+    path = data_dir / annotation_file.format(split=split)
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataFileError(f"{path}: expected a JSON list of conversations (ShareGPT, the medcap seed's layout)")
+    samples, problems = [], []
+    for index, item in enumerate(data):
+        source = Source(str(path), item=f"[{index}]")
+        if not isinstance(item, dict):
+            problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
+            continue
+        sample_id = str(item.get("id") if item.get("id") not in (None, "") else index).strip()
+        turns, error = conversation_turns(item.get("conversations"))
+        meta = _meta_fields(item.get("meta"))
+        image = item.get("image")
+        if turns is None:
+            problems.append(Problem(source, sample_id, "conversations", "malformed conversation", error))
+        elif placeholder not in turns[0]["content"]:
+            problems.append(Problem(source, sample_id, "conversations[0].value", "no image placeholder",
+                                    f"field 'conversations[0].value' holds no {placeholder!r} (the image's place)"))
+        elif any(placeholder in t["content"] for t in turns[1:]):
+            later = next(i for i, t in enumerate(turns) if i and placeholder in t["content"])
+            problems.append(Problem(source, sample_id, f"conversations[{later}].value", "placeholder in a later turn",
+                                    f"field 'conversations[{later}].value' holds {placeholder!r}; only the first "
+                                    f"human turn carries the image"))
+        elif not isinstance(image, str) or not image.strip():
+            problems.append(Problem(source, sample_id, "image", "missing image", "field 'image' is missing or empty"))
+        elif meta is None:
+            problems.append(Problem(source, sample_id, "meta", "malformed meta",
+                                    f"field 'meta' must be ';'-separated key=value pairs, found {item.get('meta')!r}"))
+        else:
+            folder = data_dir / meta["dir"] if meta.get("dir") else data_dir / image_folder
+            turns = [{"role": turns[0]["role"], "content": turns[0]["content"].replace(placeholder, "").strip()},
+                     *turns[1:]]
+            caption = turns[1]["content"] if len(turns) > 1 else None
+            samples.append(sample_record(sample_id, [str(folder / image)], caption, source,
+                                         prompt=turns[0]["content"] or None, caption_field="conversations[1].value",
+                                         image_field="image", turns=turns))
+    return drop_duplicates(samples, problems), problems

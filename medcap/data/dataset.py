@@ -17,6 +17,7 @@ from medcap.data.problems import (ON_BAD_SAMPLE, BadSampleError, CaptionsMissing
                                   summary, write_skipped_csv)
 from medcap.data.records import read_manifest_samples
 from medcap.text import IGNORE_INDEX, build_conversation_sample, build_sample
+from medcap.text.seed_prompts import assistant_header_length
 
 DEFAULT_PROMPT = "Describe the findings in this image."
 log = utils.get_logger("INFO")
@@ -198,7 +199,9 @@ class CaptionDataset(Dataset):
     is a bad sample unless ``allow_outside_data_dir``. Images of more than ``max_image_pixels`` pixels are
     downscaled on load (``medcap.data.images.load_image``; None: no limit). ``resize_mode`` (``crop``, ``pad``,
     ``squash``; None: the encoder's default) replaces the resize step of a ``transform`` that
-    ``image_transform`` built.
+    ``image_transform`` built. ``label_assistant_header=True`` also puts labels on each assistant turn's header
+    (``<|start_header_id|>assistant<|end_header_id|>\n\n`` in Llama 3), as the medcap seed's training did
+    (configs/medcap/seed_textplus).
     """
 
     def __init__(
@@ -223,6 +226,7 @@ class CaptionDataset(Dataset):
         allow_outside_data_dir: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         resize_mode: str | None = None,
+        label_assistant_header: bool = False,
         **format_options: Any,
     ):
         if format_options.get("views") == "average" and format_options.get("num_views", 2) != views_per_block:
@@ -274,6 +278,8 @@ class CaptionDataset(Dataset):
         self.tokenizer, self.tokens_per_image, self.transform = tokenizer, tokens_per_image, transform
         self.views_per_block = views_per_block
         self.prompt, self.system, self.max_seq_len, self.with_captions = prompt, system, max_seq_len, with_captions
+        # the medcap seed's labels also covered each assistant turn's header (its torchtune masked whole messages)
+        self.labelled_header = assistant_header_length(tokenizer) if label_assistant_header else 0
         if self.problems and on_bad_sample == "error":
             raise BadSampleError(self.problems)
         # rewritten even without problems, so that an earlier run's list for this data set does not linger
@@ -298,9 +304,10 @@ class CaptionDataset(Dataset):
         if len(turns) > 2:
             exchanges = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
             return build_conversation_sample(self.tokenizer, exchanges, self.image_tokens(sample), self.max_seq_len,
-                                             self.system)
+                                             self.system, labelled_header=self.labelled_header)
         return build_sample(self.tokenizer, sample["prompt"] or self.prompt, sample["caption"],
-                            self.image_tokens(sample), self.max_seq_len, self.system)
+                            self.image_tokens(sample), self.max_seq_len, self.system,
+                            labelled_header=self.labelled_header)
 
     def image_tokens(self, sample: dict[str, Any]) -> int:
         """Placeholders for a sample's images: one block per image, or per ``views_per_block`` averaged views."""

@@ -5,7 +5,8 @@ import inspect
 from pathlib import Path
 from typing import Any, Callable
 
-from medcap.data.caption_formats import read_imageclef, read_llava, read_r2gen, read_r2gen_iuxray, read_r2gen_mimic
+from medcap.data.caption_formats import (read_imageclef, read_llava, read_r2gen, read_r2gen_iuxray, read_r2gen_mimic,
+                                         read_sharegpt)
 from medcap.data.problems import DataFileError
 from medcap.data.records import Samples
 from medcap.data.vqa_formats import read_omnimedvqa, read_vqa_rad
@@ -16,6 +17,7 @@ READERS: dict[str, Callable[..., Samples]] = {
     "r2gen_iuxray": read_r2gen_iuxray,
     "r2gen_mimic": read_r2gen_mimic,
     "llava": read_llava,
+    "sharegpt": read_sharegpt,
     "omnimedvqa": read_omnimedvqa,
     "vqa_rad": read_vqa_rad,
 }

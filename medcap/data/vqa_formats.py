@@ -24,12 +24,14 @@ def vqa_record(source: Source, row: dict[str, Any], options: dict[str, str] | No
 
 
 def read_omnimedvqa(data_dir: Path, split: str, access: str = "Open-access",
-                    subsets: list[str] | None = None) -> Samples:
+                    subsets: list[str] | None = None, modalities: list[str] | None = None) -> Samples:
     """OmniMedVQA: ``QA_information/{access}/*.json``, each a list of ``{question_id, question, option_A..option_D,
     gt_answer, image_path (relative to data_dir), modality_type, question_type, dataset}``. The benchmark is
     one test set: ``split`` must be ``test``. ``subsets`` keeps only these files (names without ``.json``).
     Samples get ``question``, ``options`` ({letter: text}), ``answer``, ``modality``, ``question_type`` and
-    ``subset``; the prompt is the question with its options, the caption the answer."""
+    ``subset``; the prompt is the question with its options, the caption the answer. ``modalities`` keeps only
+    the questions whose ``modality_type`` is one of these strings, exactly as the files spell them (the medcap
+    seed's eight; a listed modality no question has is an error)."""
     if split != "test":
         raise ValueError(f"OmniMedVQA is a single test set: use split: test (got {split!r})")
     folder = data_dir / "QA_information" / access
@@ -57,6 +59,13 @@ def read_omnimedvqa(data_dir: Path, split: str, access: str = "Open-access",
                 samples.append(vqa_record(source, record, options or None,
                                           modality=row.get("modality_type", row.get("modality")),
                                           question_type=row.get("question_type"), subset=row.get("dataset")))
+    if modalities is not None:
+        found = {s["modality"] for s in samples}
+        unknown = [m for m in modalities if m not in found]
+        if unknown:
+            raise DataFileError(f"{folder}: no question has modality_type {unknown}; the files have "
+                                f"{sorted(map(str, found))}")
+        samples = [s for s in samples if s["modality"] in modalities]
     return drop_duplicates(samples, problems, "question_id"), problems
 
 
@@ -81,14 +90,17 @@ def vqa_row(source: Source, row: Any, image_root: Path, problems: list[Problem],
 
 
 def read_vqa_rad(data_dir: Path, split: str, annotation_file: str = "VQA_RAD Dataset Public.json",
-                 image_folder: str = "VQA_RAD Image Folder") -> Samples:
+                 image_folder: str = "VQA_RAD Image Folder", phrase_types: list[str] | None = None,
+                 answer_types: list[str] | None = None) -> Samples:
     """VQA-RAD's public JSON (a list of ``{qid, image_name, question, answer, answer_type, image_organ,
     phrase_type}``, images in ``image_folder``). Splits as in the literature: ``test`` = the rows whose
     ``phrase_type`` starts with ``test`` (``test_freeform``, ``test_para``), ``train`` = the others. With
     ``{split}`` in ``annotation_file`` (one file per split, as SLAKE or exported copies have) every row of that
     file belongs to the split; ``img_name`` and ``id`` are read too. Samples get ``question``, ``answer``,
     ``options`` (None: open and yes/no questions), ``modality`` (the row's ``modality`` if it has one),
-    ``question_type`` (``answer_type``: CLOSED / OPEN) and ``organ``."""
+    ``question_type`` (``answer_type``: CLOSED / OPEN) and ``organ``. ``phrase_types`` / ``answer_types`` keep only
+    the rows whose ``phrase_type`` / ``answer_type`` is one of these, compared exactly as the medcap seed compared
+    them (its VQA-RAD test: ``phrase_types: [test_freeform, test_para]``, ``answer_types: [CLOSED]``)."""
     per_split_file = "{split}" in annotation_file
     if not per_split_file and split not in ("train", "test"):
         raise ValueError(f"VQA-RAD's splits are train and test (got {split!r})")
@@ -99,10 +111,17 @@ def read_vqa_rad(data_dir: Path, split: str, annotation_file: str = "VQA_RAD Dat
     if not isinstance(rows, list):
         raise DataFileError(f"{path}: expected a JSON list of questions (VQA-RAD's layout)")
     samples, problems = [], []
+    seen = {"phrase_type": set(), "answer_type": set()}
     for index, row in enumerate(rows):
         if isinstance(row, dict) and not per_split_file:
             in_test = str(row.get("phrase_type", "")).startswith("test")
             if in_test != (split == "test"):
+                continue
+        if isinstance(row, dict):
+            seen["phrase_type"].add(row.get("phrase_type"))
+            seen["answer_type"].add(row.get("answer_type"))
+            if ((phrase_types is not None and row.get("phrase_type") not in phrase_types)
+                    or (answer_types is not None and row.get("answer_type") not in answer_types)):
                 continue
         source = Source(str(path), item=f"[{index}]")
         fields = row if isinstance(row, dict) else {}
@@ -113,4 +132,9 @@ def read_vqa_rad(data_dir: Path, split: str, annotation_file: str = "VQA_RAD Dat
         if record is not None:
             samples.append(vqa_record(source, record, None, modality=row.get("modality"),
                                       question_type=row.get("answer_type"), organ=row.get("image_organ")))
+    for field, wanted in (("phrase_type", phrase_types), ("answer_type", answer_types)):
+        unknown = [v for v in wanted or [] if v not in seen[field]]
+        if unknown:
+            raise DataFileError(f"{path}: no {split} row has {field} {unknown}; the rows have "
+                                f"{sorted(map(str, seen[field]))}")
     return drop_duplicates(samples, problems, "qid"), problems

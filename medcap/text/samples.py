@@ -7,12 +7,15 @@ from medcap.text.tokenizers import ChatTokenizer
 IGNORE_INDEX = -100  # label of positions the loss skips (torch's cross_entropy default)
 
 
-def prompt_labels(tokenizer: ChatTokenizer, prompt_ids: list[int]) -> list[int]:
+def prompt_labels(tokenizer: ChatTokenizer, prompt_ids: list[int], labelled_tail: int = 0) -> list[int]:
     """Labels of prompt tokens: IGNORE_INDEX, or, for a tokenizer with ``loss_on_prompt`` (the AUEB thesis trained
-    LLaVA so), the token ids themselves, image placeholders still ignored."""
-    if not getattr(tokenizer, "loss_on_prompt", False):
-        return [IGNORE_INDEX] * len(prompt_ids)
-    return [IGNORE_INDEX if i == tokenizer.image_token_id else i for i in prompt_ids]
+    LLaVA so), the token ids themselves, image placeholders still ignored. ``labelled_tail``: the prompt's last
+    tokens are labelled anyway (the medcap seed trained on the assistant turn's header too:
+    ``medcap.text.seed_prompts.assistant_header_length``)."""
+    if getattr(tokenizer, "loss_on_prompt", False):
+        return [IGNORE_INDEX if i == tokenizer.image_token_id else i for i in prompt_ids]
+    keep = min(labelled_tail, len(prompt_ids))
+    return [IGNORE_INDEX] * (len(prompt_ids) - keep) + prompt_ids[len(prompt_ids) - keep:]
 
 
 def _cut(answer: list[int], room: int, tokenizer: ChatTokenizer) -> list[int]:
@@ -24,7 +27,7 @@ def _cut(answer: list[int], room: int, tokenizer: ChatTokenizer) -> list[int]:
 
 
 def build_sample(tokenizer: ChatTokenizer, prompt: str, caption: str, num_image_tokens: int, max_seq_len: int,
-                 system: str | None = None) -> dict[str, Any]:
+                 system: str | None = None, *, labelled_header: int = 0) -> dict[str, Any]:
     """``tokens`` = ``prompt_ids`` + ``answer_ids(caption)``. ``labels`` are aligned with ``tokens`` (the loss
     shifts them): IGNORE_INDEX on the whole prompt (its text, the image placeholders, the assistant header; see
     ``prompt_labels`` for the exception), the token ids on the caption and its end-of-turn token.
@@ -41,12 +44,13 @@ def build_sample(tokenizer: ChatTokenizer, prompt: str, caption: str, num_image_
     truncated = len(answer) > room
     if truncated:
         answer = _cut(answer, room, tokenizer)
-    return {"tokens": prompt_ids + answer, "labels": prompt_labels(tokenizer, prompt_ids) + answer,
+    return {"tokens": prompt_ids + answer, "labels": prompt_labels(tokenizer, prompt_ids, labelled_header) + answer,
             "truncated": truncated}
 
 
 def build_conversation_sample(tokenizer: ChatTokenizer, turns: list[tuple[str, str]], num_image_tokens: int,
-                              max_seq_len: int, system: str | None = None) -> dict[str, Any]:
+                              max_seq_len: int, system: str | None = None, *, labelled_header: int = 0
+                              ) -> dict[str, Any]:
     """A multi-turn conversation ``[(user, assistant), ...]``: the first user turn carries the image
     placeholders (``prompt_ids``), later ones are ``followup_ids``; labels only on the assistant answers and their
     end-of-turn tokens. One exchange gives exactly ``build_sample``.
@@ -57,7 +61,8 @@ def build_conversation_sample(tokenizer: ChatTokenizer, turns: list[tuple[str, s
     two answer tokens). ``truncated`` says whether anything was dropped or cut."""
     if not turns:
         raise ValueError("a conversation needs at least one (user, assistant) exchange")
-    first = build_sample(tokenizer, turns[0][0], turns[0][1], num_image_tokens, max_seq_len, system)
+    first = build_sample(tokenizer, turns[0][0], turns[0][1], num_image_tokens, max_seq_len, system,
+                         labelled_header=labelled_header)
     tokens, labels, truncated = first["tokens"], first["labels"], first["truncated"]
     for index, (user, answer) in enumerate(turns[1:], 1):
         if truncated:
@@ -70,5 +75,5 @@ def build_conversation_sample(tokenizer: ChatTokenizer, turns: list[tuple[str, s
         if len(reply) > room:
             reply, truncated = _cut(reply, room, tokenizer), True
         tokens = tokens + prompt + reply
-        labels = labels + prompt_labels(tokenizer, prompt) + reply
+        labels = labels + prompt_labels(tokenizer, prompt, labelled_header) + reply
     return {"tokens": tokens, "labels": labels, "truncated": truncated}
