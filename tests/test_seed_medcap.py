@@ -213,10 +213,10 @@ def demo_vqa(tmp_path_factory):
 class ScriptedLLM:
     """Stands in for medcap.generation.generate: reads each prompt, records it, and answers by rule. Turn 1 (an
     image, no text in the user turn): a description. Turn 2 (an image, the question): 'Radiograph' to the modality
-    question, 'not sure' otherwise. The judge (no image): the letter of the option named in 'Our answer', else 'Z'."""
+    question, ``other`` otherwise. The judge (no image): the letter of the option named in 'Our answer', else 'Z'."""
 
-    def __init__(self, tokenizer):
-        self.tok, self.calls = tokenizer, []
+    def __init__(self, tokenizer, other: str = "not sure"):
+        self.tok, self.other, self.calls = tokenizer, other, []
 
     def __call__(self, model, prompts, images, *, max_new_tokens, **_):
         outputs = []
@@ -230,7 +230,7 @@ class ScriptedLLM:
             elif "?" not in text:
                 kind, reply = "describe", "word " * 40
             else:
-                kind, reply = "answer", "Radiograph" if "imaging modality" in text else "not sure"
+                kind, reply = "answer", "Radiograph" if "imaging modality" in text else self.other
             self.calls.append((kind, text, max_new_tokens, None if images is None else images.shape[0]))
             outputs.append(self.tok.encode(reply)[:max_new_tokens])
         return outputs
@@ -349,3 +349,58 @@ def test_seed_training_config_trains_two_steps_with_its_settings(tmp_path, monke
     assert changed and all(k.startswith(tuple(prefixes.values())) for k in changed)
     assert {part for part, prefix in prefixes.items() if any(k.startswith(prefix) for k in changed)} == set(prefixes)
     assert (out / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+
+
+def test_seed_vqa_rad_config_answers_closed_questions_without_a_judge(tmp_path, monkeypatch):
+    """configs/medcap/seed_vqa_rad: test_freeform + test_para CLOSED rows only; no options, so the turn-2 answer
+    is scored (yes/no by its first word) and the judge never runs."""
+    data = tmp_path / "vqa_rad"
+    (data / "VQA_RAD Image Folder").mkdir(parents=True)
+    Image.fromarray(np.zeros((70, 90, 3), dtype=np.uint8)).save(data / "VQA_RAD Image Folder" / "a.jpg")
+    rows = [{"qid": i, "image_name": "a.jpg", "question": f"Is there finding {i}?", "answer": answer,
+             "answer_type": kind, "phrase_type": phrase}
+            for i, (phrase, kind, answer) in enumerate([
+                ("test_freeform", "CLOSED", "yes"), ("test_para", "CLOSED", "No"), ("test_para", "OPEN", "lung"),
+                ("freeform", "CLOSED", "yes"), ("test_freeform", "CLOSED", "yes")])]
+    (data / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    llm = ScriptedLLM(llama3_tokenizer(str(LLAMA3_MODEL)), other="Yes, there is.")
+    monkeypatch.setattr(medcap.generation, "generate", llm)
+    llm_dir = tmp_path / "llm"
+    (llm_dir / "original").mkdir(parents=True)
+    (llm_dir / "original" / "tokenizer.model").symlink_to(LLAMA3_MODEL)
+    out = tmp_path / "out"
+    cli.run_recipe("vqa", "medcap/seed_vqa_rad", [
+        f"llm_dir={llm_dir}", "vision_dir=unused", "checkpoint=null", f"data_dir={data}", f"output_dir={out}",
+        "model._component_=medcap.models.builders.tiny_llama3_biomedclip", "~model.llm_dir", "~model.vision_dir",
+        "model.num_tokens=8", "device=cpu", "dtype=fp32", "bootstrap=0"])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["0", "1", "4"]  # the file's order
+    assert [c[0] for c in llm.calls] == ["describe", "answer", "answer", "answer"]  # one image, one description
+    assert all(r["raw_answer"] == "Yes, there is." and "judge_reply" not in r for r in rows)
+    assert [r["correct"] for r in rows] == [True, False, True]
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_description_budget_counts_the_prompt_as_the_seed_did(llama3, oracle):
+    """The seed: min(200, 500 - (len(encode(rendered empty two-turn prompt)) + len(encode(question)) + 5)), its
+    encode adding BOS and EOS and spelling special tokens as text (prompt_encoding: seed_text); chat counts the
+    real prompt ids."""
+    from omegaconf import OmegaConf
+    from types import SimpleNamespace
+
+    from recipes.vqa import VQARun
+
+    model = torch.nn.Linear(1, 1)
+    model.tokens_per_image, model.views_per_block = 50, 1
+    question = {"id": "q", "images": ["a.png"], "question": "Which structure " + "is abnormal and " * 100 + "why?"}
+    seed_prompt = SEED_TURN1 + ("<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<|eot_id|>"
+                                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    seed_budget = min(200, 500 - (len(oracle.encode(seed_prompt)) + len(oracle.encode(question["question"])) + 5))
+    chat_prompt = llama3.prompt_ids("", 50) + llama3.answer_ids("") + llama3.followup_ids("")
+    chat_budget = min(200, 500 - len(chat_prompt) - len(llama3.encode(question["question"])) - 5)
+    assert seed_budget < chat_budget < 200  # the long question binds, and the text spelling costs more tokens
+    for encoding, expected in (("seed_text", seed_budget), ("chat", chat_budget)):
+        cfg = OmegaConf.create({"description_max_new_tokens": 200, "describe_context_len": 500,
+                                "prompt_encoding": encoding, "seed": 0})
+        run = VQARun(cfg, model, llama3, SimpleNamespace(system=None), torch.float32)
+        assert run.description_tokens(question) == expected
