@@ -340,6 +340,15 @@ def test_seed_training_config_trains_two_steps_with_its_settings(tmp_path, monke
     assert len(seen["checkpointed"]) == 2  # every decoder layer under activation checkpointing
     batch = seen["batch"]
     assert (batch["tokens"] == seen["model"].image_token_id).sum(1).tolist() == [50, 50]
+    # images as the seed fed them: open_clip's own evaluation transform (shorter side, bicubic, centre crop)
+    from open_clip.transform import image_transform as open_clip_transform
+
+    from medcap.data.images import load_image
+
+    encoder = seen["model"].vision.encoder
+    theirs = open_clip_transform(encoder.image_size, is_train=False, mean=encoder.mean, std=encoder.std)
+    expected = torch.stack([theirs(load_image(data / "imgs" / f"im{i}.png")) for i in batch["ids"]])
+    assert torch.allclose(batch["images"], expected, atol=1e-6)
     summary = json.loads((out / "train_summary.json").read_text())
     assert [h["lr"] for h in summary["history"]] == [2e-5, 2e-5] and "grad_norm" not in summary["history"][0]
     model = seen["model"]
