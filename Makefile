@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps $(ASSETS) $(TEST_ASSETS)
+	$(BIN)/python -m medcap.recipes_finder --install
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -32,6 +32,7 @@ def measure(args) -> dict:
 
     from medcap.models import builders
     from medcap.optim import OptimizerInBackward
+    from medcap.precision import keep_trained_parts_in
     from medcap.text import IGNORE_INDEX
     from medcap.training import caption_loss, peak_memory_mb
 
@@ -41,6 +42,7 @@ def measure(args) -> dict:
     with training.set_default_dtype(dtype), device:
         model = getattr(builders, args.model)(trainable=trainable, lora=lora, **BUILDERS[args.model])
     model.to(device).train()
+    keep_trained_parts_in(model, torch.float32, dtype)  # as the finetune recipe does (master_dtype: fp32)
     if args.activation_checkpointing:
         from torchtune.modules import TransformerSelfAttentionLayer
         training.set_activation_checkpointing(model.decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
@@ -60,8 +62,7 @@ def measure(args) -> dict:
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        logits = model(tokens, encoder_input={"image": {"images": images}})
-        caption_loss(logits, labels).backward()
+        caption_loss(model, {"tokens": tokens, "encoder_input": {"image": {"images": images}}}, labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":

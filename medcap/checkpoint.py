@@ -1,6 +1,15 @@
-"""Checkpoints of the trained parts only (e.g. encoder + projector), in safetensors, with the config that
-produced them and, for resuming, the optimizer/scheduler/RNG state. Writes are atomic: a checkpoint folder
-is written under a temporary name and renamed into place."""
+"""Checkpoints of the trained parts only (e.g. encoder + projector, or a decoder's LoRA adapters), in
+safetensors, with the config that produced them and, for resuming, the optimizer/scheduler/RNG state.
+
+- What a part saves is chosen from its *state-dict* keys (wrappers such as activation checkpointing rename
+  parameters but not state-dict keys): every key of a fully trained part, the adapter keys of a LoRA one.
+- Loading refuses a checkpoint that lacks a part (or any key of a part) that its run trained, naming the part and
+  the file, so a checkpoint that silently lost its adapters can never be taken for the trained model.
+- Each checkpoint records its run id and step; a folder of ``step_*`` checkpoints resolves to the newest complete
+  one, and says which.
+- Writes are atomic: a checkpoint folder is written under a temporary name and renamed into place.
+- Under FSDP the trained tensors are gathered one at a time and copied to the CPU on rank 0 only.
+"""
 
 import json
 import random
@@ -10,47 +19,76 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torchtune.modules.peft import get_adapter_state_dict
 
+from medcap import distributed
 from medcap.atomic import replaced_atomically
 from medcap.distributed import full_tensor, is_rank_zero
 from medcap.models import import_medcap
-from medcap.models.lora import adapter_names
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 STATE = "training_state.pt"
+ADAPTER_MODES = ("lora", "qlora")
 
 
-def trained_names(module, mode: str) -> set[str] | None:
-    """The state-dict names a part saves: all (``None``) when fully trained, its adapters when LoRA-trained."""
-    if mode == "full":
-        return None
-    return adapter_names(module) if mode in ("lora", "qlora") else set()
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file."""
+
+
+def adapter_keys(state: dict[str, torch.Tensor]) -> set[str]:
+    """The adapter keys of a state dict (torchtune's adapter filter; nothing is copied)."""
+    return set(get_adapter_state_dict(state, device=None))
+
+
+def trained_keys(module, mode: str) -> list[str]:
+    """The state-dict keys a part saves in ``mode``: all of them when trained in full, its adapters under LoRA."""
+    if mode == "frozen":
+        return []
+    state = module.state_dict()
+    return list(state) if mode == "full" else sorted(adapter_keys(state))
 
 
 def trained_state_dict(model) -> dict[str, torch.Tensor]:
-    """What the model trains, keyed ``part.name``: every parameter and buffer (e.g. BatchNorm statistics) of a
-    fully trained part, the adapter weights of a LoRA-trained one, nothing of a frozen one."""
+    """What the model trains, keyed ``part.name``, as CPU tensors on rank 0 (empty elsewhere): every parameter
+    and buffer (e.g. BatchNorm statistics) of a fully trained part, the adapter weights of a LoRA-trained one.
+    Under FSDP each sharded tensor is gathered on its own (a collective every rank joins, in the same order),
+    copied to the CPU on rank 0 and freed at once, so no rank ever holds more than one gathered tensor."""
     state = {}
     for part, module in model.parts().items():
-        names = trained_names(module, model.trainable[part])
-        # under FSDP every rank gathers each sharded tensor (a collective), in the same order
-        state.update({f"{part}.{k}": full_tensor(v).detach().contiguous() for k, v in module.state_dict().items()
-                      if names is None or k in names})
+        mode = model.trainable[part]
+        if mode == "frozen":
+            continue
+        part_state = module.state_dict()
+        for key in trained_keys(module, mode):
+            tensor = full_tensor(part_state[key]).detach()
+            if is_rank_zero():  # a copy: tied weights must not share storage in safetensors
+                state[f"{part}.{key}"] = tensor.to("cpu", copy=True).contiguous()
+            del tensor
     return state
 
 
+def checkpoint_metadata(model, run_id: str | None = None, step: int | None = None) -> dict[str, str]:
+    lora = {part: vars(s) for part, s in getattr(model, "lora_settings", {}).items()}
+    meta = {"trainable": json.dumps(model.trainable), "lora": json.dumps(lora)}
+    if run_id is not None:
+        meta["run_id"] = run_id
+    if step is not None:
+        meta["step"] = str(step)
+    return meta
+
+
 def save_checkpoint(model, out_dir: str | Path, cfg: DictConfig | None = None,
-                    training_state: dict[str, Any] | None = None) -> Path:
+                    training_state: dict[str, Any] | None = None, run_id: str | None = None,
+                    step: int | None = None) -> Path:
     out_dir = Path(out_dir)
     weights = trained_state_dict(model)
     if not is_rank_zero():  # the other ranks took part in gathering the weights; rank 0 writes them
         return out_dir
-    # safetensors refuses tensors that share storage (tied weights): clone those.
-    state = {k: v.clone() for k, v in weights.items()}
     with replaced_atomically(out_dir, folder=True) as tmp:
-        save_file(state, tmp / WEIGHTS, metadata={"trainable": json.dumps(model.trainable)})
+        save_file(weights, tmp / WEIGHTS, metadata=checkpoint_metadata(model, run_id, step))
         if cfg is not None:
             OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
         if training_state is not None:
@@ -58,46 +96,125 @@ def save_checkpoint(model, out_dir: str | Path, cfg: DictConfig | None = None,
     return out_dir
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata a checkpoint's weights file records: trainable, lora (as data), run_id, step."""
+    path = Path(path)
+    weights = path / WEIGHTS if path.is_dir() else path
+    try:
+        with safe_open(weights, framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({error})") from None
+    meta = {"trainable": json.loads(raw.get("trainable", "{}")), "lora": json.loads(raw.get("lora", "{}")),
+            "run_id": raw.get("run_id"), "step": int(raw["step"]) if raw.get("step") else None}
+    return meta
+
+
+def step_folders(folder: str | Path) -> list[Path]:
+    """``step_*`` checkpoint folders in ``folder``, oldest first; ``.tmp`` leftovers of interrupted saves are not
+    checkpoints."""
+    return sorted(p for p in Path(folder).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a folder of ``step_*`` checkpoints (the newest complete one is taken)."""
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return path
-    steps = sorted(p for p in path.glob("step_*") if not p.name.endswith(".tmp") and (p / WEIGHTS).is_file())
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    steps = [p for p in step_folders(path) if (p / WEIGHTS).is_file()]
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {path}: expected {WEIGHTS} there or step_* folders holding it")
     return steps[-1]
 
 
-def load_checkpoint(model, path: str | Path) -> Path:
-    """Load the trained parts saved by :func:`save_checkpoint` into ``model``: per part either every weight, or
-    (a LoRA run's checkpoint) every adapter; anything else missing or unexpected is an error."""
-    if import_medcap.is_seed_checkpoint(path):  # the medcap seed's meta_model_*.pt (medcap.models.import_medcap)
-        return import_medcap.load(model, path)
-    path = resolve_checkpoint(path)
-    state = load_file(path / WEIGHTS)
+def describe(path: Path) -> str:
+    """'path (run R, step S)' for log lines."""
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return str(path)
+    bits = [f"run {meta['run_id']}" if meta["run_id"] else None, f"step {meta['step']}" if meta["step"] else None]
+    bits = [b for b in bits if b]
+    return f"{path} ({', '.join(bits)})" if bits else str(path)
+
+
+def _split_parts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     by_part: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         part, _, name = key.partition(".")
         by_part.setdefault(part, {})[name] = value
+    return by_part
+
+
+def _lora_hint(part: str, meta: dict) -> str:
+    settings = meta["lora"].get(part)
+    override = f"model.trainable.{part}={meta['trainable'].get(part, 'lora')}"
+    if settings:
+        override += " " + " ".join(f"model.lora.{part}.{k}={json.dumps(v).replace(' ', '')}"
+                                   for k, v in settings.items())
+    return override
+
+
+def check_parts(model, state: dict[str, torch.Tensor], meta: dict, source: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's tensors per part, after checking them against the model and against what the run
+    trained: a part the run trained must be there in full (every key), nothing may be unexpected or misshapen."""
+    by_part = _split_parts(state)
     parts = model.parts()
+    for part, mode in meta["trainable"].items():
+        if mode != "frozen" and part in parts and not by_part.get(part):
+            raise CheckpointError(f"{source}: the run trained the {part} ({mode}) but the file holds none of its "
+                                  f"weights: the checkpoint is incomplete and cannot stand for the trained model")
     for part, part_state in by_part.items():
         if part not in parts:
-            raise ValueError(f"{path / WEIGHTS}: unknown model part {part!r}; the model has {list(parts)}")
+            raise CheckpointError(f"{source}: unknown model part {part!r}; the model has {list(parts)}")
         expected = parts[part].state_dict()
-        for name, value in part_state.items():
-            if name in expected and expected[name].shape != value.shape:
-                raise ValueError(f"{path / WEIGHTS}: {part}.{name} has shape {tuple(value.shape)}, "
-                                 f"the model expects {tuple(expected[name].shape)}")
-        missing, unexpected = parts[part].load_state_dict(part_state, strict=False)
-        adapters = adapter_names(parts[part])
-        if adapters & part_state.keys():  # adapters saved by a LoRA run: all of them, on the loaded base weights
-            missing = sorted(adapters - part_state.keys())
-        else:  # the whole part (trained in full); adapters the model adds start fresh
-            missing = [name for name in missing if name not in adapters]
+        adapters = adapter_keys(expected)
+        saved_adapters = adapter_keys(part_state)
+        mode = meta["trainable"].get(part) or ("lora" if saved_adapters else "full")
+        if mode in ADAPTER_MODES:
+            if not adapters:
+                raise CheckpointError(f"{source}: the {part} was trained with LoRA but the model has no adapters "
+                                      f"there; build it as the run did: {_lora_hint(part, meta)}")
+            required = adapters
+        else:
+            required = set(expected) - adapters
+        missing = sorted(f"{part}.{k}" for k in required - part_state.keys())
+        unexpected = sorted(f"{part}.{k}" for k in part_state.keys() - expected.keys())
         if missing or unexpected:
-            raise ValueError(f"{path / WEIGHTS}: part {part!r} does not match the model: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(f"{source}: part {part!r} ({mode}) does not match the model: missing "
+                                  f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
+                                  f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+        for name, value in part_state.items():
+            if expected[name].shape != value.shape:
+                raise CheckpointError(f"{source}: {part}.{name} has shape {tuple(value.shape)}, the model "
+                                      f"expects {tuple(expected[name].shape)}")
+    return by_part
+
+
+def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """(resolved folder, tensors, metadata) of a checkpoint; a damaged file is an error naming it."""
+    path = resolve_checkpoint(path)
+    meta = read_metadata(path)
+    try:
+        state = load_file(path / WEIGHTS)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path / WEIGHTS}: cannot read the weights ({error})") from None
+    return path, state, meta
+
+
+def load_checkpoint(model, path: str | Path) -> Path:
+    """Load the trained parts saved by :func:`save_checkpoint` into ``model``: per part either every weight, or
+    (a LoRA run's checkpoint) every adapter; a part the run trained that is missing, or anything unexpected or
+    misshapen, is an error naming the file. The medcap seed's published ``meta_model_*.pt`` loads through
+    ``medcap.models.import_medcap``."""
+    if import_medcap.is_seed_checkpoint(path):
+        return import_medcap.load(model, path)
+    path, state, meta = read_checkpoint(path)
+    parts = model.parts()
+    for part, part_state in check_parts(model, state, meta, path / WEIGHTS).items():
+        parts[part].load_state_dict(part_state, strict=False)
     return path
 
 
@@ -105,33 +222,18 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return torch.load(resolve_checkpoint(path) / STATE, weights_only=True)
 
 
-def resume_point(resume_from: str | Path | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint a run resumes from: the newest ``step_*`` folder of ``resume_from``, or of
-    ``output_dir/checkpoints`` when it is ``"auto"`` (None there before the first checkpoint)."""
-    if resume_from == "auto":
-        folder = Path(output_dir) / "checkpoints"
-        resume_from = folder if any(folder.glob(f"step_*/{WEIGHTS}")) else None
-    return resolve_checkpoint(resume_from) if resume_from else None
-
-
-def restore_training_state(path: str | Path, optimizer, scheduler, load_optimizer=None) -> tuple[int, list[dict]]:
-    """Restores the optimizer (through ``load_optimizer`` when it is sharded), the scheduler and the RNGs saved
-    with a checkpoint; returns (step, history) to continue from."""
-    state = load_training_state(path)
-    (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state["step"], json.loads(state["history"])
-
-
 def rng_state() -> dict[str, Any]:
-    """torch, numpy and python RNG states in types ``torch.load(weights_only=True)`` accepts."""
+    """torch (CPU and, where present, every CUDA device), numpy and python RNG states in types
+    ``torch.load(weights_only=True)`` accepts."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -140,3 +242,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_ranks_rng_state() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (one entry in a single process); a collective under torchrun."""
+    return distributed.gather_objects(rng_state())

@@ -21,6 +21,7 @@ from medcap.checkpoint import load_checkpoint
 from medcap.metrics import read_predictions
 from medcap.models import decoders
 from medcap.models.llm_weights import hf_llama_decoder, load_gguf_decoder
+from medcap.models.vlm import autocast_to, run_decoder
 from medcap.models.lora import DECODER_LINEARS, NF4Linear
 from medcap.seq2seq import Seq2SeqLM, Seq2SeqTokenizer, seq2seq_sample
 from medcap.text import build_sample
@@ -39,6 +40,7 @@ class TextLM(nn.Module):
             raise ValueError(f"trainable={trainable!r}: a text LM is {' or '.join(MODES)}")
         self.decoder = decoder
         self.trainable = {"decoder": trainable}
+        self.compute_dtype: torch.dtype | None = None  # set by medcap.precision when trained parts are fp32
         decoder.requires_grad_(trainable == "full")
 
     def parts(self) -> dict[str, nn.Module]:
@@ -50,10 +52,13 @@ class TextLM(nn.Module):
     def caches_are_setup(self) -> bool:  # torchtune's delete_kv_caches asks the model it is given
         return self.decoder.caches_are_setup()
 
-    def forward(self, tokens: Tensor, *, encoder_input: Any = None, **kwargs) -> Tensor:
+    def forward(self, tokens: Tensor, *, encoder_input: Any = None, mask: Tensor | None = None,
+                input_pos: Tensor | None = None, output_at: Tensor | str | None = None) -> Tensor:
         if encoder_input is not None:
             raise ValueError("a text-only LM takes no images (encoder_input must be None)")
-        return self.decoder(tokens, **kwargs)
+        with autocast_to(self.compute_dtype, tokens.device):
+            return run_decoder(self.decoder, self.decoder.tok_embeddings(tokens), mask=mask, input_pos=input_pos,
+                               output_at=output_at)
 
 
 def smollm2_lm(gguf_path: str | None = None, max_seq_len: int = 2048, trainable: str = "full") -> TextLM:

@@ -31,6 +31,8 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.modules import KVCache
 from torchtune.modules.common_utils import delete_kv_caches
 
+from medcap import distributed
+
 NO_TOKEN = -1  # in a row's history: a position that never counts as seen (padding, image placeholders)
 
 
@@ -155,10 +157,10 @@ class _Runner:
         # with a cache the keys span the whole cache; without one, only the tokens fed so far
         mask = self.causal[:, :n] if self.use_cache else self.causal[:, :n, :n]
         logits = self.model(self.tokens, mask=mask, input_pos=self.positions[:, :n],
-                            encoder_input=self._encoder_input())
+                            encoder_input=self._encoder_input(), output_at="last")
         if self.use_cache:
             self.images = None  # in the cache now
-        return logits[:, -1]
+        return logits
 
     def step(self, tokens: Tensor) -> Tensor:
         """Appends ``tokens`` [R] to the rows and returns the next-token logits [R, V]."""
@@ -166,12 +168,12 @@ class _Runner:
         pos = self.prompt_len + self.generated.shape[1] - 1
         if self.use_cache:
             logits = self.model(tokens[:, None], mask=self.causal[:, pos:pos + 1],
-                                input_pos=self.positions[:, pos:pos + 1])
+                                input_pos=self.positions[:, pos:pos + 1], output_at="last")
         else:
             seq = torch.cat([self.tokens, self.generated], dim=1)
             logits = self.model(seq, mask=self.causal[:, :pos + 1, :pos + 1], input_pos=self.positions[:, :pos + 1],
-                                encoder_input=self._encoder_input())
-        return logits[:, -1]
+                                encoder_input=self._encoder_input(), output_at="last")
+        return logits
 
     def history(self, penalize_prompt: bool) -> Tensor:
         """The ids each row has seen, for ``DecodingRules``: the prompt's text tokens, or none of the prompt."""
@@ -289,7 +291,7 @@ def generate(
             stopped = torch.isin(next_token, stop) & ~done
             lengths[stopped] = step
             done |= stopped
-            if done.all() or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or distributed.everywhere(bool(done.all()), model):
                 break
             decoding.push(next_token)
             logits = runner.step(next_token)
@@ -385,7 +387,7 @@ def beam_search(
             for b in range(batch):
                 if open_[b] and len(finished[b]) == k and best_running[b] <= finished[b][-1][0]:
                     open_[b] = False
-            if not any(open_):
+            if distributed.everywhere(not any(open_), model):
                 break
             runner.reorder(rows_t)
             decoding.select(rows_t)

@@ -4,13 +4,17 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchtune import config, training, utils
+from torchtune.modules import TransformerSelfAttentionLayer
 
-from medcap.checkpoint import load_checkpoint
+from medcap import distributed
+from medcap.checkpoint import describe, load_checkpoint, read_metadata, resolve_checkpoint
 from medcap.data.dataset import CaptionDataset, collate_captions, image_transform
-from medcap.models.llm_weights import check_dtype_runs
+from medcap.models import import_medcap
+from medcap.models.llm_weights import check_dtype_runs, deferred_weights
+from medcap.precision import check_training_dtype, keep_trained_parts_in, master_dtype
 
 log = utils.get_logger("INFO")
 
@@ -27,27 +31,104 @@ def decoding_settings(cfg: DictConfig) -> dict:
 
 
 def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
-    device = utils.get_device(cfg.get("device", "cpu"))
+    name = str(cfg.get("device", "cpu"))
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but torch sees no working CUDA device (torch {torch.__version__}, "
+                           f"CUDA build {torch.version.cuda or 'none'}); pass device=cpu to run on the CPU")
+    device = utils.get_device(name)
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=device)
     check_dtype_runs(dtype, device)  # one line before any weights are read, not a kernel error mid-step
     return device, dtype
 
 
-def setup_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torch.dtype,
-                              checkpoint: str | Path | None = None):
-    """Instantiate ``cfg.tokenizer`` and ``cfg.model`` (built directly in ``dtype``), check that both agree on
-    the image placeholder id, and load trained parts from ``checkpoint`` if given."""
-    tokenizer = config.instantiate(cfg.tokenizer)
-    with training.set_default_dtype(dtype):
-        model = config.instantiate(cfg.model)
+def _check_pair(model, tokenizer) -> None:
     if model.image_token_id != tokenizer.image_token_id:
         raise ValueError(f"model and tokenizer disagree on the image placeholder id: model "
                          f"{model.image_token_id}, tokenizer {tokenizer.image_token_id}; pair a model builder "
                          f"with the tokenizer of its LLM family")
+
+
+def model_node_for(cfg_model: DictConfig, checkpoint: str | Path) -> DictConfig:
+    """``cfg_model`` with the adapter settings of a LoRA run's checkpoint (read as data from its metadata), so
+    that generating from it needs no overrides: parts the run trained with LoRA / QLoRA get adapters of the
+    run's rank, alpha and targets. A config that already sets a different mode for such a part keeps it, and
+    loading then says which override to use."""
+    if import_medcap.is_seed_checkpoint(checkpoint):  # the seed's .pt holds no adapters
+        return cfg_model
+    meta = read_metadata(resolve_checkpoint(checkpoint))
+    adapted = {part: mode for part, mode in meta["trainable"].items() if mode in ("lora", "qlora")}
+    if not adapted:
+        return cfg_model
+    node = OmegaConf.create(OmegaConf.to_container(cfg_model, resolve=True))
+    trainable = OmegaConf.to_container(node.get("trainable") or OmegaConf.create({}))
+    lora = OmegaConf.to_container(node.get("lora") or OmegaConf.create({}))
+    for part, mode in adapted.items():
+        if trainable.get(part, "frozen") in ("frozen", mode):
+            trainable[part] = mode
+            settings = meta["lora"].get(part) or {}
+            lora[part] = {k: settings[k] for k in ("rank", "alpha", "dropout", "targets") if k in settings}
+    node.trainable, node.lora = trainable, lora
+    log.info(f"adapters as the run trained them: trainable={trainable} lora={lora}")
+    return node
+
+
+def setup_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torch.dtype,
+                              checkpoint: str | Path | None = None):
+    """Instantiate ``cfg.tokenizer`` and ``cfg.model`` (built directly in ``dtype``; adapters as the checkpoint's
+    run trained them), check that both agree on the image placeholder id, and load trained parts from
+    ``checkpoint`` if given. For inference; training builds through ``setup_training_model``."""
+    tokenizer = config.instantiate(cfg.tokenizer)
+    node = model_node_for(cfg.model, checkpoint) if checkpoint else cfg.model
+    with training.set_default_dtype(dtype):
+        model = config.instantiate(node)
+    _check_pair(model, tokenizer)
     if checkpoint:
-        loaded = load_checkpoint(model, checkpoint)
-        log.info(f"loaded trained parts from {loaded}")
+        log.info(f"loaded trained parts from {describe(load_checkpoint(model, checkpoint))}")
     return model.to(device), tokenizer
+
+
+def setup_training_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype,
+                         checkpoint: str | Path | None = None):
+    """The model to train and its tokenizer: trained parts kept in ``master_dtype`` (fp32 by default) next to
+    the frozen weights in ``dtype``, activation checkpointing if enabled, and under torchrun sharded with FSDP2.
+
+    Under torchrun the weights are read once, by rank 0: it builds the model on its CPU (LLM, vision tower,
+    ``checkpoint``'s trained parts); every rank builds the same model on the meta device without reading any
+    weights, shards it, and receives its shards from rank 0 tensor by tensor (QLoRA's NF4 quantisation happens
+    after that, on the device). Host memory per rank other than 0 stays near the size of its shards."""
+    check_training_dtype(dtype)
+    master = master_dtype(cfg.get("master_dtype"))
+    world = distributed.world_size()
+    tokenizer = config.instantiate(cfg.tokenizer)
+    if world == 1:
+        with training.set_default_dtype(dtype):
+            model = config.instantiate(cfg.model)
+        if checkpoint:
+            log.info(f"loaded trained parts from {describe(load_checkpoint(model, checkpoint))}")
+        model = model.to(device)
+    else:
+        source = None
+        if distributed.is_rank_zero():
+            node = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+            if (node.get("trainable") or {}).get("decoder") == "qlora":
+                node.trainable.decoder = "lora"  # the same names, whole weights: NF4 after sharding
+            with training.set_default_dtype(dtype):
+                source = config.instantiate(node)
+            if checkpoint:
+                log.info(f"loaded trained parts from {describe(load_checkpoint(source, checkpoint))}")
+            keep_trained_parts_in(source, master, dtype)
+        with training.set_default_dtype(dtype), torch.device("meta"), deferred_weights():
+            model = config.instantiate(cfg.model)
+    _check_pair(model, tokenizer)
+    keep_trained_parts_in(model, master, dtype)
+    if cfg.get("enable_activation_checkpointing", False):
+        training.set_activation_checkpointing(model.decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
+    if world > 1:
+        distributed.shard(model, device)
+        distributed.load_from_rank0(model, source, device)
+        del source
+        training.validate_no_params_on_meta_device(model)
+    return model, tokenizer
 
 
 def caption_dataset(node: DictConfig, tokenizer, model, with_captions: bool = True) -> CaptionDataset:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from medcap.models.vlm import autocast_to
 from medcap.text import IGNORE_INDEX
 
 MODES = ("frozen", "full")
@@ -83,6 +84,7 @@ class Seq2SeqLM(nn.Module):
             raise ValueError(f"trainable={trainable!r}: an encoder-decoder LM is {' or '.join(MODES)}")
         self.model = model
         self.trainable = {"model": trainable}
+        self.compute_dtype: torch.dtype | None = None  # set by medcap.precision when trained parts are fp32
         self.decoder_start_id = model.config.decoder_start_token_id
         self.pad_id = model.config.pad_token_id
         model.requires_grad_(trainable == "full")
@@ -94,9 +96,15 @@ class Seq2SeqLM(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
-    def forward(self, tokens: Tensor, *, encoder_input: Any = None, **kwargs) -> Tensor:
+    def forward(self, tokens: Tensor, *, encoder_input: Any = None, output_at: Tensor | None = None) -> Tensor:
+        """Logits aligned with the packed row (zeros at source positions), or at the ``output_at`` positions."""
         if encoder_input is not None:
             raise ValueError("an encoder-decoder text LM takes no images (encoder_input must be None)")
+        with autocast_to(self.compute_dtype, tokens.device):
+            logits = self._packed_logits(tokens)
+        return logits if output_at is None else logits[output_at]
+
+    def _packed_logits(self, tokens: Tensor) -> Tensor:
         is_start = tokens == self.decoder_start_id
         if not bool(is_start.any(dim=1).all()):
             raise ValueError(f"every row must hold the decoder start id {self.decoder_start_id} between its source "

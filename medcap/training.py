@@ -2,7 +2,9 @@
 model train (see ``VisionLanguageModel.trainable``), not the loop."""
 
 import json
+import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from medcap import distributed
-from medcap.checkpoint import rng_state, save_checkpoint
+from medcap.checkpoint import all_ranks_rng_state, save_checkpoint
 from medcap.text import IGNORE_INDEX
 
 
@@ -57,10 +59,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return sys.maxsize
 
 
-def caption_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy on labelled positions; ``labels`` are aligned with the input tokens."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+def caption_loss(model, inputs: dict[str, Any], labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy on labelled positions (``labels`` aligned with the input tokens). The model
+    projects to the vocabulary only at the positions that predict a label, and only those logits go to fp32."""
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    logits = model(**inputs, output_at=F.pad(labelled, (0, 1), value=False))
+    return F.cross_entropy(logits.float(), targets[labelled], reduction=reduction)
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -107,17 +112,20 @@ def best_so_far(history: list[dict], key: str, mode: str) -> tuple[float | None,
 def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settings: TrainSettings, *,
           output_dir: str | Path, device: torch.device, dtype: torch.dtype,
           evaluate: Callable[[], dict[str, float]] | None = None, metric_logger=None, cfg=None,
-          start_step: int = 0, history: list[dict] | None = None, optimizer_state: Callable[[], dict] | None = None
-          ) -> dict[str, Any]:
+          start_step: int = 0, history: list[dict] | None = None, optimizer_state: Callable[[], dict] | None = None,
+          run_id: str | None = None) -> dict[str, Any]:
     """Run optimizer steps ``start_step + 1 .. max_steps``. One step = ``gradient_accumulation_steps``
     micro-batches whose summed token losses are divided by their total label count (over all ranks when
     distributed), so accumulation and data parallelism give the gradient of one large batch.
 
     Every ``eval_every`` steps ``evaluate()`` adds its figures (validation loss, generation metrics...) to the
     history; with ``select_metric`` the best evaluation so far is also saved to ``checkpoints/best`` and
-    ``patience`` evaluations without improvement stop training early. Checkpoints (trained parts + optimizer,
-    scheduler, RNG, step, history) go to ``output_dir/checkpoints/step_NNNNNN``. Returns a summary with the
-    loss history and timings."""
+    ``patience`` evaluations without improvement stop training early (decided on rank 0 and broadcast, so every
+    rank stops at the same step). Checkpoints (trained parts + optimizer, scheduler, every rank's RNG, step,
+    history, run id) go to ``output_dir/checkpoints/step_NNNNNN``. Returns a summary with the loss history and
+    timings."""
+    if settings.max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {settings.max_steps}")
     output_dir = Path(output_dir)
     history = list(history or [])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -129,8 +137,9 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
 
     def checkpoint(path: Path, step: int) -> None:
         state = {"step": step, "optimizer": optimizer_state() if optimizer_state else optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": json.dumps(history)}
-        save_checkpoint(model, path, cfg, state)
+                 "scheduler": scheduler.state_dict(), "rng": all_ranks_rng_state(), "world_size": world,
+                 "history": json.dumps(history), "run_id": run_id}
+        save_checkpoint(model, path, cfg, state, run_id=run_id, step=step)
         distributed.barrier()
 
     progress = tqdm(range(start_step + 1, settings.max_steps + 1), desc="train", unit="step",
@@ -144,9 +153,10 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
         num_tokens = distributed.all_reduce_sum(local_tokens, device)
         loss_sum = 0.0
         for batch in micro:
-            logits = model(**model_inputs(batch, device, dtype))
             # FSDP averages gradients over ranks: scale by the world size to get the global token mean
-            loss = caption_loss(logits, batch["labels"].to(device), reduction="sum") * world / num_tokens
+            token_loss = caption_loss(model, model_inputs(batch, device, dtype), batch["labels"].to(device),
+                                      reduction="sum")
+            loss = token_loss * world / num_tokens
             loss.backward()
             loss_sum += loss.item() / world
         loss_sum = distributed.all_reduce_sum(loss_sum, device)
@@ -173,18 +183,20 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
         progress.set_postfix(loss=f"{loss_sum:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         if metric_logger is not None and (step % settings.log_every == 0 or evaluated):
             metric_logger.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
-        stop = False
+        stop = improved = False
         if evaluated and settings.select_metric:
             if settings.select_metric not in record:
                 raise KeyError(f"select_metric={settings.select_metric!r} is not among the evaluation's figures "
                                f"{sorted(k for k in record if k.startswith('val'))}")
             value = record[settings.select_metric]
-            if best is None or (value > best if settings.select_mode == "max" else value < best):
+            improved = best is None or (value > best if settings.select_mode == "max" else value < best)
+            improved = distributed.broadcast_object(improved)  # rank 0 decides for all: no rank is left waiting
+            if improved:
                 best, since_best = value, 0
-                checkpoint(output_dir / "checkpoints" / "best", step)
+                save_best(output_dir / "checkpoints", step, checkpoint)
             else:
                 since_best += 1
-                stop = settings.patience is not None and since_best >= settings.patience
+                stop = distributed.broadcast_object(settings.patience is not None and since_best >= settings.patience)
         if stop or step == settings.max_steps or (settings.save_every and step % settings.save_every == 0):
             checkpoint(output_dir / "checkpoints" / f"step_{step:06d}", step)
         if stop:
@@ -204,6 +216,25 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
     if distributed.is_rank_zero():
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def save_best(checkpoints: Path, step: int, write: Callable[[Path, int], None]) -> None:
+    """Write the best checkpoint as ``best_step_NNNNNN`` and point the link ``checkpoints/best`` at it by an
+    atomic rename, so ``best`` always names a complete checkpoint, even while it is being replaced."""
+    name = f"best_step_{step:06d}"
+    write(checkpoints / name, step)
+    if not distributed.is_rank_zero():
+        return
+    link = checkpoints / "best"
+    tmp = checkpoints / "best.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(name)
+    previous = link.resolve() if link.is_symlink() else None
+    if link.is_dir() and not link.is_symlink():  # a folder written by an older medcap
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+    if previous is not None and previous.name != name and previous.parent == checkpoints.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def plot_loss(history: list[dict], path: str | Path) -> None:

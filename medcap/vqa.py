@@ -161,18 +161,26 @@ def score_options(model, prompts: list[list[int]], continuations: list[list[list
     encoder_input = None
     if images is not None:
         encoder_input = {"image": {"images": images.to(device, next(model.vision.parameters()).dtype)}}
-    logits = model(tokens.to(device), mask=mask.to(device), input_pos=positions.to(device),
-                   encoder_input=encoder_input)
-    out: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    # each option token is predicted at the node before it in its own sequence (its parent in the tree): only
+    # those positions are projected to the vocabulary
+    lookups = []
+    needed = torch.zeros((len(packs), length), dtype=torch.bool)
     for r, (row, pk) in enumerate(zip(rows, packs)):
-        logprobs = F.log_softmax(logits[r].float(), dim=-1).cpu()
         paths = iter(pk["paths"])
         for i in row:
-            for c in continuations[i]:
+            for _ in continuations[i]:
                 nodes = torch.tensor(next(paths)[len(prompts[i]):])
-                # each token is predicted at the node before it in its own sequence (its parent in the tree)
                 before = torch.tensor([pk["parents"][n] for n in nodes.tolist()])
-                out[i].append((float(logprobs[before, pk["tokens"][nodes]].sum()), len(nodes)))
+                needed[r, before] = True
+                lookups.append((i, r, before, pk["tokens"][nodes]))
+    logits = model(tokens.to(device), mask=mask.to(device), input_pos=positions.to(device),
+                   encoder_input=encoder_input, output_at=needed.to(device))
+    logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+    index = torch.full(needed.shape, -1, dtype=torch.long)
+    index[needed] = torch.arange(int(needed.sum()))
+    out: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    for i, r, before, targets in lookups:
+        out[i].append((float(logprobs[index[r, before], targets].sum()), len(targets)))
     return out
 
 

@@ -17,14 +17,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from torchtune import config, training
-from torchtune.modules import TransformerSelfAttentionLayer
 
-from medcap import distributed
-from medcap.checkpoint import restore_training_state, resume_point
+from medcap import distributed, runs
 from medcap.optim import OptimizerInBackward
-from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_model_and_tokenizer
+from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_training_model
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
-from medcap.validation import generation_figures, validation_loss
+from medcap.validation import generation_figures, rank_loader, validation_loss
 
 
 def param_groups(model, base_lr: float, lr_per_part: dict[str, float]) -> list[dict]:
@@ -50,25 +48,22 @@ def main(cfg: DictConfig) -> None:
     world = distributed.world_size()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
 
-    # Resume: the newest checkpoint under resume_from (or output_dir/checkpoints with resume_from=auto).
-    # init_from: trained parts of an earlier run (e.g. LLaVA stage 1's projector), without its optimizer state.
-    resume = resume_point(cfg.get("resume_from"), output_dir)
-    init = resume or cfg.get("init_from")
-    model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=init)
-    if cfg.get("enable_activation_checkpointing", False):
-        training.set_activation_checkpointing(model.decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
-    if world > 1:
-        distributed.shard(model, device)
+    # A new run refuses a folder holding another run's checkpoints (resume_from=auto continues it; overwrite=true
+    # replaces it). init_from: trained parts of an earlier run (e.g. LLaVA stage 1's projector), without its
+    # optimizer state.
+    run_id, resume = runs.start(cfg, output_dir)
+    model, tokenizer = setup_training_model(cfg, device, dtype, checkpoint=resume or cfg.get("init_from"))
 
     train_set = caption_dataset(cfg.dataset, tokenizer, model)
     evaluations = {}
     # `val_dataset=null` on the command line sets val_dataset._component_ to null (torchtune's override rule)
     if cfg.get("val_dataset") and cfg.val_dataset.get("_component_"):
-        val_loader = caption_loader(caption_dataset(cfg.val_dataset, tokenizer, model), tokenizer,
-                                    cfg.batch_size, cfg.get("num_workers", 0))
-        evaluations["val_loss"] = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype,
-                                                                       cfg.get("eval_max_batches"))}
+        val_loader = rank_loader(caption_dataset(cfg.val_dataset, tokenizer, model), tokenizer, cfg.batch_size,
+                                 cfg.get("eval_max_batches"), cfg.get("num_workers", 0))
+        evaluations["val_loss"] = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype)}
         gen = cfg.get("val_generation")
         if gen and gen.get("weights"):
             prompts = caption_dataset(cfg.val_dataset, tokenizer, model, with_captions=False)
@@ -101,8 +96,7 @@ def main(cfg: DictConfig) -> None:
         if world > 1:
             load_sharded = lambda state: training.load_from_full_optimizer_state_dict(  # noqa: E731
                 model, optimizer, state, device)
-        start_step, history = restore_training_state(resume, optimizer, scheduler, load_sharded)
-        log.info(f"resuming from {resume} at step {start_step}")
+        start_step, history = runs.restore(resume, optimizer, scheduler, load_sharded)
 
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum,
                                     shuffle=cfg.get("shuffle", True), rank=distributed.rank(), world_size=world)
@@ -127,7 +121,7 @@ def main(cfg: DictConfig) -> None:
     )
     summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device,
                     dtype=dtype, evaluate=evaluate, metric_logger=metric_logger, cfg=cfg,
-                    start_step=start_step, history=history, optimizer_state=optimizer_state)
+                    start_step=start_step, history=history, optimizer_state=optimizer_state, run_id=run_id)
     if metric_logger is not None:
         metric_logger.close()
     if distributed.is_rank_zero():

@@ -21,9 +21,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torchtune import config, training
 
-from medcap.checkpoint import restore_training_state, resume_point
+from medcap import runs
 from medcap.fuser import FuserDataset, merge_runs, prompt_settings, split_ids, text_lm_and_tokenizer
 from medcap.metrics import read_references
+from medcap.precision import check_training_dtype, keep_trained_parts_in, master_dtype
 from medcap.runtime import caption_loader, device_and_dtype, log
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
 from medcap.validation import validation_loss
@@ -40,9 +41,10 @@ def main(cfg: DictConfig) -> None:
     prompt = prompt_settings(cfg.get("prompt"), "train_fuser config")
     cfg.prompt = prompt
 
-    resume = resume_point(cfg.get("resume_from"), output_dir)
-    init = resume or cfg.get("init_from")
-    model, tokenizer = text_lm_and_tokenizer(cfg, device, dtype, checkpoint=init)
+    check_training_dtype(dtype)
+    run_id, resume = runs.start(cfg, output_dir)
+    model, tokenizer = text_lm_and_tokenizer(cfg, device, dtype, checkpoint=resume or cfg.get("init_from"))
+    keep_trained_parts_in(model, master_dtype(cfg.get("master_dtype")), dtype)
 
     ids, candidates = merge_runs(list(cfg.candidates))
     references = read_references(cfg.references)
@@ -69,8 +71,7 @@ def main(cfg: DictConfig) -> None:
     scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
     start_step, history = 0, []
     if resume:
-        start_step, history = restore_training_state(resume, optimizer, scheduler)
-        log.info(f"resuming from {resume} at step {start_step}")
+        start_step, history = runs.restore(resume, optimizer, scheduler)
 
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum)
     batches = iter(caption_loader(train_set, tokenizer, cfg.batch_size, batch_sampler=sampler))
@@ -86,7 +87,8 @@ def main(cfg: DictConfig) -> None:
     logger_node = cfg.get("metric_logger")
     metric_logger = config.instantiate(logger_node) if logger_node and logger_node.get("_component_") else None
     summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device, dtype=dtype,
-                    evaluate=evaluate, metric_logger=metric_logger, cfg=cfg, start_step=start_step, history=history)
+                    evaluate=evaluate, metric_logger=metric_logger, cfg=cfg, start_step=start_step, history=history,
+                    run_id=run_id)
     if metric_logger is not None:
         metric_logger.close()
     plot_loss(summary["history"], output_dir / "loss_curve.png")

@@ -207,7 +207,7 @@ def test_packed_rows_give_transformers_encoder_decoder_loss(t5_dir):
                seq2seq_sample(tokenizer, "a short source", "liver cyst on ultrasound of the abdomen", 300, 300)]
     batch = collate_captions([{"id": str(i), **s} for i, s in enumerate(samples)], pad_id=tokenizer.pad_id)
     with torch.no_grad():
-        ours = caption_loss(model(batch["tokens"]), batch["labels"])
+        ours = caption_loss(model, {"tokens": batch["tokens"]}, batch["labels"])
         sources = [tokenizer.source_ids(THESIS_FUSER_TRAIN.format(A=A, B=B, C=C)),
                    tokenizer.source_ids("a short source")]
         targets = [tokenizer.target_ids("chest ct with a nodule"),

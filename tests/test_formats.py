@@ -245,7 +245,8 @@ def test_llava_multi_turn_trains_on_every_answer(tmp_path):
     labelled = [t for t, label in zip(item["tokens"], item["labels"]) if label != IGNORE_INDEX]
     assert tok.decode(labelled, skip_special_tokens=False) == "A CT.<|im_end|>No.<|im_end|>"
     batch = collate_captions([item], pad_id=tok.pad_id)
-    loss = caption_loss(model(batch["tokens"], encoder_input={"image": {"images": batch["images"]}}), batch["labels"])
+    loss = caption_loss(model, {"tokens": batch["tokens"], "encoder_input": {"image": {"images": batch["images"]}}},
+                        batch["labels"])
     assert torch.isfinite(loss)
 
 

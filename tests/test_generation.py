@@ -49,10 +49,11 @@ class ScriptedModel(nn.Module):
         self.script, self.vocab, self.decoder = script, vocab, nn.Linear(1, 1)
         self.calls = 0
 
-    def forward(self, tokens, mask=None, input_pos=None, encoder_input=None):
-        logits = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab)
+    def forward(self, tokens, mask=None, input_pos=None, encoder_input=None, output_at=None):
+        assert output_at == "last"  # generation projects only the last position
+        logits = torch.zeros(tokens.shape[0], self.vocab)
         for row, seq in enumerate(self.script):
-            logits[row, -1, seq[min(self.calls, len(seq) - 1)]] = 1.0
+            logits[row, seq[min(self.calls, len(seq) - 1)]] = 1.0
         self.calls += 1
         return logits
 
@@ -111,8 +112,9 @@ class MarkovModel(nn.Module):
         self.register_buffer("table", table)
         self.decoder = nn.Linear(1, 1)  # gives the model a parameter (device, dtype)
 
-    def forward(self, tokens, mask=None, input_pos=None, encoder_input=None):
-        return self.table[tokens]
+    def forward(self, tokens, mask=None, input_pos=None, encoder_input=None, output_at=None):
+        assert output_at == "last"
+        return self.table[tokens[:, -1]]
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_scores_of_seen_tokens():

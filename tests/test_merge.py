@@ -46,7 +46,7 @@ def test_transformers_loads_the_merged_llm_with_the_adapted_outputs(builder, fam
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
-def test_merge_recipe_rebuilds_the_run_from_its_checkpoint(tmp_path):
+def test_merge_recipe_builds_the_model_of_its_own_config_and_merges_the_run(tmp_path):
     model = adapted(builders.tiny_llama2_swin)
     run_cfg = OmegaConf.create({"seed": 0, "model": {"_component_": "medcap.models.builders.tiny_llama2_swin",
                                           "trainable": dict(model.trainable),
@@ -54,7 +54,9 @@ def test_merge_recipe_rebuilds_the_run_from_its_checkpoint(tmp_path):
                                                                "targets": ["q_proj", "k_proj", "v_proj", "w2"]}}}})
     save_checkpoint(model, tmp_path / "run" / "checkpoints" / "step_000002", run_cfg)
     cli.run_recipe("merge", "demo/merge", [f"checkpoint={tmp_path / 'run' / 'checkpoints'}",
-                                           f"output_dir={tmp_path / 'merged'}", "dtype=fp32"])
+                                           f"output_dir={tmp_path / 'merged'}", "dtype=fp32",
+                                           "model._component_=medcap.models.builders.tiny_llama2_swin",
+                                           "~model.projector", "~model.max_seq_len", "~model.image_grid"])
     tokens = torch.randint(2, 1000, (1, 7), generator=torch.Generator().manual_seed(3))
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
     with torch.no_grad():

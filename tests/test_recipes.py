@@ -102,7 +102,7 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(data, tmp_path):
     assert "step_000030" not in done
     resumed_from = done[-1]
     proc = run_medcap(*args(out))
-    assert f"resuming from {out / 'checkpoints' / resumed_from}" in proc.stderr + proc.stdout
+    assert f"from {out / 'checkpoints' / resumed_from} (step" in proc.stderr + proc.stdout
     resumed = load_file(out / "checkpoints" / "step_000030" / "model.safetensors")
     assert final.keys() == resumed.keys()
     assert all(torch.equal(final[k], resumed[k]) for k in final)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medcap.checkpoint import load_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint
 from medcap.text import IGNORE_INDEX
@@ -23,15 +24,41 @@ def test_sampler_epochs_are_permutations_and_resume_continues_the_order():
         ResumableBatchSampler(4, 8, seed=0)
 
 
+class FixedLogits(torch.nn.Module):
+    """Returns fixed logits [B, L, V], selected where the loss asks (``output_at``), and records the request."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.asked = logits, None
+
+    def forward(self, tokens, output_at=None):
+        self.asked = output_at
+        return self.logits if output_at is None else self.logits[output_at]
+
+
 def test_caption_loss_hand_checked():
     # uniform logits: every labelled position costs log(V); only positions 2 and 3 carry labels
     logits = torch.zeros(1, 4, VOCAB)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6]])
-    assert caption_loss(logits, labels).item() == pytest.approx(math.log(VOCAB))
-    assert caption_loss(logits, labels, reduction="sum").item() == pytest.approx(2 * math.log(VOCAB))
-    # the label at position i is predicted from position i-1
+    model = FixedLogits(logits)
+    inputs = {"tokens": torch.zeros(1, 4, dtype=torch.long)}
+    assert caption_loss(model, inputs, labels).item() == pytest.approx(math.log(VOCAB))
+    assert caption_loss(model, inputs, labels, reduction="sum").item() == pytest.approx(2 * math.log(VOCAB))
+    # the label at position i is predicted from position i-1: only positions 1 and 2 are projected
+    assert model.asked.tolist() == [[False, True, True, False]]
     logits[0, 1, 5] = 100.0
-    assert caption_loss(logits, labels, reduction="sum").item() == pytest.approx(math.log(VOCAB), abs=1e-4)
+    assert caption_loss(model, inputs, labels, reduction="sum").item() == pytest.approx(math.log(VOCAB), abs=1e-4)
+
+
+def test_caption_loss_equals_full_logits_cross_entropy_on_a_real_model():
+    model = tiny_vlm(trainable={"encoder": "full", "projector": "full", "decoder": "lora"}).eval()
+    tokens, images = sample_batch(batch_size=2, text_len=6)
+    labels = tokens.masked_fill(tokens == model.image_token_id, IGNORE_INDEX)
+    labels[0, -3:] = IGNORE_INDEX  # rows with different label counts
+    inputs = {"tokens": tokens, "encoder_input": {"image": {"images": images}}}
+    full = model(**inputs)
+    expected = F.cross_entropy(full[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    assert caption_loss(model, inputs, labels).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def make_batches(n=6, seed=0):

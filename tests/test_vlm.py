@@ -45,7 +45,8 @@ def test_placeholders_are_replaced_by_vision_tokens():
     model = tiny_vlm().eval()
     tokens, images = sample_batch(batch_size=2)
     seen = {}
-    model.decoder.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(x=args[0]), with_kwargs=True)
+    model.decoder.layers[0].register_forward_pre_hook(lambda mod, args, kwargs: seen.update(x=args[0]),
+                                                      with_kwargs=True)
     model(tokens, encoder_input={"image": {"images": images}})
     fused = seen["x"]
     is_image = tokens == IMAGE_ID

@@ -141,8 +141,8 @@ class Bigram(nn.Module):
                 table[token, nxt] = p
         self.logits = nn.Parameter(table.log())
 
-    def forward(self, tokens, mask=None, input_pos=None, encoder_input=None):
-        return self.logits[tokens]
+    def forward(self, tokens, mask=None, input_pos=None, encoder_input=None, output_at=None):
+        return self.logits[tokens] if output_at is None else self.logits[tokens[output_at]]
 
 
 def test_likelihood_picks_the_planted_option_and_scores_accuracy_one():

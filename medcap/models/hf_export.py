@@ -7,23 +7,31 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import TiedLinear
 
 from medcap.atomic import replaced_atomically
-from medcap.models.lora import merged_state_dict
+from medcap.models.lora import merged_tensors
+from medcap.safetensors_stream import write_streaming
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
 
 
+def merged_decoder_tensors(model):
+    """(shape per torchtune name, function computing one tensor) of the decoder with its adapters merged (the
+    fusion model keeps the token embeddings)."""
+    shapes, tensor = merged_tensors(model.decoder)
+    embeddings = model.tok_embeddings.weight
+    shapes["tok_embeddings.weight"] = tuple(embeddings.shape)
+    return shapes, lambda key: embeddings.detach() if key == "tok_embeddings.weight" else tensor(key)
+
+
 def merged_decoder_state(model) -> dict[str, torch.Tensor]:
-    """The decoder's weights in torchtune names, adapters merged (the fusion model keeps the token embeddings)."""
-    state = merged_state_dict(model.decoder)
-    state["tok_embeddings.weight"] = model.tok_embeddings.weight.detach()
-    return state
+    """The whole merged decoder in memory (torchtune names), for exports that write it at once."""
+    shapes, tensor = merged_decoder_tensors(model)
+    return {key: tensor(key) for key in shapes}
 
 
 def llama_hf_config(decoder, vocab_size: int) -> dict:
@@ -51,20 +59,30 @@ def llama_hf_config(decoder, vocab_size: int) -> dict:
 
 def save_hf_llama(model, out_dir: str | Path, llm_dir: str | Path | None = None,
                   dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the merged LLM to ``out_dir`` (atomically: a temporary folder renamed into place). With ``llm_dir``
+    """Write the merged LLM to ``out_dir`` (atomically: a temporary folder renamed into place), one tensor at a
+    time: each merged (in fp32), converted and cast to ``dtype`` only when it is written. With ``llm_dir``
     (the HF folder it was loaded from) its config.json and tokenizer files are copied; otherwise config.json is
     derived from the modules."""
     out_dir = Path(out_dir)
     decoder = model.decoder
     attn = decoder.layers[0].attn
     vocab = model.tok_embeddings.num_embeddings
-    state = tune_to_hf(merged_decoder_state(model), num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
-                       dim=attn.embed_dim, head_dim=attn.head_dim)
+    shapes, tensor = merged_decoder_tensors(model)
     if isinstance(decoder.output, TiedLinear):
-        state.pop("lm_head.weight", None)
-    state = {k: v.to(dtype).contiguous().clone() for k, v in state.items()}
+        shapes.pop("output.weight", None)
+    convert = {"num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads, "dim": attn.embed_dim,
+               "head_dim": attn.head_dim}
+    # torchtune -> Hugging Face names and shapes, one key at a time (on the meta device: nothing is computed)
+    on_meta = {key: tune_to_hf({key: torch.empty(shape, device="meta")}, **convert) for key, shape in shapes.items()}
+    source = {name: key for key, converted in on_meta.items() for name in converted}
+    entries = [(name, tuple(t.shape)) for converted in on_meta.values() for name, t in converted.items()]
+
+    def produce(name: str) -> torch.Tensor:
+        key = source[name]
+        return tune_to_hf({key: tensor(key)}, **convert)[name]
+
     with replaced_atomically(out_dir, folder=True) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_streaming(tmp / "model.safetensors", entries, dtype, produce, metadata={"format": "pt"})
         if llm_dir is not None:
             config = json.loads((Path(llm_dir) / "config.json").read_text())
             for name in TOKENIZER_FILES:

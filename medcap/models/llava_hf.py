@@ -37,7 +37,7 @@ from medcap.atomic import replaced_atomically
 from medcap.models import hf_vision
 from medcap.models.encoders import CLIP_MEAN, CLIP_STD, _Encoder
 from medcap.models.hf_export import merged_decoder_state
-from medcap.models.llm_weights import _rope, hf_weight_files, load_strict, read_weight_file
+from medcap.models.llm_weights import _rope, hf_weight_files, load_strict, read_weight_file, weights_deferred
 from medcap.models.lora import merged_state_dict
 from medcap.models.vlm import VisionLanguageModel
 
@@ -117,7 +117,7 @@ class LlavaVisionEncoder(_Encoder):
     norm of the class token; the tower has no projection), one token, for retrieval."""
 
     # the checkpoint's processor: resize the shorter side to image_size, centre crop, CLIP mean / std
-    resize_mode = "shorter_side_center_crop"
+    resize_mode = "crop"  # transformers' CLIPImageProcessor: shorter side, centre crop
 
     def __init__(self, vision_config: dict[str, Any], feature_layer: int | list[int] = -2,
                  select_strategy: str = "default", output: str = "patch", source: str = "config.json",
@@ -167,13 +167,13 @@ class LlavaHFModel(VisionLanguageModel):
     """``VisionLanguageModel`` for a llava-hf checkpoint, whose image id (and pad id) lie inside the LLM's
     embedding table."""
 
-    # UPDATED: EarlyFusionModel.forward - without images (the decoding steps after the prefill) every token is
-    # embedded, as transformers does; EarlyFusionModel would leave the position of a generated <image> id
-    # (a row of the table here) unfilled.
-    def forward(self, tokens: Tensor, *, encoder_input: dict | None = None, **kwargs) -> Tensor:
+    # UPDATED: EarlyFusionModel.forward (through VisionLanguageModel.embed) - without images (the decoding steps
+    # after the prefill) every token is embedded, as transformers does; EarlyFusionModel would leave the position
+    # of a generated <image> id (a row of the table here) unfilled.
+    def embed(self, tokens: Tensor, encoder_input: dict | None) -> Tensor:
         if encoder_input is None:
-            return self.decoder(self.tok_embeddings(tokens), **kwargs)
-        return super().forward(tokens, encoder_input=encoder_input, **kwargs)
+            return self.tok_embeddings(tokens)
+        return super().embed(tokens, encoder_input)
 
 
 def _projector(in_dim: int, out_dim: int, bias: bool) -> nn.Sequential:
@@ -262,6 +262,9 @@ def llava_hf_model(model_dir: str, trainable: dict[str, str] | None = None, lora
     heads = text["num_attention_heads"]
     expected_hf = tune_to_hf(on_meta, num_heads=heads, num_kv_heads=text.get("num_key_value_heads") or heads,
                              dim=text["hidden_size"])
+    build = lambda: LlavaHFModel(decoder, encoder, projector, config["image_token_index"], trainable, 1, lora)  # noqa: E731
+    if weights_deferred():  # a skeleton whose weights rank 0 will broadcast (see medcap.runtime)
+        return build()
     loaded: set[str] = set()
     vision_tensors, projector_tensors = {}, {}
     for path, tensors in _tensors(folder, lambda name: True):
@@ -284,7 +287,7 @@ def llava_hf_model(model_dir: str, trainable: dict[str, str] | None = None, lora
                                                                            if len(missing) > 5 else ""))
     load_strict(encoder.visual, _vision_state(vision_tensors, encoder.visual.proj.shape[0]), f"{folder} (vision tower)")
     load_strict(projector, projector_tensors, f"{folder} (multi_modal_projector)")
-    return LlavaHFModel(decoder, encoder, projector, config["image_token_index"], trainable, 1, lora)
+    return build()
 
 
 def llava_hf_vision_encoder(model_dir: str, output: str = "pooled") -> LlavaVisionEncoder:

@@ -2,10 +2,12 @@
 decoder built to their config.json, the weights read through torchtune's ``FullModelHFCheckpointer``), plus
 the checks every local checkpoint shares: weight files, strict loading, and a dtype the device can run."""
 
+import contextvars
 import importlib.util
 import json
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +21,23 @@ from torchtune.models.llama3_2._component_builders import llama3_2
 from torchtune.modules import TransformerDecoder
 
 from medcap.models.gguf_file import GGUFFile
+
+_DEFERRED = contextvars.ContextVar("medcap_weights_deferred", default=False)
+
+
+@contextmanager
+def deferred_weights():
+    """Build models without reading weight files: under torchrun every rank but 0 builds a skeleton (on the meta
+    device) and receives its weights from rank 0 (``medcap.runtime``)."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def weights_deferred() -> bool:
+    return _DEFERRED.get()
 
 # GGUF llama tensor names -> torchtune TransformerDecoder names. llama.cpp's converter un-permutes q/k back to
 # the Meta layout, which is also torchtune's, so no permutation is needed.
@@ -59,7 +78,10 @@ def load_gguf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with one readable message for missing/unexpected keys and shapes."""
+    """``load_state_dict(strict=True)`` with one readable message for missing/unexpected keys and shapes (nothing
+    under ``deferred_weights``)."""
+    if weights_deferred():
+        return
     expected = module.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -74,7 +96,8 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
 def load_gguf_decoder(decoder: nn.Module, path: str | Path | None = None) -> nn.Module:
     """Load a llama GGUF (default: the packaged SmolLM2-135M-Instruct) into a decoder from ``smollm2_135m``."""
     path = Path(path) if path else smollm2_gguf_path()
-    load_strict(decoder, load_gguf_state_dict(path), str(path))
+    if not weights_deferred():
+        load_strict(decoder, load_gguf_state_dict(path), str(path))
     return decoder
 
 
@@ -84,8 +107,11 @@ def _listing(folder: Path, limit: int = 8) -> str:
 
 
 def read_weight_file(path: str | Path) -> dict[str, Tensor]:
-    """A ``.safetensors`` file, or a ``torch.save``d state dict (``.bin`` / ``.pt`` / ``.pth``, tensors only)."""
+    """A ``.safetensors`` file, or a ``torch.save``d state dict (``.bin`` / ``.pt`` / ``.pth``, tensors only);
+    nothing under ``deferred_weights``."""
     path = Path(path)
+    if weights_deferred():
+        return {}
     if path.suffix == ".safetensors":
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -204,6 +230,8 @@ def load_hf_decoder(decoder: nn.Module, checkpoint_dir: str | Path, model_type: 
     # permutation with a bare view error; the shapes are checked first, under the folder's own names.
     _check_hf_shapes(decoder, files, json.loads((checkpoint_dir / "config.json").read_text()), str(checkpoint_dir))
     files = [p.name for p in files]
+    if weights_deferred():
+        return decoder
     with tempfile.TemporaryDirectory() as out:
         checkpointer = FullModelHFCheckpointer(checkpoint_dir=str(checkpoint_dir), checkpoint_files=files,
                                                model_type=model_type, output_dir=out)

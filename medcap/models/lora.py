@@ -12,6 +12,7 @@ from a model without adapters load into one with adapters and the reverse.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -218,6 +219,37 @@ def add_lora(module: nn.Module, settings: LoRASettings, quantize_base: bool = Fa
 def adapter_names(module: nn.Module) -> set[str]:
     """Names (as in ``module.state_dict()``) of the adapter weights inside ``module``."""
     return {name for name, _ in module.named_parameters() if ".lora_a." in name or ".lora_b." in name}
+
+
+def merged_tensors(module: nn.Module) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Tensor]]:
+    """(shape per key, a function computing one key's tensor) of ``module``'s state dict with every adapter
+    folded into its base weight (computed in fp32) and NF4 weights dequantised: the keys of the plain model.
+    Nothing is computed until a key is asked for, so a whole LLM can be merged one tensor at a time."""
+    state = {k: v for k, v in module.state_dict().items() if ".lora_a." not in k and ".lora_b." not in k}
+    adapted = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, ADAPTERS):
+            key = "in_proj_weight" if isinstance(layer, nn.MultiheadAttention) else "weight"
+            adapted[f"{name.replace('_checkpoint_wrapped_module.', '')}.{key}"] = layer
+
+    def tensor(key: str) -> Tensor:
+        if key in adapted:
+            return merged_fp32(adapted[key])
+        return dequantize(state[key]).detach()
+
+    return {k: tuple(v.shape) for k, v in state.items()}, tensor
+
+
+def merged_fp32(layer: nn.Module) -> Tensor:
+    """An adapted layer's base weight plus its LoRA update(s), in fp32."""
+    base = dequantize(layer.in_proj_weight if isinstance(layer, nn.MultiheadAttention) else layer.weight).float()
+    scale = layer.alpha / layer.rank
+    if isinstance(layer, AdaptedLinear):
+        return base + scale * (layer.lora_b.weight.float() @ layer.lora_a.weight.float())
+    pieces = list(base.split(layer.width, dim=0))
+    for s, a, b in zip(layer.slices, layer.lora_a, layer.lora_b):
+        pieces[s] = pieces[s] + scale * (b.weight.float() @ a.weight.float())
+    return torch.cat(pieces, dim=0)
 
 
 def merged_state_dict(module: nn.Module) -> dict[str, Tensor]:

@@ -1,5 +1,6 @@
 """The vision-language model: vision tokens injected into a decoder-only LLM at image placeholder positions."""
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -82,6 +83,7 @@ class VisionLanguageModel(EarlyFusionModel):
             if part not in DEFAULT_LORA_TARGETS:
                 raise ValueError(f"lora.{part}: adapters go on {list(DEFAULT_LORA_TARGETS)}")
         self.lora_settings = {}
+        self.compute_dtype: torch.dtype | None = None  # set by medcap.precision when trained parts are fp32
         for part, module in self.parts().items():
             mode = self.trainable[part]
             module.requires_grad_(mode == "full")
@@ -125,18 +127,69 @@ class VisionLanguageModel(EarlyFusionModel):
     def setup_caches(self, batch_size: int, dtype: torch.dtype, decoder_max_seq_len: int | None = None) -> None:
         self.decoder.setup_caches(batch_size, dtype, decoder_max_seq_len=decoder_max_seq_len)
 
-    # UPDATED: EarlyFusionModel.forward - masked_scatter silently ignores surplus or missing vision tokens;
-    # check that the placeholders and the vision tokens agree before fusing.
-    def forward(self, tokens: Tensor, *, encoder_input: dict[str, dict[str, Any]] | None = None, **kwargs) -> Tensor:
-        if encoder_input is not None:
-            images = encoder_input["image"]["images"]
-            count = images.shape[0] * (1 if images.dim() == 4 else images.shape[1])
-            expected = count // self.views_per_block * self.tokens_per_image
-            found = int((tokens == self.image_token_id).sum())
-            if found != expected:
-                per_block = f", {self.views_per_block} views per block" if self.views_per_block > 1 else ""
-                raise ValueError(
-                    f"the batch holds {found} image placeholder tokens but its {count} image(s) give {expected} "
-                    f"vision tokens ({self.tokens_per_image} per image{per_block})"
-                )
-        return super().forward(tokens, encoder_input=encoder_input, **kwargs)
+    # UPDATED: EarlyFusionModel.forward - (1) masked_scatter silently ignores surplus or missing vision tokens:
+    # the placeholders and the vision tokens are checked to agree before fusing; (2) the output projection runs
+    # only where logits are needed (``output_at``): the labelled positions in training, the last position in a
+    # prefill, instead of [B, L, vocab] logits plus an fp32 copy; (3) with ``compute_dtype`` set (fp32 trained
+    # parts next to a bf16 LLM) the forward runs under autocast.
+    def forward(self, tokens: Tensor, *, encoder_input: dict[str, dict[str, Any]] | None = None,
+                mask: Tensor | None = None, input_pos: Tensor | None = None,
+                output_at: Tensor | str | None = None, **kwargs) -> Tensor:
+        with autocast_to(self.compute_dtype, tokens.device):
+            embeds = self.embed(tokens, encoder_input)
+            return run_decoder(self.decoder, embeds, mask=mask, input_pos=input_pos, output_at=output_at)
+
+    def embed(self, tokens: Tensor, encoder_input: dict[str, dict[str, Any]] | None) -> Tensor:
+        """Text embeddings with the projected vision tokens at the image placeholders: [B, L, D]."""
+        is_text, text_embeds = self._decoder_embed(tokens)
+        embeds = text_embeds.new_empty(*tokens.shape, text_embeds.shape[-1])
+        embeds = embeds.masked_scatter(is_text.unsqueeze(-1), text_embeds)
+        if encoder_input is None:
+            return embeds
+        images = encoder_input["image"]["images"]
+        count = images.shape[0] * (1 if images.dim() == 4 else images.shape[1])
+        expected = count // self.views_per_block * self.tokens_per_image
+        at_image = tokens == self.image_token_id
+        found = int(at_image.sum())
+        if found != expected:
+            per_block = f", {self.views_per_block} views per block" if self.views_per_block > 1 else ""
+            raise ValueError(
+                f"the batch holds {found} image placeholder tokens but its {count} image(s) give {expected} "
+                f"vision tokens ({self.tokens_per_image} per image{per_block})"
+            )
+        vision = self.vision(images).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(at_image.unsqueeze(-1), vision)
+
+
+@contextmanager
+def autocast_to(dtype: torch.dtype | None, device: torch.device):
+    """Autocast to ``dtype`` (the frozen weights' dtype) when trained parts are kept in fp32 next to them."""
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+
+
+def run_decoder(decoder: TransformerDecoder, embeds: Tensor, *, mask: Tensor | None = None,
+                input_pos: Tensor | None = None, output_at: Tensor | str | None = None) -> Tensor:
+    """The decoder's layers and final norm on ``embeds`` [B, L, D], then its output projection where asked:
+    everywhere (``output_at=None``: [B, L, V]), at the last position (``"last"``: [B, V]) or at the positions
+    a boolean [B, L] mask marks ([N, V], in row-major order). Logits stay in the weights' dtype."""
+    # UPDATED: TransformerDecoder.forward - the same layers, norm and output, but the output projection is not
+    # applied to every position, and its result is not copied to fp32 (the loss upcasts what it uses).
+    if embeds.shape[1] > decoder.max_seq_len:
+        raise ValueError(f"sequence of {embeds.shape[1]} tokens is longer than the decoder's max_seq_len "
+                         f"{decoder.max_seq_len}")
+    if decoder.caches_are_enabled() and (mask is None or input_pos is None):
+        raise ValueError("with a KV cache the decoder needs a mask and input_pos")
+    h = embeds
+    for layer in decoder.layers:
+        h = layer(h, mask=mask, input_pos=input_pos)
+    if isinstance(output_at, str):
+        if output_at != "last":
+            raise ValueError(f"output_at must be None, 'last' or a boolean mask, got {output_at!r}")
+        h = h[:, -1]
+    elif output_at is not None:
+        h = h[output_at]
+    return decoder.output(decoder.norm(h))

@@ -1,0 +1,154 @@
+"""Training runs in an output folder: one run per folder unless it resumes, resume from the newest complete
+checkpoint (saying which, and why others were skipped), and refuse a resume whose config changes what the data
+order or the model depends on."""
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medcap import distributed
+from medcap.checkpoint import (CONFIG, STATE, WEIGHTS, CheckpointError, read_metadata, set_rng_state,
+                               step_folders)
+from medcap.runtime import log
+
+# What the data order and the model depend on: a resumed run must keep these (paths may move between machines).
+RESUME_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "shuffle", "dataset", "model")
+PATH_KEYS = ("data_dir", "llm_dir", "vision_dir", "vision_checkpoint", "model_dir", "path", "manifest",
+             "llm_path", "gguf_path")
+
+
+def new_run_id() -> str:
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    return distributed.broadcast_object(run_id)  # every rank records rank 0's
+
+
+def weights_intact(path: Path) -> str | None:
+    """None when ``path`` (a safetensors file) is whole, else what is wrong: a truncated or damaged file is
+    caught from its header and its size without reading the tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        return f"unreadable header ({error})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + size + max(ends, default=0)
+    actual = path.stat().st_size
+    return None if actual == expected else f"{actual} bytes, its header describes {expected}"
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """None when ``folder`` is a complete checkpoint that a run can resume from, else why not."""
+    for name in (WEIGHTS, STATE, CONFIG):
+        if not (folder / name).is_file():
+            return f"no {name}"
+    problem = weights_intact(folder / WEIGHTS)
+    if problem:
+        return f"{WEIGHTS}: {problem}"
+    try:
+        torch.load(folder / STATE, weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
+        return f"{STATE}: {str(error).splitlines()[0][:200]}"
+    return None
+
+
+def existing_checkpoints(checkpoints: Path) -> list[Path]:
+    """Everything in a checkpoints folder that another run wrote (complete or not), ``.tmp`` leftovers aside."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p for p in checkpoints.iterdir() if not p.name.endswith(".tmp"))
+
+
+def newest_complete(checkpoints: Path) -> Path | None:
+    """The newest ``step_*`` checkpoint that is complete; each newer one that is not is reported with why."""
+    for folder in reversed(step_folders(checkpoints)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log.warning(f"skipping {folder}: {problem}")
+    return None
+
+
+def start(cfg: DictConfig, output_dir: Path) -> tuple[str, Path | None]:
+    """(run id, checkpoint to resume from or None) for a training run into ``output_dir``.
+
+    ``resume_from=auto`` resumes from the newest complete checkpoint in ``output_dir/checkpoints`` (none: a new
+    run); ``resume_from=DIR`` from the newest complete one there. A new run refuses a folder that holds another
+    run's checkpoints unless ``overwrite=true``, which deletes them first."""
+    checkpoints = output_dir / "checkpoints"
+    resume_from = cfg.get("resume_from")
+    resume = None
+    if resume_from == "auto":
+        resume = newest_complete(checkpoints)
+        if resume is None and any(p.name.startswith("step_") for p in existing_checkpoints(checkpoints)):
+            raise CheckpointError(f"resume_from=auto: no complete checkpoint in {checkpoints} (see the warnings); "
+                                  f"fix or remove them, or pass overwrite=true to start a new run there")
+    elif resume_from:
+        folder = Path(resume_from)
+        resume = folder if checkpoint_problem(folder) is None else newest_complete(folder)
+        if resume is None:
+            raise CheckpointError(f"resume_from={resume_from}: no complete checkpoint there "
+                                  f"({checkpoint_problem(folder)})")
+    if resume is not None:
+        check_resumable(cfg, resume)
+        meta = read_metadata(resume)
+        log.info(f"resuming run {meta['run_id']} from {resume} (step {meta['step']})")
+        return meta["run_id"] or new_run_id(), resume
+    old = existing_checkpoints(checkpoints)
+    if old:
+        if not cfg.get("overwrite", False):
+            names = ", ".join(p.name for p in old[:5]) + (f" and {len(old) - 5} more" if len(old) > 5 else "")
+            raise CheckpointError(f"{checkpoints} holds another run's checkpoints ({names}); a new run would mix "
+                                  f"with them: pass resume_from=auto to continue it, overwrite=true to replace it, "
+                                  f"or choose another output_dir")
+        distributed.barrier()
+        if distributed.is_rank_zero():
+            log.warning(f"overwrite=true: deleting {checkpoints}")
+            shutil.rmtree(checkpoints)
+        distributed.barrier()
+    return new_run_id(), None
+
+
+def _without_paths(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_paths(v) for k, v in node.items() if k not in PATH_KEYS}
+    return node
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old.keys() | new.keys())
+                for d in _differences(old.get(k), new.get(k), f"{prefix}.{k}")]
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def check_resumable(cfg: DictConfig, checkpoint: Path) -> None:
+    """Refuse to resume with a config whose data order or model differs from the checkpoint's (paths aside)."""
+    saved = OmegaConf.to_container(OmegaConf.load(checkpoint / CONFIG), resolve=True)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changed = [d for key in RESUME_KEYS
+               for d in _differences(_without_paths(saved.get(key)), _without_paths(current.get(key)), key)]
+    saved_world = torch.load(checkpoint / STATE, weights_only=True, mmap=True).get("world_size", 1)
+    if saved_world != distributed.world_size():
+        changed.append(f"world size: {saved_world} -> {distributed.world_size()} processes")
+    if changed:
+        raise CheckpointError(f"cannot resume from {checkpoint}: the data order or the model would change: "
+                              f"{'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}; resume with the "
+                              f"run's settings, or start a new run in another output_dir")
+
+
+def restore(path: Path, optimizer, scheduler, load_optimizer=None) -> tuple[int, list[dict]]:
+    """Restores the optimizer (through ``load_optimizer`` when it is sharded), the scheduler and this rank's RNG
+    states saved with a checkpoint; returns (step, history) to continue from."""
+    state = torch.load(path / STATE, weights_only=True)
+    (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    set_rng_state(rng[distributed.rank()] if isinstance(rng, list) else rng)
+    return state["step"], json.loads(state["history"])
