@@ -4,6 +4,7 @@
 ``_component_``, ``key=value`` overrides and ``~key`` to delete a key."""
 
 import argparse
+import os
 import re
 import runpy
 import shutil
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("recipe")
     run.add_argument("--config", required=True)
     run.add_argument("--nproc_per_node", type=int, default=None, help="launch N processes with torchrun")
+    run.add_argument("--debug", action="store_true", help="show the traceback of an error (MEDCAP_DEBUG=1)")
     sub.add_parser("ls", help="list recipes and their configs")
     cp = sub.add_parser("cp", help="copy a config to edit it")
     cp.add_argument("config")
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         bad = [a for a in rest if "=" not in a and not a.startswith("~")]
         if bad:
             parser.error(f"overrides must be key=value or ~key, got {bad}")
+        if args.debug:
+            os.environ["MEDCAP_DEBUG"] = "1"  # torchrun's workers inherit it
         run_recipe(args.recipe, args.config, rest, args.nproc_per_node)
     elif rest:
         parser.error(f"unexpected arguments {rest}")

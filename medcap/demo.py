@@ -50,7 +50,7 @@ def main() -> None:
     times["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    overrides = [f"output_dir={out / 'train'}"] + ([f"max_steps={args.steps}"] if args.steps else [])
+    overrides = [f"output_dir={out / 'train'}", "overwrite=true"]  # make demo trains afresh every time + ([f"max_steps={args.steps}"] if args.steps else [])
     run_recipe("finetune_vision", "demo/finetune_vision", overrides)
     times["train"] = time.perf_counter() - t0
 

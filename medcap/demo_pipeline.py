@@ -49,7 +49,7 @@ def main() -> None:
     build_demo(DATA, seed=0)
     build_demo_vqa(DATA, split="test")
     if not (TRAIN / "checkpoints" / "step_000120").is_dir():
-        stage("train", "finetune_vision", "demo/finetune_vision", [f"output_dir={TRAIN}"])
+        stage("train", "finetune_vision", "demo/finetune_vision", [f"output_dir={TRAIN}", "overwrite=true"])
 
     index = out / "index"
     stage("build_index", "build_index", "demo/build_index",
@@ -71,7 +71,7 @@ def main() -> None:
     stage("fuse_untrained", "fuse", "demo/fuse",
           ["checkpoint=null", f"candidates=[{','.join(test_runs)}]", f"output_dir={out / 'fuse_untrained'}"])
     stage("train_fuser", "train_fuser", "demo/train_fuser",
-          [f"candidates=[{','.join(val_runs)}]", f"output_dir={out / 'fuser'}"])
+          [f"candidates=[{','.join(val_runs)}]", f"output_dir={out / 'fuser'}", "overwrite=true"])
     stage("fuse", "fuse", "demo/fuse",
           [f"checkpoint={out / 'fuser' / 'checkpoints'}", f"candidates=[{','.join(test_runs)}]",
            f"output_dir={out / 'fuse'}"])

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchtune import config, training, utils
 
 from medcap.atomic import replaced_atomically
+from medcap.safe_config import check_components
 from medcap.checkpoint import WEIGHTS, load_checkpoint, resolve_checkpoint
 from medcap.data.dataset import image_transform, load_sample_images
 
@@ -137,8 +138,13 @@ def _load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:
                          f"unexpected {unexpected[:3]}); a LoRA-trained encoder needs model: instead of encoder:")
 
 
-def embedder_from_source(source: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ImageEmbedder:
-    """Builds the encoder ``retrieval_source`` describes, in ``dtype`` on ``device``."""
+def embedder_from_source(source: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                         read_from: str | Path | None = None, trusted: list[str] | tuple = ()) -> ImageEmbedder:
+    """Builds the encoder ``retrieval_source`` describes, in ``dtype`` on ``device``. ``read_from``: the file the
+    description was read from (an index's meta.json), whose components must be medcap's model builders or named
+    in ``trusted``."""
+    if read_from is not None:
+        check_components({k: source.get(k) for k in ("encoder", "model")}, str(read_from), list(trusted))
     torch.manual_seed(source.get("seed", 0))
     with training.set_default_dtype(dtype):
         if source.get("encoder") is not None:

@@ -109,14 +109,15 @@ def read_neighbours(path: str | Path, index_dir: str | Path | None = None) -> di
 
 
 def search_neighbours(index_dir: str | Path, samples: list[dict], k: int, device, dtype, batch_size: int = 32,
-                      **options) -> dict[str, list[dict]]:
+                      trusted_components: list[str] | tuple = (), **options) -> dict[str, list[dict]]:
     """{query ID: up to ``k`` neighbours as ``{"id", "caption", "score"}``, nearest first}: the query samples'
     images (``samples`` of a CaptionDataset) embedded with the encoder the index names, then searched;
     ``options``: ``CaptionIndex.search``'s (exclude_self, exclude_identical, dedupe_captions, threshold)."""
-    from medcap.retrieval import CaptionIndex, embedder_from_source
+    from medcap.retrieval import META_FILE, CaptionIndex, embedder_from_source
 
     index = CaptionIndex.load(index_dir)
-    embedder = embedder_from_source(index.meta["source"], device, dtype)
+    embedder = embedder_from_source(index.meta["source"], device, dtype, read_from=Path(index_dir) / META_FILE,
+                                    trusted=trusted_components)
     found = index.search_samples(embedder, samples, k, batch_size, **options)
     return {s["id"]: [{"id": n.id, "caption": n.caption, "score": round(n.score, 6)} for n in row]
             for s, row in zip(samples, found)}

@@ -21,6 +21,7 @@ from torchtune import config
 
 from medcap.retrieval import CaptionIndex, embedder_from_source, retrieval_source
 from medcap.runtime import device_and_dtype, log
+from medcap.command import run_command
 
 
 @config.parse
@@ -48,4 +49,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

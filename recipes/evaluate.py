@@ -22,6 +22,7 @@ from medcap.atomic import write_json
 from medcap.metrics import (bootstrap_ci, check_submission, evaluate, format_table, paired_bootstrap,
                             read_predictions, read_references)
 from medcap.report import evaluation_report, report_options
+from medcap.command import run_command
 
 
 @config.parse
@@ -107,4 +108,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -23,6 +23,7 @@ from medcap.optim import OptimizerInBackward
 from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_training_model
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
 from medcap.validation import generation_figures, rank_loader, validation_loss
+from medcap.command import run_command
 
 
 def param_groups(model, base_lr: float, lr_per_part: dict[str, float]) -> list[dict]:
@@ -132,4 +133,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

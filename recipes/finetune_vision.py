@@ -7,7 +7,8 @@ keep working.
 
 import sys
 
+from medcap.command import run_command
 from recipes.finetune import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

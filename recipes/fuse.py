@@ -26,6 +26,7 @@ from medcap.checkpoint import CONFIG, resolve_checkpoint
 from medcap.fuser import fuser_prompt_ids, generate_texts, merge_runs, prompt_settings, text_lm_and_tokenizer
 from medcap.metrics import write_csv_predictions
 from medcap.runtime import decoding_settings, device_and_dtype, log
+from medcap.command import run_command
 
 
 def read_training_config(path: Path) -> dict:
@@ -90,4 +91,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 from tqdm import tqdm
 
+from medcap.command import run_command
 from medcap.generation import generate_batch, rank_batches
 from medcap.metrics import write_csv_predictions
 from medcap.runtime import (caption_dataset, caption_loader, decoding_settings, device_and_dtype, log,
@@ -79,4 +80,4 @@ def run(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -37,10 +37,11 @@ from medcap.data.dataset import collate_captions
 from medcap.data.images import load_image
 from medcap.generation import generate_batch
 from medcap.metrics import write_csv_predictions
-from medcap.retrieval import (CAPTION_LINE, CAPTIONS_TEMPLATE, CLEANUPS, CaptionIndex, ImageEmbedder,
+from medcap.retrieval import (CAPTION_LINE, CAPTIONS_TEMPLATE, CLEANUPS, META_FILE, CaptionIndex, ImageEmbedder,
                               embedder_from_source, fewshot_prompt, retrieval_source, search_options,
                               write_neighbours_csv)
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
+from medcap.command import run_command
 
 
 class FewShotPrompts(Dataset):
@@ -85,7 +86,8 @@ def query_embedder(index: CaptionIndex, cfg: DictConfig, model, device, dtype) -
         raise ValueError(f"{cfg.index_dir}: meta.json names no source encoder; rebuild it with medcap run build_index")
     if source == retrieval_source(cfg.model, None, cfg.get("checkpoint"), cfg.seed):
         return ImageEmbedder(model.vision.encoder, device, source)  # the captioner's own trained encoder
-    return embedder_from_source(source, device, dtype)
+    return embedder_from_source(source, device, dtype, read_from=Path(cfg.index_dir) / META_FILE,
+                                trusted=cfg.get("trusted_components") or ())
 
 
 @config.parse
@@ -144,4 +146,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

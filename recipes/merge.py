@@ -22,6 +22,7 @@ from medcap.checkpoint import CONFIG, describe, load_checkpoint, resolve_checkpo
 from medcap.precision import keep_trained_parts_in
 from medcap.runtime import log, model_node_for
 from medcap.runs import PATH_KEYS
+from medcap.command import run_command
 
 FORMATS = ("llama_hf", "llava_hf")
 
@@ -74,4 +75,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

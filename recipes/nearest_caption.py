@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 from torchtune import config
 
 from medcap.metrics import write_csv_predictions
-from medcap.retrieval import CaptionIndex, embedder_from_source, search_options, write_neighbours_csv
+from medcap.retrieval import META_FILE, CaptionIndex, embedder_from_source, search_options, write_neighbours_csv
 from medcap.runtime import device_and_dtype, log
+from medcap.command import run_command
 
 
 @config.parse
@@ -25,7 +26,8 @@ def main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="nearest_caption", cfg=cfg)
     device, dtype = device_and_dtype(cfg)
     index = CaptionIndex.load(cfg.index_dir)
-    embedder = embedder_from_source(index.meta["source"], device, dtype)
+    embedder = embedder_from_source(index.meta["source"], device, dtype, read_from=Path(cfg.index_dir) / META_FILE,
+                                    trusted=cfg.get("trusted_components") or ())
     samples = config.instantiate(cfg.dataset, with_captions=False).samples
     neighbours = index.search_samples(embedder, samples, 1, cfg.get("batch_size", 32), cfg.get("num_workers", 0),
                                       **search_options(cfg))
@@ -44,4 +46,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -21,6 +21,7 @@ from torchtune import config
 
 from medcap.data.dataset import CaptionDataset
 from medcap.data.problems import BadSampleError, CaptionsMissingError, SplitMissingError
+from medcap.command import run_command
 
 ABSENT = "absent"
 
@@ -137,4 +138,4 @@ def main(cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torchtune import config, training
 
+from medcap.command import run_command
 from medcap.fuser import generate_texts, text_lm_and_tokenizer
 from medcap.metrics import read_predictions, write_csv_predictions
 from medcap.runtime import decoding_settings, device_and_dtype, log
@@ -65,7 +66,7 @@ def main(cfg: DictConfig) -> None:
         from medcap.retrieval import search_options  # faiss only when searching
 
         found = search_neighbours(cfg.index_dir, samples, k, device, dtype, cfg.get("embed_batch_size", 32),
-                                  **search_options(cfg))
+                                  cfg.get("trusted_components") or (), **search_options(cfg))
         with (out / "neighbours.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps({"id": i, "neighbours": row}) + "\n" for i, row in found.items())
         neighbours = {i: [n["caption"] for n in row] for i, row in found.items()}
@@ -108,4 +109,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -28,6 +28,7 @@ from medcap.precision import check_training_dtype, keep_trained_parts_in, master
 from medcap.runtime import caption_loader, device_and_dtype, log
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
 from medcap.validation import validation_loss
+from medcap.command import run_command
 
 
 @config.parse
@@ -97,4 +98,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 from torchtune import config, training
 from tqdm import tqdm
 
+from medcap.command import run_command
 from medcap.atomic import write_json, write_text
 from medcap.data.images import load_image
 from medcap.generation import generate
@@ -284,4 +285,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

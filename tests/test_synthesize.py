@@ -183,9 +183,13 @@ def test_synthesize_searches_the_index_for_the_planted_neighbours(tmp_path, colo
     drafts = tmp_path / "drafts.csv"
     drafts.write_text("ID,caption\nq_blue,A draft.\nq_red,Another draft.\n")
     out = tmp_path / "out"
-    cli.run_recipe("synthesize", str(tiny_config(tmp_path, drafts=str(drafts), index_dir=str(index_dir),
-                                                  output_dir=str(out), num_neighbours=2,
-                                                  **{"dataset.manifest": str(manifest)})), [])
+    config = tiny_config(tmp_path, drafts=str(drafts), index_dir=str(index_dir), output_dir=str(out), num_neighbours=2,
+                         **{"dataset.manifest": str(manifest)})
+    # the index's meta.json names an encoder outside medcap's builders: built only when the user trusts it
+    with pytest.raises(ValueError, match=r"index/meta.json: encoder._component_ = 'tests.test_synthesize.MeanColour' "
+                                         r"is not allowed"):
+        cli.run_recipe("synthesize", str(config), [])
+    cli.run_recipe("synthesize", str(config), ["trusted_components=[tests.test_synthesize.MeanColour]"])
     found = {r["id"]: r["neighbours"] for r in map(json.loads, (out / "neighbours.jsonl").read_text().splitlines())}
     # cosine similarities by hand (colours normalised to [-1, 1]): dark red .977 red, -.19 green, -.26 blue;
     # pale blue .992 blue, -.29 green, -.45 red
