@@ -107,6 +107,26 @@ def run_recipe(recipe: str, config: str, overrides: list[str], nproc_per_node: i
         sys.path.remove(str(ROOT))
 
 
+def write_with_data(config: Path, data: Path, dest: Path) -> None:
+    """``config`` (a training or generation config) with ``data``'s ``data_dir``, ``dataset`` and ``val_dataset``."""
+    from omegaconf import OmegaConf
+
+    cfg, data_cfg = (OmegaConf.to_container(OmegaConf.load(p)) for p in (config, data))
+    if "dataset" not in cfg:
+        raise SystemExit(f"medcap: {config} has no dataset node to replace")
+    for key in ("data_dir", "dataset", "val_dataset"):
+        if key in data_cfg:
+            cfg[key] = data_cfg[key]
+    if "val_dataset" not in data_cfg and "val_dataset" in cfg:
+        cfg["val_dataset"] = None
+    cfg = OmegaConf.create(cfg)
+    header = f"# {config.relative_to(CONFIGS) if config.is_relative_to(CONFIGS) else config} with the data set of " \
+             f"{data.relative_to(CONFIGS) if data.is_relative_to(CONFIGS) else data}\n"
+    first = config.read_text(encoding="utf-8").split("\n", 1)[0]
+    dest.write_text((first + "\n" if first.startswith("# medcap run") else "") + header + OmegaConf.to_yaml(cfg),
+                    encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="medcap", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     cp = sub.add_parser("cp", help="copy a config to edit it")
     cp.add_argument("config")
     cp.add_argument("dest")
+    cp.add_argument("--data", help="a data config (data/imageclef...) whose data_dir, dataset and val_dataset nodes "
+                                   "replace the copied config's")
     compare = sub.add_parser("compare", help="side-by-side table and PNG of several runs' metrics.json")
     compare.add_argument("runs", nargs="+", help="run directories holding metrics.json, or metrics.json files")
     compare.add_argument("--plot", default="compare.png", help="where to write the bar chart (PNG)")
@@ -153,8 +175,12 @@ def main(argv: list[str] | None = None) -> None:
             dest = dest / find_config(args.config).name if dest.is_dir() else dest.with_suffix(".yaml")
         if dest.exists():
             raise SystemExit(f"medcap: {dest} exists; not overwriting it")
-        shutil.copyfile(find_config(args.config), dest)
-        print(f"copied {find_config(args.config)} to {dest}")
+        if args.data:
+            write_with_data(find_config(args.config), find_config(args.data), dest)
+            print(f"copied {find_config(args.config)} to {dest} with the data set of {find_config(args.data)}")
+        else:
+            shutil.copyfile(find_config(args.config), dest)
+            print(f"copied {find_config(args.config)} to {dest}")
 
 
 if __name__ == "__main__":

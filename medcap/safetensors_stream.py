@@ -34,5 +34,5 @@ def write_streaming(path: str | Path, entries: Iterable[tuple[str, tuple[int, ..
             tensor = produce(name).detach().to("cpu", dtype).contiguous()
             if tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced shape {tuple(tensor.shape)}, the header says {tuple(shape)}")
-            f.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))  # no copy of the bytes
             del tensor

@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> None:
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     check_same_model(cfg.model, checkpoint)
     training.set_seed(seed=cfg.get("seed", 0))  # a model without llm_dir is random-init: the run's seed rebuilds it
-    dtype = training.get_dtype(cfg.get("dtype", "bf16"))
+    dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=torch.device("cpu"))  # merging runs on the CPU
     with training.set_default_dtype(dtype):
         model = config.instantiate(model_node_for(cfg.model, checkpoint))
     keep_trained_parts_in(model, torch.float32, dtype)  # the adapters as trained (fp32), merged in fp32

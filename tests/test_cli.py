@@ -54,3 +54,23 @@ def test_unknown_override_keys_are_refused_with_the_nearest(tmp_path):
         cli.main(["run", "evaluate", "--config", "eval/coco", "zzz=1"])
     # a new argument inside a _component_ node is the component's to accept or refuse
     cli.check_override_keys(cli.find_config("tiny/generate"), ["tokenizer.path=x", "model.image_grid=2"])
+
+
+def test_bring_your_data_as_the_readme_says(tmp_path, monkeypatch):
+    """README, "Bring your data": `medcap cp <training config> mine.yaml --data data/imageclef`, then
+    `medcap run finetune_vision --config mine.yaml data_dir=...` (tiny configs; train, then generate on test)."""
+    import csv
+
+    from tests.test_formats import write_imageclef
+
+    root = write_imageclef(tmp_path / "rocov2")
+    monkeypatch.chdir(tmp_path)
+    cli.main(["cp", "tiny/finetune_vision", "mine.yaml", "--data", "data/imageclef"])
+    cli.main(["run", "finetune_vision", "--config", "mine.yaml", f"data_dir={root}", "batch_size=1", "max_steps=2",
+              "eval_every=2", "save_every=2", "output_dir=train"])
+    cli.main(["cp", "tiny/generate", "gen.yaml", "--data", "data/imageclef"])
+    cli.main(["run", "generate", "--config", "gen.yaml", f"data_dir={root}", "dataset.split=test",
+              "checkpoint=train/checkpoints", "max_new_tokens=2", "output_dir=gen"])
+    with open(tmp_path / "gen/predictions.csv", newline="", encoding="utf-8") as f:
+        assert [row[0] for row in csv.reader(f)] == ["ID", "ROCOv2_2023_test_000001", "ROCOv2_2023_test_000002"]
+    assert (tmp_path / "mine.yaml").read_text().startswith("# medcap run finetune_vision --config tiny/finetune_vision")

@@ -61,3 +61,29 @@ def test_merge_recipe_builds_the_model_of_its_own_config_and_merges_the_run(tmp_
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(hf(tokens).logits, model(tokens), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_safetensors_read_back_by_the_safetensors_library(tmp_path, dtype):
+    from safetensors import safe_open
+
+    from medcap.safetensors_stream import write_streaming
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g),
+               "c.scale": torch.randn(2, 1, 3, generator=g)}
+    produced = []
+
+    def produce(name):
+        produced.append(name)
+        return tensors[name]
+
+    write_streaming(tmp_path / "m.safetensors", [(k, tuple(v.shape)) for k, v in tensors.items()], dtype, produce,
+                    metadata={"format": "pt"})
+    assert produced == list(tensors)  # one at a time, in order
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name, value in tensors.items():
+            assert torch.equal(f.get_tensor(name), value.to(dtype))
+    with pytest.raises(ValueError, match="b: produced shape"):
+        write_streaming(tmp_path / "x.safetensors", [("b", (6,))], dtype, produce)

@@ -104,10 +104,10 @@ def tiny_demo(projector: str = "mlp2", trainable: dict[str, str] | None = None,
 
 def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
                            trainable: dict[str, str] | None = None, lora: dict | None = None,
-                           embed_dim: int = 64) -> VisionLanguageModel:
+                           embed_dim: int = 64, num_layers: int = 2) -> VisionLanguageModel:
     """``embed_dim=256`` gives decoder weights NF4 can quantise (QLoRA tests)."""
     output = "pooled" if projector == "pooled_mlp" else "patch"
-    return vision_language_model(decoders.tiny_llama3(embed_dim=embed_dim), encoders.tiny_vit(output=output), projector,
+    return vision_language_model(decoders.tiny_llama3(embed_dim=embed_dim, num_layers=num_layers), encoders.tiny_vit(output=output), projector,
                                  LLAMA3_IMAGE_ID, trainable, num_tokens, lora=lora)
 
 

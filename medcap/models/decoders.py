@@ -59,9 +59,10 @@ def tiny_smollm2(vocab_size: int = 49152, max_seq_len: int = 512) -> Transformer
                          intermediate_dim=128, max_seq_len=max_seq_len, rope_base=100_000, tie_embeddings=True)
 
 
-def tiny_llama3(vocab_size: int = 128256, max_seq_len: int = 512, embed_dim: int = 64) -> TransformerDecoder:
+def tiny_llama3(vocab_size: int = 128256, max_seq_len: int = 512, embed_dim: int = 64,
+                num_layers: int = 2) -> TransformerDecoder:
     """Llama 3.1 family (scaled RoPE, untied output), tiny."""
-    return llama3_1(vocab_size=vocab_size, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=embed_dim,
+    return llama3_1(vocab_size=vocab_size, num_layers=num_layers, num_heads=4, num_kv_heads=2, embed_dim=embed_dim,
                     max_seq_len=max_seq_len, intermediate_dim=2 * embed_dim)
 
 
