@@ -157,6 +157,10 @@ def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.de
         if leaf in owner._non_persistent_buffers_set:
             value = _broadcast_tensor(source_buffers.get(key), buffer, device, key)
             owner.register_buffer(leaf, value, persistent=False)
+    with torch.device(device):  # RoPE modules built on meta also keep a "cache built" flag: rebuild them
+        for module in model.modules():
+            if hasattr(module, "rope_init"):
+                module.rope_init()
 
 
 def _broadcast_tensor(value: Tensor | None, like: Tensor, device: torch.device, key: str) -> Tensor:

@@ -104,3 +104,22 @@ def test_every_recipe_imports_as_torchrun_starts_it():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip()) == ROOT / "recipes" / "__init__.py"
+
+
+def test_qlora_on_two_ranks_quantises_after_sharding_and_trains_as_one_process(workdir):
+    # a Llama-3.1-shaped decoder (scaled RoPE rebuilt after the meta build) with NF4 base weights
+    from tests.test_tokenizers import LLAMA3_MODEL
+
+    common = ["--config", "tiny/finetune", "max_steps=3", "save_every=3", "val_dataset=null",
+              "model.lora.decoder.dropout=0.0", "model.trainable.decoder=qlora",
+              "model._component_=medcap.models.builders.tiny_llama3_biomedclip", "model.embed_dim=256",
+              "model.projector=pooled_mlp", "tokenizer._component_=medcap.text.llama3_tokenizer",
+              f"tokenizer.path={LLAMA3_MODEL}"]
+    medcap(workdir, "run", "finetune", *common, "batch_size=8", "output_dir=q1")
+    medcap(workdir, "run", "finetune", "--nproc_per_node", "2", *common, "batch_size=4", "output_dir=q2")
+    one, two = history(workdir / "q1"), history(workdir / "q2")
+    assert [h["loss"] for h in two] == pytest.approx([h["loss"] for h in one], rel=1e-5)
+    a = load_file(workdir / "q1/checkpoints/step_000003/model.safetensors")
+    b = load_file(workdir / "q2/checkpoints/step_000003/model.safetensors")
+    assert a.keys() == b.keys() and any(".lora_b." in k for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
