@@ -29,6 +29,7 @@ from medcap.text.vicuna import VicunaTokenizer
 from medcap.training import caption_loss
 from medcap.validation import normalized_edit_distance
 from tests.test_tokenizers import LLAMA3_MODEL, SENTENCEPIECE_MODEL
+from tests.test_fuser import write_run
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,13 +224,6 @@ def test_packed_rows_give_transformers_encoder_decoder_loss(t5_dir):
     assert cut["tokens"][19] == tokenizer.eos_id and cut["tokens"][-1] == tokenizer.eos_id
 
 
-def write_run(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["ID", "caption"])
-        writer.writerows(rows)
-    return path
 
 
 FINDINGS = ["nodule in the left lung", "fracture of the distal radius", "cyst in the liver", "normal study"]

@@ -18,13 +18,13 @@ import medcap.generation
 from medcap import cli
 from medcap.data.caption_formats import read_sharegpt
 from medcap.data.dataset import CaptionDataset
-from medcap.data.demo_vqa import ANSWERS, build_demo_vqa
 from medcap.data.problems import DataFileError
 from medcap.data.vqa_formats import read_omnimedvqa, read_vqa_rad
 from medcap.text import IGNORE_INDEX, llama3_tokenizer, smollm2_tokenizer
 from medcap.text.seed_prompts import rendered_prompt, seed_text_ids
 from medcap.vqa import description_budget, judge_letter, judge_text
 from tests.test_tokenizers import LLAMA3_MODEL
+from tests.test_vqa_recipe import demo_vqa  # noqa: F401 (a fixture)
 
 SEED_ID = 118075  # "①" in Llama 3's vocabulary: the seed's image placeholder
 # The seed's rendered prompts (torchtune 0.2.1: decoded chat, no <|begin_of_text|>, the final <|eot_id|> removed)
@@ -195,19 +195,6 @@ def test_vqa_rad_test_freeform_and_para_closed_only(tmp_path):
 
 # --- two_stage_judge end to end, generations scripted ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def demo_vqa(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    (out / "images").mkdir()
-    findings = ["opacity", "none", "lesion", "none", "lesion", "lesion", "dark_lesion", "none"]
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, (modality, finding) in enumerate(zip(ANSWERS, findings)):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out / "images" / f"t{i}.png")
-        lines.append(json.dumps({"id": f"demo_test_{i:04d}", "image": f"images/t{i}.png", "caption": "-",
-                                 "modality": modality, "finding": finding, "location": "none"}))
-    (out / "test.jsonl").write_text("\n".join(lines) + "\n")
-    return out, build_demo_vqa(out, "test", seed=0)
 
 
 class ScriptedLLM:
