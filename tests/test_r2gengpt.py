@@ -1,0 +1,50 @@
+"""R2GenGPT as published (issue 16): its prompt template, report cleaning, schedule, decoding, configs and the import
+of its MIMIC delta checkpoints."""
+
+import sentencepiece
+import pytest
+
+from medcap.data.reports import clean_report_iu_xray, clean_report_mimic_cxr
+from medcap.text import llama2_tokenizer
+from tests.test_tokenizers import SENTENCEPIECE_MODEL
+
+PROMPT = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
+# REFERENCE.md section 6, R2GenGPT's prompt as its code assembles it (the \n is a newline)
+PUBLISHED = ("<s>Human: <Img>{image tokens}</Img> Generate a comprehensive and detailed diagnosis report for this "
+             "chest xray image. \nAssistant: {report}</s>")
+
+
+def test_r2gengpt_template_renders_the_published_prompt_character_for_character():
+    tok = llama2_tokenizer(str(SENTENCEPIECE_MODEL), template="r2gengpt")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SENTENCEPIECE_MODEL))
+    report = "the heart is normal in size . no effusion ."
+    ids = tok.prompt_ids(PROMPT, 3) + tok.answer_ids(report)
+    # R2GenGPT split its prompt at <ImageHere> and tokenised each half, and the report + </s>, on their own
+    before = sp.encode("Human: <Img>")
+    after = sp.encode(f"</Img> {PROMPT} \nAssistant:")
+    answer = sp.encode(report)
+    assert ids == [sp.bos_id()] + before + [32000] * 3 + after + answer + [sp.eos_id()]
+    assert ids[0] == 1 and ids[-1] == 2 and sp.id_to_piece(after[0]).startswith("\u2581")  # a word-start marker
+    start, end = ids.index(32000), len(ids) - ids[::-1].index(32000)
+    rendered = ("<s>" + sp.decode(ids[1:start]) + "{image tokens}" + sp.decode(ids[end:-1]) + "</s>")
+    assert rendered == PUBLISHED.replace("{report}", report)
+    # the chat template stays the default
+    chat = llama2_tokenizer(str(SENTENCEPIECE_MODEL))
+    assert chat.template == "llama2_chat" and "[INST]" in chat.decode(chat.prompt_ids(PROMPT, 1), False)
+    with pytest.raises(ValueError, match="no system text"):
+        tok.prompt_ids(PROMPT, 3, system="be brief")
+    with pytest.raises(ValueError, match="template must be one of"):
+        llama2_tokenizer(str(SENTENCEPIECE_MODEL), template="r2gen")
+
+
+def test_r2gengpt_mimic_cleaning_keeps_colon_and_comparison_signs():
+    report = "FINDINGS: The heart <normal>. 1. No effusion @ base = stable.\nIMPRESSION: None."
+    assert clean_report_mimic_cxr(report, "r2gengpt") == (
+        "findings : the heart <normal> . no effusion @ base = stable . impression : none .")
+    assert clean_report_mimic_cxr(report) == "findings the heart normal . no effusion  base  stable . impression none ."
+    # the rest is R2Gen's: runs of blanks and dots shrink, brackets and the like go
+    assert clean_report_mimic_cxr("Seen on ___ (prior)...  Stable:yes", "r2gengpt") == "seen on  prior . stable :yes ."
+    assert clean_report_iu_xray("Heart: normal.", "r2gengpt") == clean_report_iu_xray("Heart: normal.") == \
+        "heart normal ."
+    with pytest.raises(ValueError, match="variant must be one of"):
+        clean_report_mimic_cxr("x", "r2genx")
