@@ -48,3 +48,30 @@ def test_r2gengpt_mimic_cleaning_keeps_colon_and_comparison_signs():
         "heart normal ."
     with pytest.raises(ValueError, match="variant must be one of"):
         clean_report_mimic_cxr("x", "r2genx")
+
+
+def test_length_normalization_hf_4_30_counts_one_more_for_a_hypothesis_cut_at_max_new_tokens():
+    """transformers 4.30 (R2GenGPT) divided by len(input_ids) without the end token, input_ids = <s> + generated:
+    a hypothesis ending with the stop token after n tokens -> n + 1 (as today); one cut at max_new_tokens m -> m + 1
+    (today: m). Hand-computed, length_penalty 1, max_new_tokens 2:
+      [C]     stop at step 2: log .5 + log .5             = -1.386 / 2 = -0.693 (both conventions)
+      [C, C]  cut at 2 tokens: log .5 + log .45            = -1.492 / 2 = -0.746 (with_end_token)
+                                                                  / 3 = -0.497 (hf_4_30)
+    """
+    import math
+
+    from medcap.generation import beam_search
+    from tests.test_generation import A, B, C, D, S, MarkovModel
+    from tests.tiny_vlm import PAD, STOP
+
+    # D (kept by the first step) only leads to worse hypotheses: D A -1.877, D B and D stop -1.907
+    model = MarkovModel({S: {C: 0.5, D: 0.45, STOP: 0.05}, C: {STOP: 0.5, C: 0.45, D: 0.05},
+                         D: {A: 0.34, B: 0.33, STOP: 0.33}})
+    kw = dict(num_beams=2, max_new_tokens=2, stop_ids=[STOP], pad_id=PAD, use_cache=False, length_penalty=1.0,
+              return_scores=True)
+    ids, scores = beam_search(model, [[S]], None, **kw)
+    assert ids == [[C]] and scores[0] == pytest.approx((math.log(0.5) + math.log(0.5)) / 2)
+    ids, scores = beam_search(model, [[S]], None, length_normalization="hf_4_30", **kw)
+    assert ids == [[C, C]] and scores[0] == pytest.approx((math.log(0.5) + math.log(0.45)) / 3)
+    with pytest.raises(ValueError, match="length_normalization must be one of"):
+        beam_search(model, [[S]], None, length_normalization="without_end", **kw)
