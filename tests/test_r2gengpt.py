@@ -75,3 +75,28 @@ def test_length_normalization_hf_4_30_counts_one_more_for_a_hypothesis_cut_at_ma
     assert ids == [[C, C]] and scores[0] == pytest.approx((math.log(0.5) + math.log(0.45)) / 3)
     with pytest.raises(ValueError, match="length_normalization must be one of"):
         beam_search(model, [[S]], None, length_normalization="without_end", **kw)
+
+
+def test_cosine_per_epoch_equals_cosine_annealing_lr_stepped_each_epoch():
+    import torch
+
+    from medcap.optim import cosine_per_epoch
+
+    def optimizer():
+        a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        return torch.optim.AdamW([{"params": [a], "lr": 1e-4}, {"params": [b], "lr": 3e-4}])
+
+    epochs, per_epoch = 5, 7
+    ours = optimizer()
+    scheduler = cosine_per_epoch(ours, num_training_steps=epochs * per_epoch, epochs=epochs, eta_min=1e-6)
+    reference = optimizer()
+    torch_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=epochs, eta_min=1e-6)
+    for step in range(epochs * per_epoch):
+        if step and step % per_epoch == 0:
+            torch_scheduler.step()
+        assert [g["lr"] for g in ours.param_groups] == pytest.approx([g["lr"] for g in reference.param_groups],
+                                                                     rel=1e-9, abs=1e-15), step
+        ours.step()
+        scheduler.step()
+    torch_scheduler.step()  # after the last epoch both reach eta_min
+    assert ours.param_groups[1]["lr"] == pytest.approx(reference.param_groups[1]["lr"]) == pytest.approx(1e-6)
