@@ -12,7 +12,7 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from medcap import distributed
 from medcap.checkpoint import describe, load_checkpoint, read_metadata, resolve_checkpoint
 from medcap.data.dataset import CaptionDataset, collate_captions, image_transform
-from medcap.models import import_medcap
+from medcap.models import import_medcap, import_r2gengpt
 from medcap.models.llm_weights import check_dtype_runs, deferred_weights
 from medcap.precision import check_training_dtype, keep_trained_parts_in, master_dtype
 
@@ -57,7 +57,8 @@ def model_node_for(cfg_model: DictConfig, checkpoint: str | Path) -> DictConfig:
     that generating from it needs no overrides: parts the run trained with LoRA / QLoRA get adapters of the
     run's rank, alpha and targets. A config that already sets a different mode for such a part keeps it, and
     loading then says which override to use."""
-    if import_medcap.is_seed_checkpoint(checkpoint):  # the seed's .pt holds no adapters
+    # the seeds' files carry no metadata: the config must build the model as their run was
+    if import_medcap.is_seed_checkpoint(checkpoint) or import_r2gengpt.is_r2gengpt_checkpoint(checkpoint):
         return cfg_model
     meta = read_metadata(resolve_checkpoint(checkpoint))
     adapted = {part: mode for part, mode in meta["trainable"].items() if mode in ("lora", "qlora")}

@@ -100,3 +100,160 @@ def test_cosine_per_epoch_equals_cosine_annealing_lr_stepped_each_epoch():
         scheduler.step()
     torch_scheduler.step()  # after the last epoch both reach eta_min
     assert ours.param_groups[1]["lr"] == pytest.approx(reference.param_groups[1]["lr"]) == pytest.approx(1e-6)
+
+
+TRAIN_CONFIGS = {  # name: (accumulation, report limit, decoding range, epochs)
+    "iuxray_shallow": (2, 60, (40, 100), 15), "iuxray_delta": (2, 60, (40, 100), 15),
+    "iuxray_deep": (2, 60, (40, 100), 15), "mimic_shallow": (4, 100, (80, 120), 5),
+    "mimic_delta": (4, 100, (80, 120), 5), "mimic_deep": (3, 100, (80, 120), 5)}
+
+
+def tiny_overrides(data, out) -> list[str]:
+    return ["llm_dir=unused", "vision_checkpoint=unused", f"data_dir={data}", f"output_dir={out}", "device=cpu",
+            "dtype=fp32", "num_workers=0", "model._component_=medcap.models.builders.tiny_llama2_swin",
+            "~model.llm_dir", "~model.vision_checkpoint", f"tokenizer.path={SENTENCEPIECE_MODEL}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TRAIN_CONFIGS))
+def test_r2gengpt_training_configs_train_two_steps_with_the_published_settings(name, tmp_path, monkeypatch):
+    """Each config with the tiny model of the family: two optimizer steps, then a validation decoded as at test."""
+    from omegaconf import OmegaConf
+
+    import medcap.validation
+    from medcap import cli
+    from tests.test_formats import write_r2gen_iuxray
+
+    accumulation, limit, (min_new, max_new), epochs = TRAIN_CONFIGS[name]
+    cfg = OmegaConf.load(f"configs/r2gengpt/{name}.yaml")
+    assert cfg.batch_size * cfg.gradient_accumulation_steps == 8 * accumulation
+    assert cfg.max_steps % epochs == 0 and cfg.lr_scheduler.epochs == epochs and cfg.lr_scheduler.eta_min == 1e-6
+    assert cfg.optimizer.weight_decay == 0.01 and cfg.shuffle is True and cfg.dtype == "bf16"
+    assert cfg.tokenizer.template == "r2gengpt" and cfg.dataset.max_answer_tokens == limit
+    assert cfg.dataset.clean_report == ("r2gengpt" if name.startswith("mimic") else True)
+    seen, real = [], medcap.validation.generate_batch
+
+    def spy(model, tokenizer, batch, dtype, **decoding):
+        seen.append((batch["tokens"][0].tolist(), decoding))
+        return real(model, tokenizer, batch, dtype, **decoding)
+
+    monkeypatch.setattr(medcap.validation, "generate_batch", spy)
+    data = write_r2gen_iuxray(tmp_path / "data")
+    cli.run_recipe("finetune", f"r2gengpt/{name}", tiny_overrides(data, tmp_path / "out") + [
+        "batch_size=1", "max_steps=2", "eval_every=2", "save_every=2", "val_generation.batch_size=1"])
+    (tokens, decoding), = seen
+    assert {k: decoding[k] for k in ("num_beams", "repetition_penalty", "length_penalty", "min_new_tokens",
+                                     "max_new_tokens", "length_normalization", "penalize_prompt")} == {
+        "num_beams": 3, "repetition_penalty": 2.0, "length_penalty": 2.0, "min_new_tokens": min_new,
+        "max_new_tokens": max_new, "length_normalization": "hf_4_30", "penalize_prompt": False}
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SENTENCEPIECE_MODEL))
+    # without the image placeholders, the word-start marker of "</Img>" shows as a space
+    assert sp.decode([t for t in tokens if t < 32000]).startswith("Human: <Img> </Img> Generate a comprehensive")
+    assert (tmp_path / "out" / "checkpoints").is_dir()
+
+
+def delta_model(seed):
+    import torch
+
+    from medcap.models import builders
+
+    torch.manual_seed(0)  # the same frozen Swin and LLM (R2GenGPT's file holds neither)
+    model = builders.tiny_llama2_swin(trainable={"encoder": "lora", "projector": "full", "decoder": "frozen"},
+                                      lora={"encoder": {"rank": 4, "alpha": 4, "dropout": 0.1, "targets": ["q", "v"]}})
+    torch.manual_seed(seed)
+    with torch.no_grad():  # adapters and mapper of this seed; adapters that change the output (B starts at zero)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def r2gengpt_delta_state(model) -> dict:
+    """The model's trainable parameters under R2GenGPT's names, as peft and its save_checkpoint wrote them."""
+    state = {}
+    for i, stage in enumerate(model.vision.encoder.model.layers):
+        for j, block in enumerate(stage.blocks):
+            qkv = block.attn.qkv
+            for slot, which in zip(range(2), ("query", "value")):  # targets q (third 0) and v (third 2)
+                prefix = f"visual_encoder.base_model.model.encoder.layers.{i}.blocks.{j}.attention.self.{which}"
+                state[f"{prefix}.lora_A.default.weight"] = qkv.lora_a[slot].weight.detach().clone()
+                state[f"{prefix}.lora_B.default.weight"] = qkv.lora_b[slot].weight.detach().clone()
+    linear, norm = model.vision.projector
+    state.update({"llama_proj.weight": linear.weight, "llama_proj.bias": linear.bias,
+                  "layer_norm.weight": norm.weight, "layer_norm.bias": norm.bias})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def lightning_hparams(values: dict):
+    """An object pickled as Lightning 2's AttributeDict (R2GenGPT's 'config' entry), without Lightning."""
+    import sys
+    import types
+
+    names = ["lightning", "lightning.fabric", "lightning.fabric.utilities", "lightning.fabric.utilities.data"]
+    assert not any(name in sys.modules for name in names)
+    for name in names:  # pickle checks that it can import the class back
+        sys.modules[name] = types.ModuleType(name)
+
+    class AttributeDict(dict):
+        pass
+
+    AttributeDict.__module__, AttributeDict.__qualname__ = names[-1], "AttributeDict"
+    sys.modules[names[-1]].AttributeDict = AttributeDict
+    return AttributeDict(values), names
+
+
+def test_r2gengpt_delta_checkpoint_loads_into_the_delta_model_with_identical_outputs(tmp_path):
+    import sys
+
+    import torch
+
+    from medcap.checkpoint import load_checkpoint
+
+    source, target = delta_model(0), delta_model(1)
+    images = torch.randn(2, 3, 64, 64)
+    config, modules = lightning_hparams({"vis_r": 4, "vis_alpha": 4, "max_length": 100})
+    path = tmp_path / "checkpoint_epoch4_step42310_bleu0.130000_cider0.250000.pth"
+    try:
+        torch.save({"model": r2gengpt_delta_state(source), "config": config, "epoch": 4, "step": 42310}, path)
+    finally:
+        for name in modules:
+            del sys.modules[name]
+    with torch.no_grad():
+        assert not torch.allclose(source.vision(images), target.vision(images))
+        decoder_before = {k: v.clone() for k, v in target.decoder.state_dict().items()}
+        load_checkpoint(target, path)
+        torch.testing.assert_close(target.vision(images), source.vision(images), rtol=0, atol=0)
+        assert all(torch.equal(v, target.decoder.state_dict()[k]) for k, v in decoder_before.items())
+
+
+def test_r2gengpt_checkpoint_names_missing_and_surplus_keys_and_refuses_pickled_code(tmp_path):
+    import torch
+
+    from medcap.checkpoint import load_checkpoint
+
+    model = delta_model(0)
+    state = r2gengpt_delta_state(model)
+    key = "visual_encoder.base_model.model.encoder.layers.2.blocks.0.attention.self.value.lora_B.default.weight"
+    short = {k: v for k, v in state.items() if k != key}
+    torch.save({"model": {**short, "visual_encoder.base_model.model.pooler.lora_A.default.weight": torch.zeros(1)}},
+               tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(model, tmp_path / "bad.pth")
+    message = str(error.value)
+    assert "missing encoder.model.layers.2.blocks.0.attn.qkv.lora_b.1.weight" in message
+    assert "surplus visual_encoder.base_model.model.pooler.lora_A.default.weight" in message
+    # a shallow model trains no adapters: the file's adapters have nowhere to go
+    from medcap.models import builders
+    shallow = builders.tiny_llama2_swin(trainable={"encoder": "frozen", "projector": "full", "decoder": "frozen"})
+    torch.save({"model": state}, tmp_path / "delta.pth")
+    with pytest.raises(ValueError, match=r"surplus visual_encoder\.base_model.*no q adapter"):
+        load_checkpoint(shallow, tmp_path / "delta.pth")
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    torch.save({"model": state, "config": Payload()}, tmp_path / "code.pth")
+    with pytest.raises(ValueError, match="refused: the file holds more than tensors"):
+        load_checkpoint(model, tmp_path / "code.pth")
+    assert not (tmp_path / "ran").exists()

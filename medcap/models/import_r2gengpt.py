@@ -1,0 +1,148 @@
+"""R2GenGPT's published checkpoints (``checkpoint_epoch*_step*_bleu*_cider*.pth``, e.g. its MIMIC-CXR delta
+checkpoint) loaded onto a ``llama2_7b_swin`` model built as the run was (``r2gengpt/mimic_delta`` for a delta file).
+
+R2GenGPT saved ``torch.save({'model': <its trainable parameters>, 'config': <hyperparameters>, 'epoch': ...,
+'step': ...})``, the parameters under its module names:
+
+- ``visual_encoder.*``: transformers' ``SwinModel``; in delta mode wrapped by peft (LoRA on ``query`` / ``value``),
+  so only the adapters are there, as ``visual_encoder.base_model.model.encoder.layers.{i}.blocks.{j}.attention.self
+  .{query,value}.lora_{A,B}.default.weight``; in deep mode every Swin parameter (``visual_encoder.embeddings...``);
+- ``llama_proj.{weight,bias}`` (Linear 1024 -> 4096) and ``layer_norm.{weight,bias}``: the mapper.
+
+Here Swin is timm's, whose ``qkv`` is one fused projection: peft's ``query`` adapter is ``lora_a[s]`` / ``lora_b[s]``
+of ``FusedLoRALinear`` for the slot ``s`` of q among the adapted thirds (the same for ``value``); peft and
+``FusedLoRALinear`` both add ``alpha / rank * B(A(dropout(x)))`` to that third. Full Swin weights are renamed with
+``hf_vision.hf_swin_to_timm``. The mapper is ``projector`` ``linear_ln`` (``0`` = Linear, ``1`` = LayerNorm).
+
+The file is read with ``torch.load(weights_only=True)``: only tensors, plain containers and (for ``config``) Lightning's
+``AttributeDict``, read as a plain dict, are accepted; anything else (pickled code) is refused
+before it runs. Every trainable parameter of the model must come from the file and every tensor of the file must go
+somewhere: missing and surplus keys are named.
+"""
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from medcap.models.hf_vision import hf_swin_to_timm
+from medcap.models.lora import FUSED_QKV, FusedLoRALinear
+
+SUFFIXES = (".pth",)
+TOP_LEVEL = {"model"}
+OPTIONAL_TOP_LEVEL = {"config", "epoch", "step"}
+_PEFT_LORA = re.compile(r"visual_encoder\.base_model\.model\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\."
+                        r"(query|value)\.lora_([AB])\.default\.weight")
+_MAPPER = {"llama_proj.weight": "0.weight", "llama_proj.bias": "0.bias", "layer_norm.weight": "1.weight",
+           "layer_norm.bias": "1.bias"}
+_QKV = {"query": "q", "value": "v"}
+
+
+class LightningAttributeDict:
+    """What R2GenGPT's ``config`` entry (Lightning's ``AttributeDict``, a dict subclass holding its argparse
+    options) is read as: a plain dict (the weights-only unpickler fills only plain dicts), nothing more."""
+
+    def __new__(cls, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+
+# the names Lightning 2.x and older releases pickle AttributeDict under
+_ATTRIBUTE_DICT_NAMES = ("lightning.fabric.utilities.data.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
+                         "pytorch_lightning.utilities.parsing.AttributeDict")
+
+
+def is_r2gengpt_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.suffix in SUFFIXES and path.is_file()
+
+
+def read(path: str | Path) -> dict[str, Tensor]:
+    """The ``model`` state dict of the file, tensors only."""
+    try:
+        with torch.serialization.safe_globals([(LightningAttributeDict, name) for name in _ATTRIBUTE_DICT_NAMES]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"{path}: refused: the file holds more than tensors and R2GenGPT's hyperparameters "
+                         f"(torch.load(weights_only=True) stopped at: {reason})") from None
+    if not isinstance(state, dict) or not TOP_LEVEL <= set(state):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: expected R2GenGPT's checkpoint, a dict with key 'model' (its trainable "
+                         f"parameters); found {found}")
+    surplus = sorted(set(state) - TOP_LEVEL - OPTIONAL_TOP_LEVEL)
+    if surplus:
+        raise ValueError(f"{path}: unexpected top-level keys {surplus} (R2GenGPT saves model, config, epoch, step)")
+    model_state = state["model"]
+    bad = [k for k, v in model_state.items() if not isinstance(v, Tensor)] if isinstance(model_state, dict) \
+        else ["model"]
+    if bad:
+        raise ValueError(f"{path}: 'model' must be a state dict of tensors; not a tensor: {bad[:5]}")
+    return model_state
+
+
+def _adapter_target(encoder, layer: int, block: int, which: str, matrix: str) -> tuple[str, FusedLoRALinear | None]:
+    """(medcap name, the fused qkv layer or None when the model has no adapters there) of one peft tensor."""
+    try:
+        qkv = encoder.model.layers[layer].blocks[block].attn.qkv
+    except (AttributeError, IndexError):
+        return f"encoder: no Swin block layers.{layer}.blocks.{block}", None
+    if not isinstance(qkv, FusedLoRALinear) or FUSED_QKV[_QKV[which]] not in qkv.slices:
+        return f"encoder: no {_QKV[which]} adapter at layers.{layer}.blocks.{block}", None
+    slot = qkv.slices.index(FUSED_QKV[_QKV[which]])
+    return f"model.layers.{layer}.blocks.{block}.attn.qkv.lora_{matrix.lower()}.{slot}.weight", qkv
+
+
+def renamed(model, state: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """({part: {medcap name: tensor}}, [file keys with no place in the model])."""
+    encoder = model.vision.encoder
+    out: dict[str, dict[str, Tensor]] = {"encoder": {}, "projector": {}}
+    surplus, swin = [], {}
+    for key, value in state.items():
+        lora = _PEFT_LORA.fullmatch(key)
+        if key in _MAPPER:
+            out["projector"][_MAPPER[key]] = value
+        elif lora:
+            name, qkv = _adapter_target(encoder, int(lora[1]), int(lora[2]), lora[3], lora[4])
+            if qkv is None:
+                surplus.append(f"{key} ({name})")
+            else:
+                out["encoder"][name] = value
+        elif key.startswith("visual_encoder.") and not key.startswith("visual_encoder.base_model."):
+            swin[key.removeprefix("visual_encoder.")] = value
+        else:
+            surplus.append(key)
+    out["encoder"].update({f"model.{k}": v for k, v in hf_swin_to_timm(swin).items()})
+    return out, surplus
+
+
+def load(model, path: str | Path) -> Path:
+    """Load the file's trainable parameters into the model's encoder (adapters or full Swin) and projector;
+    the decoder is untouched. Every trainable parameter of encoder and projector must be in the file."""
+    path = Path(path)
+    parts = model.parts()
+    for part in ("encoder", "projector"):
+        if part not in parts:
+            raise ValueError(f"{path}: an R2GenGPT checkpoint needs a model with an {part}")
+    if type(parts["projector"]).__name__ != "Sequential" or len(parts["projector"]) != 2:
+        raise ValueError(f"{path}: R2GenGPT's mapper is Linear + LayerNorm: build the model with projector: linear_ln")
+    by_part, surplus = renamed(model, read(path))
+    problems = [f"surplus {k}" for k in surplus]
+    for part, tensors in by_part.items():
+        params = dict(parts[part].named_parameters())
+        trainable = {k for k, p in params.items() if p.requires_grad}
+        problems += [f"missing {part}.{k}" for k in sorted(trainable - tensors.keys())]
+        problems += [f"surplus {part}.{k} (not trained by this model's config)" for k in sorted(tensors.keys() - trainable)]
+        problems += [f"{part}.{k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}"
+                     for k, v in tensors.items() if k in trainable and v.shape != params[k].shape]
+    if problems:
+        more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
+        raise ValueError(f"{path} does not fit the model (build it as the run was, e.g. r2gengpt/mimic_delta for a "
+                         f"delta checkpoint): {'; '.join(problems[:6])}{more}")
+    for part, tensors in by_part.items():
+        params = dict(parts[part].named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+    return path
