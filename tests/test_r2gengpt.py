@@ -257,3 +257,50 @@ def test_r2gengpt_checkpoint_names_missing_and_surplus_keys_and_refuses_pickled_
     with pytest.raises(ValueError, match="refused: the file holds more than tensors"):
         load_checkpoint(model, tmp_path / "code.pth")
     assert not (tmp_path / "ran").exists()
+
+
+def test_published_delta_file_fits_the_mimic_delta_config(tmp_path):
+    """The adapters r2gengpt/mimic_delta builds (rank 16, q and v of every Swin block) take a file written by
+    R2GenGPT's delta run, key for key."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from medcap.checkpoint import load_checkpoint
+    from medcap.models import builders
+
+    cfg = OmegaConf.load("configs/r2gengpt/mimic_delta.yaml")
+
+    def build(seed):
+        torch.manual_seed(0)
+        model = builders.tiny_llama2_swin(trainable=dict(cfg.model.trainable),
+                                          lora=OmegaConf.to_container(cfg.model.lora),
+                                          views_per_block=cfg.model.views_per_block).eval()
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.2)
+        return model
+
+    source, target = build(0), build(1)
+    assert source.vision.encoder.model.layers[0].blocks[0].attn.qkv.lora_a[0].weight.shape[0] == 16
+    torch.save({"model": r2gengpt_delta_state(source)}, tmp_path / "delta.pth")
+    load_checkpoint(target, tmp_path / "delta.pth")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(target.vision(images), source.vision(images), rtol=0, atol=0)
+
+
+def test_global_only_gives_swins_pooled_output_as_one_token():
+    import torch
+
+    from medcap.models import builders
+
+    torch.manual_seed(0)
+    patches = builders.tiny_llama2_swin().eval()
+    pooled = builders.tiny_llama2_swin(global_only=True).eval()
+    pooled.vision.encoder.load_state_dict(patches.vision.encoder.state_dict())
+    assert (patches.tokens_per_image, pooled.tokens_per_image) == (4, 1)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # timm's pooled output: the normed final feature map averaged, as transformers' pooler
+        torch.testing.assert_close(pooled.vision.encoder(images), patches.vision.encoder(images).mean(1, keepdim=True))
