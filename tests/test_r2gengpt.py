@@ -304,3 +304,39 @@ def test_global_only_gives_swins_pooled_output_as_one_token():
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():  # timm's pooled output: the normed final feature map averaged, as transformers' pooler
         torch.testing.assert_close(pooled.vision.encoder(images), patches.vision.encoder(images).mean(1, keepdim=True))
+
+
+def test_r2gengpt_deep_checkpoint_loads_transformers_swin_weights(tmp_path):
+    """A deep-mode file holds every SwinModel parameter under visual_encoder.*: loaded into timm's Swin, the
+    encoder gives transformers' last_hidden_state."""
+    import torch
+    import transformers
+
+    from medcap.checkpoint import load_checkpoint
+    from medcap.models import builders
+
+    torch.manual_seed(3)
+    swin = transformers.SwinModel(transformers.SwinConfig(
+        image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=2,
+        drop_path_rate=0.0)).eval()
+    with torch.no_grad():
+        for p in swin.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model = builders.tiny_llama2_swin(trainable={"encoder": "full", "projector": "full", "decoder": "frozen"}).eval()
+    linear, norm = model.vision.projector
+    # the names transformers 4.30 gave SwinModel's parameters (save_pretrained writes them; buffers left out)
+    from safetensors.torch import load_file
+
+    swin.save_pretrained(tmp_path / "swin")
+    saved = load_file(tmp_path / "swin" / "model.safetensors")
+    state = {f"visual_encoder.{k}": v for k, v in saved.items() if not k.endswith("relative_position_index")}
+    assert "visual_encoder.encoder.layers.0.blocks.0.attention.self.query.weight" in state
+    state.update({"llama_proj.weight": torch.randn_like(linear.weight), "llama_proj.bias": torch.randn_like(linear.bias),
+                  "layer_norm.weight": torch.randn_like(norm.weight), "layer_norm.bias": torch.randn_like(norm.bias)})
+    torch.save({"model": state, "epoch": 2, "step": 300}, tmp_path / "deep.pth")
+    load_checkpoint(model, tmp_path / "deep.pth")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision.encoder(images), swin(pixel_values=images).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+    assert torch.equal(linear.weight, state["llama_proj.weight"]) and torch.equal(norm.bias, state["layer_norm.bias"])
