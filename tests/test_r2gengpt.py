@@ -102,10 +102,10 @@ def test_cosine_per_epoch_equals_cosine_annealing_lr_stepped_each_epoch():
     assert ours.param_groups[1]["lr"] == pytest.approx(reference.param_groups[1]["lr"]) == pytest.approx(1e-6)
 
 
-TRAIN_CONFIGS = {  # name: (accumulation, report limit, decoding range, epochs)
-    "iuxray_shallow": (2, 60, (40, 100), 15), "iuxray_delta": (2, 60, (40, 100), 15),
-    "iuxray_deep": (2, 60, (40, 100), 15), "mimic_shallow": (4, 100, (80, 120), 5),
-    "mimic_delta": (4, 100, (80, 120), 5), "mimic_deep": (3, 100, (80, 120), 5)}
+TRAIN_CONFIGS = {  # name: (effective batch, report limit, decoding range, epochs), REFERENCE.md section 6
+    "iuxray_shallow": (16, 60, (40, 100), 15), "iuxray_delta": (16, 60, (40, 100), 15),
+    "iuxray_deep": (16, 60, (40, 100), 15), "mimic_shallow": (32, 100, (80, 120), 5),
+    "mimic_delta": (32, 100, (80, 120), 5), "mimic_deep": (24, 100, (80, 120), 5)}
 
 
 def tiny_overrides(data, out) -> list[str]:
@@ -124,9 +124,9 @@ def test_r2gengpt_training_configs_train_two_steps_with_the_published_settings(n
     from medcap import cli
     from tests.test_formats import write_r2gen_iuxray
 
-    accumulation, limit, (min_new, max_new), epochs = TRAIN_CONFIGS[name]
+    effective, limit, (min_new, max_new), epochs = TRAIN_CONFIGS[name]
     cfg = OmegaConf.load(f"configs/r2gengpt/{name}.yaml")
-    assert cfg.batch_size * cfg.gradient_accumulation_steps == 8 * accumulation
+    assert cfg.batch_size * cfg.gradient_accumulation_steps == effective
     assert cfg.max_steps % epochs == 0 and cfg.lr_scheduler.epochs == epochs and cfg.lr_scheduler.eta_min == 1e-6
     assert cfg.optimizer.weight_decay == 0.01 and cfg.shuffle is True and cfg.dtype == "bf16"
     assert cfg.tokenizer.template == "r2gengpt" and cfg.dataset.max_answer_tokens == limit
@@ -211,7 +211,8 @@ def test_r2gengpt_delta_checkpoint_loads_into_the_delta_model_with_identical_out
 
     source, target = delta_model(0), delta_model(1)
     images = torch.randn(2, 3, 64, 64)
-    config, modules = lightning_hparams({"vis_r": 4, "vis_alpha": 4, "max_length": 100})
+    config, modules = lightning_hparams({"vis_use_lora": True, "vis_r": 4, "vis_alpha": 4, "global_only": False,
+                                         "max_length": 100})
     path = tmp_path / "checkpoint_epoch4_step42310_bleu0.130000_cider0.250000.pth"
     try:
         torch.save({"model": r2gengpt_delta_state(source), "config": config, "epoch": 4, "step": 42310}, path)
@@ -224,6 +225,13 @@ def test_r2gengpt_delta_checkpoint_loads_into_the_delta_model_with_identical_out
         load_checkpoint(target, path)
         torch.testing.assert_close(target.vision(images), source.vision(images), rtol=0, atol=0)
         assert all(torch.equal(v, target.decoder.state_dict()[k]) for k, v in decoder_before.items())
+    # the options the file records are checked too: a scale the tensors cannot show
+    other = delta_model(2)
+    for module in other.modules():
+        if hasattr(module, "lora_a"):
+            module.alpha = 8
+    with pytest.raises(ValueError, match="rank 4, alpha 4; the model's have rank 4, alpha 8"):
+        load_checkpoint(other, path)
 
 
 def test_r2gengpt_checkpoint_names_missing_and_surplus_keys_and_refuses_pickled_code(tmp_path):

@@ -58,8 +58,8 @@ def is_r2gengpt_checkpoint(path: str | Path) -> bool:
     return path.suffix in SUFFIXES and path.is_file()
 
 
-def read(path: str | Path) -> dict[str, Tensor]:
-    """The ``model`` state dict of the file, tensors only."""
+def read(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """The ``model`` state dict of the file (tensors only) and its ``config`` (R2GenGPT's options; {} if absent)."""
     try:
         with torch.serialization.safe_globals([(LightningAttributeDict, name) for name in _ATTRIBUTE_DICT_NAMES]):
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,7 +79,25 @@ def read(path: str | Path) -> dict[str, Tensor]:
         else ["model"]
     if bad:
         raise ValueError(f"{path}: 'model' must be a state dict of tensors; not a tensor: {bad[:5]}")
-    return model_state
+    config = state.get("config") or {}
+    return model_state, config if isinstance(config, dict) else {}
+
+
+def _settings_problems(model, config: dict) -> list[str]:
+    """What the file's R2GenGPT options say about the run that the tensors alone do not: the LoRA scale
+    (alpha / rank) and global_only."""
+    problems = []
+    encoder = model.vision.encoder
+    if "global_only" in config and bool(config["global_only"]) != (getattr(encoder, "output", "patch") == "pooled"):
+        problems.append(f"the run had global_only={config['global_only']}: set model.global_only accordingly")
+    if config.get("vis_use_lora") and "vis_r" in config and "vis_alpha" in config:
+        for module in encoder.modules():
+            if isinstance(module, FusedLoRALinear) and (module.rank, module.alpha) != (config["vis_r"],
+                                                                                      config["vis_alpha"]):
+                problems.append(f"the run's Swin adapters had rank {config['vis_r']}, alpha {config['vis_alpha']}; "
+                                f"the model's have rank {module.rank}, alpha {module.alpha} (model.lora.encoder)")
+                break
+    return problems
 
 
 def _adapter_target(encoder, layer: int, block: int, which: str, matrix: str) -> tuple[str, FusedLoRALinear | None]:
@@ -127,8 +145,9 @@ def load(model, path: str | Path) -> Path:
             raise ValueError(f"{path}: an R2GenGPT checkpoint needs a model with an {part}")
     if type(parts["projector"]).__name__ != "Sequential" or len(parts["projector"]) != 2:
         raise ValueError(f"{path}: R2GenGPT's mapper is Linear + LayerNorm: build the model with projector: linear_ln")
-    by_part, surplus = renamed(model, read(path))
-    problems = [f"surplus {k}" for k in surplus]
+    state, config = read(path)
+    by_part, surplus = renamed(model, state)
+    problems = _settings_problems(model, config) + [f"surplus {k}" for k in surplus]
     for part, tensors in by_part.items():
         params = dict(parts[part].named_parameters())
         trainable = {k for k, p in params.items() if p.requires_grad}
