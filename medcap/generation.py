@@ -19,9 +19,10 @@ repetition penalty 2.0, length penalty 2.0, 40-100 new tokens) carry over:
   with_end_token``). ``length_normalization: hf_4_30`` is transformers 4.30's rule as R2GenGPT met it: 4.30 divided
   by the length of the hypothesis' ``input_ids`` row without the end token, and for a prompt given as
   ``inputs_embeds`` that row is ``<s>`` + the generated tokens: so a hypothesis that ends with the stop token has the
-  same length, and one cut at max_new_tokens has max_new_tokens + 1. A prompt is done once it holds num_beams finished hypotheses and
-  its best running beam, scored at its current length, does not beat the worst of them (HF's
-  ``early_stopping=False``).
+  same length, and one cut at max_new_tokens has max_new_tokens + 1. A prompt is done once it holds num_beams
+  finished hypotheses and its best running beam, scored at its current length, does not beat the worst of them (HF's
+  ``early_stopping=False``; the current length counts the token being chosen, as 4.30's ``cur_len`` did for a prompt
+  given as embeddings, in both conventions).
 
 "Seen" tokens are the prompt's text tokens (padding and image placeholders never count) and the generated ones;
 with ``penalize_prompt=False`` only the generated ones count, which is what R2GenGPT got from Hugging Face by

@@ -339,8 +339,8 @@ def test_r2gengpt_deep_checkpoint_loads_transformers_swin_weights(tmp_path):
     saved = load_file(tmp_path / "swin" / "model.safetensors")
     state = {f"visual_encoder.{k}": v for k, v in saved.items() if not k.endswith("relative_position_index")}
     assert "visual_encoder.encoder.layers.0.blocks.0.attention.self.query.weight" in state
-    state.update({"llama_proj.weight": torch.randn_like(linear.weight), "llama_proj.bias": torch.randn_like(linear.bias),
-                  "layer_norm.weight": torch.randn_like(norm.weight), "layer_norm.bias": torch.randn_like(norm.bias)})
+    state.update({"llama_proj.weight": torch.randn_like(linear.weight),
+                  "llama_proj.bias": torch.randn_like(linear.bias), "layer_norm.weight": torch.randn_like(norm.weight), "layer_norm.bias": torch.randn_like(norm.bias)})
     torch.save({"model": state, "epoch": 2, "step": 300}, tmp_path / "deep.pth")
     load_checkpoint(model, tmp_path / "deep.pth")
     images = torch.randn(2, 3, 64, 64)

@@ -89,7 +89,8 @@ def read_r2gen(data_dir: Path, split: str, cleaner: Callable[..., str], annotati
                num_views: int = 2) -> Samples:
     """R2Gen's ``annotation.json``: ``{"train": [...], "val": [...], "test": [...]}`` with ``id``, ``report`` and
     ``image_path`` (a list, relative to ``image_folder``). ``clean_report`` applies R2Gen's cleaning for the data
-    set (``medcap.data.reports``): ``true`` (or ``r2gen``) R2Gen's rules, ``r2gengpt`` R2GenGPT's variant. ``views``: ``separate`` = one image-token block per view, in the file's order
+    set (``medcap.data.reports``): ``true`` (or ``r2gen``) R2Gen's rules, ``r2gengpt`` R2GenGPT's variant.
+    ``views``: ``separate`` = one image-token block per view, in the file's order
     (IU X-Ray: frontal, lateral); ``first`` = the first view only; ``average`` = exactly ``num_views`` views per
     study, a shorter study repeating its last view as R2GenGPT does, for a model built with
     ``views_per_block=num_views`` (it averages the encoded views into one block)."""

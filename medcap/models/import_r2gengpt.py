@@ -49,7 +49,8 @@ class LightningAttributeDict:
 
 
 # the names Lightning 2.x and older releases pickle AttributeDict under
-_ATTRIBUTE_DICT_NAMES = ("lightning.fabric.utilities.data.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
+_ATTRIBUTE_DICT_NAMES = ("lightning.fabric.utilities.data.AttributeDict",
+                         "lightning_fabric.utilities.data.AttributeDict",
                          "pytorch_lightning.utilities.parsing.AttributeDict")
 
 
@@ -152,7 +153,8 @@ def load(model, path: str | Path) -> Path:
         params = dict(parts[part].named_parameters())
         trainable = {k for k, p in params.items() if p.requires_grad}
         problems += [f"missing {part}.{k}" for k in sorted(trainable - tensors.keys())]
-        problems += [f"surplus {part}.{k} (not trained by this model's config)" for k in sorted(tensors.keys() - trainable)]
+        problems += [f"surplus {part}.{k} (not trained by this model's config)"
+                     for k in sorted(tensors.keys() - trainable)]
         problems += [f"{part}.{k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}"
                      for k, v in tensors.items() if k in trainable and v.shape != params[k].shape]
     if problems:
