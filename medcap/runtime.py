@@ -57,9 +57,10 @@ def model_node_for(cfg_model: DictConfig, checkpoint: str | Path) -> DictConfig:
     that generating from it needs no overrides: parts the run trained with LoRA / QLoRA get adapters of the
     run's rank, alpha and targets. A config that already sets a different mode for such a part keeps it, and
     loading then says which override to use."""
-    # the seeds' files carry no metadata: the config must build the model as their run was
-    if import_medcap.is_seed_checkpoint(checkpoint) or import_r2gengpt.is_r2gengpt_checkpoint(checkpoint):
+    if import_medcap.is_seed_checkpoint(checkpoint):  # the seed's .pt holds no adapters
         return cfg_model
+    if import_r2gengpt.is_r2gengpt_checkpoint(checkpoint):  # what it trained, read from its tensors and options
+        return import_r2gengpt.model_node(cfg_model, checkpoint)
     meta = read_metadata(resolve_checkpoint(checkpoint))
     adapted = {part: mode for part, mode in meta["trainable"].items() if mode in ("lora", "qlora")}
     if not adapted:

@@ -348,3 +348,47 @@ def test_r2gengpt_deep_checkpoint_loads_transformers_swin_weights(tmp_path):
         torch.testing.assert_close(model.vision.encoder(images), swin(pixel_values=images).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
     assert torch.equal(linear.weight, state["llama_proj.weight"]) and torch.equal(norm.bias, state["layer_norm.bias"])
+
+
+def test_generate_takes_the_published_delta_file_as_checkpoint_with_no_overrides(tmp_path, monkeypatch):
+    """r2gengpt/generate_mimic as it stands (no trainable / lora keys): the adapters are built from the file (rank
+    from its tensors, alpha from its options) and loaded; the model then encodes as the run's did."""
+    import sys
+
+    import torch
+
+    import medcap.generation
+    from medcap import cli
+    from tests.test_formats import write_r2gen_iuxray
+
+    source = delta_model(0)
+    config, modules = lightning_hparams({"vis_use_lora": True, "vis_r": 4, "vis_alpha": 4, "lora_dropout": 0.1,
+                                         "global_only": False})
+    try:
+        torch.save({"model": r2gengpt_delta_state(source), "config": config}, tmp_path / "delta.pth")
+    finally:
+        for name in modules:
+            del sys.modules[name]
+    models, real = [], medcap.generation.generate
+
+    def spy(model, *args, **kwargs):
+        models.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(medcap.generation, "generate", spy)
+    data = write_r2gen_iuxray(tmp_path / "data")
+    overrides = [o for o in tiny_overrides(data, tmp_path / "out") if not o.startswith("output_dir")]
+    cli.run_recipe("generate", "r2gengpt/generate_mimic", overrides + [
+        f"checkpoint={tmp_path / 'delta.pth'}", f"output_dir={tmp_path / 'out'}", "max_new_tokens=4",
+        "min_new_tokens=2"])
+    model, = models
+    assert model.trainable["encoder"] == "lora"
+    # the frozen Swin comes from vision_checkpoint (here the recipe's own random one): give the source the same
+    frozen = {k: v for k, v in model.vision.encoder.state_dict().items() if "lora_" not in k}
+    source.vision.encoder.load_state_dict(frozen, strict=False)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.vision.projector(model.vision.encoder(images))
+        theirs = source.vision.projector(source.vision.encoder(images))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert (tmp_path / "out" / "predictions.csv").is_file()

@@ -101,6 +101,37 @@ def _settings_problems(model, config: dict) -> list[str]:
     return problems
 
 
+def model_node(cfg_model, path: str | Path):
+    """``cfg_model`` (a config's ``model`` node) completed from the file, as a medcap checkpoint's metadata would:
+    without ``trainable``, what the run trained (encoder ``lora`` for peft adapters, ``full`` for Swin weights,
+    else ``frozen``; projector ``full``); for adapters without ``lora.encoder``, the run's rank (from the tensors),
+    alpha and dropout (its ``vis_alpha`` / ``lora_dropout`` options) on the thirds it adapted; ``global_only`` from its
+    options. Keys the config sets are kept (loading then checks them)."""
+    from omegaconf import OmegaConf
+
+    state, config = read(path)
+    adapters = [m for m in map(_PEFT_LORA.fullmatch, state) if m]
+    full_swin = any(k.startswith("visual_encoder.") and not k.startswith("visual_encoder.base_model.") for k in state)
+    node = OmegaConf.create(OmegaConf.to_container(cfg_model, resolve=True))
+    if node.get("trainable") is None:
+        encoder = "lora" if adapters else "full" if full_swin else "frozen"
+        node.trainable = {"encoder": encoder, "projector": "full", "decoder": "frozen"}
+    if adapters and node.trainable.get("encoder") == "lora" and not (node.get("lora") or {}).get("encoder"):
+        if "vis_alpha" not in config:
+            raise ValueError(f"{path}: the file holds LoRA adapters but not R2GenGPT's options (vis_alpha): set "
+                             f"model.lora.encoder (rank, alpha, targets [q, v]) as the run had them")
+        rank = int(state[adapters[0].group(0)].shape[0]) if adapters[0][4] == "A" else \
+            int(state[adapters[0].group(0)].shape[1])
+        targets = sorted({_QKV[m[3]] for m in adapters})
+        lora = OmegaConf.to_container(node.get("lora") or OmegaConf.create({}))
+        lora["encoder"] = {"rank": rank, "alpha": config["vis_alpha"], "dropout": config.get("lora_dropout", 0.0),
+                           "targets": targets}
+        node.lora = lora
+    if "global_only" in config and node.get("global_only") is None:
+        node.global_only = bool(config["global_only"])
+    return node
+
+
 def _adapter_target(encoder, layer: int, block: int, which: str, matrix: str) -> tuple[str, FusedLoRALinear | None]:
     """(medcap name, the fused qkv layer or None when the model has no adapters there) of one peft tensor."""
     try:
