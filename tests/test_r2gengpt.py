@@ -1,6 +1,8 @@
 """R2GenGPT as published (issue 16): its prompt template, report cleaning, schedule, decoding, configs and the import
 of its MIMIC delta checkpoints."""
 
+import json
+
 import sentencepiece
 import pytest
 
@@ -139,9 +141,13 @@ def test_r2gengpt_training_configs_train_two_steps_with_the_published_settings(n
 
     monkeypatch.setattr(medcap.validation, "generate_batch", spy)
     data = write_r2gen_iuxray(tmp_path / "data")
+    annotation = json.loads((data / "annotation.json").read_text())  # 4 val studies: IU validates on all, MIMIC on 2
+    annotation["val"] = [{**annotation["val"][0], "id": f"val-{n}"} for n in range(4)]
+    (data / "annotation.json").write_text(json.dumps(annotation))
     cli.run_recipe("finetune", f"r2gengpt/{name}", tiny_overrides(data, tmp_path / "out") + [
         "batch_size=1", "max_steps=2", "eval_every=2", "save_every=2", "val_generation.batch_size=1"])
-    (tokens, decoding), = seen
+    assert len(seen) == (2 if name.startswith("mimic") else 4)
+    tokens, decoding = seen[0]
     assert {k: decoding[k] for k in ("num_beams", "repetition_penalty", "length_penalty", "min_new_tokens",
                                      "max_new_tokens", "length_normalization", "penalize_prompt")} == {
         "num_beams": 3, "repetition_penalty": 2.0, "length_penalty": 2.0, "min_new_tokens": min_new,
@@ -392,3 +398,16 @@ def test_generate_takes_the_published_delta_file_as_checkpoint_with_no_overrides
         theirs = source.vision.projector(source.vision.encoder(images))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert (tmp_path / "out" / "predictions.csv").is_file()
+
+
+def test_max_answer_tokens_cuts_the_report_and_keeps_the_end_token():
+    from medcap.text import build_sample
+
+    tok = llama2_tokenizer(str(SENTENCEPIECE_MODEL), template="r2gengpt")
+    report = " . ".join(["the heart is normal in size"] * 20) + " ."
+    full = build_sample(tok, PROMPT, report, 4, max_seq_len=1000)
+    cut = build_sample(tok, PROMPT, report, 4, max_seq_len=1000, max_answer_tokens=60)
+    prompt = tok.prompt_ids(PROMPT, 4)
+    assert not full["truncated"] and len(full["tokens"]) - len(prompt) > 60
+    assert cut["truncated"] and cut["tokens"] == prompt + tok.encode(report)[:59] + [tok.eos_id]
+    assert cut["labels"][len(prompt):] == cut["tokens"][len(prompt):]
