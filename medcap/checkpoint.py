@@ -26,7 +26,7 @@ from torchtune.modules.peft import get_adapter_state_dict
 from medcap import distributed
 from medcap.atomic import replaced_atomically
 from medcap.distributed import full_tensor, is_rank_zero
-from medcap.models import import_medcap
+from medcap.models import import_medcap, import_r2gengpt
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -208,9 +208,12 @@ def load_checkpoint(model, path: str | Path) -> Path:
     """Load the trained parts saved by :func:`save_checkpoint` into ``model``: per part either every weight, or
     (a LoRA run's checkpoint) every adapter; a part the run trained that is missing, or anything unexpected or
     misshapen, is an error naming the file. The medcap seed's published ``meta_model_*.pt`` loads through
-    ``medcap.models.import_medcap``."""
+    ``medcap.models.import_medcap``, R2GenGPT's published ``.pth`` checkpoints through
+    ``medcap.models.import_r2gengpt``."""
     if import_medcap.is_seed_checkpoint(path):
         return import_medcap.load(model, path)
+    if import_r2gengpt.is_r2gengpt_checkpoint(path):
+        return import_r2gengpt.load(model, path)
     path, state, meta = read_checkpoint(path)
     parts = model.parts()
     for part, part_state in check_parts(model, state, meta, path / WEIGHTS).items():

@@ -15,9 +15,14 @@ repetition penalty 2.0, length penalty 2.0, 40-100 new tokens) carry over:
 - Greedy and sampling apply these rules to the logits, before temperature / top-k / top-p. Beam search applies them
   to the log-probabilities (as Hugging Face's beam search does; they are not renormalised), ranks running beams by
   their summed log-probability and scores a finished hypothesis sum / length ** length_penalty, the length
-  counting the stop token (or max_new_tokens). A prompt is done once it holds num_beams finished hypotheses and
-  its best running beam, scored at its current length, does not beat the worst of them (HF's
-  ``early_stopping=False``).
+  counting the stop token (or max_new_tokens), as transformers does since 4.33 (``length_normalization:
+  with_end_token``). ``length_normalization: hf_4_30`` is transformers 4.30's rule as R2GenGPT met it: 4.30 divided
+  by the length of the hypothesis' ``input_ids`` row without the end token, and for a prompt given as
+  ``inputs_embeds`` that row is ``<s>`` + the generated tokens: so a hypothesis that ends with the stop token has the
+  same length, and one cut at max_new_tokens has max_new_tokens + 1. A prompt is done once it holds num_beams
+  finished hypotheses and its best running beam, scored at its current length, does not beat the worst of them (HF's
+  ``early_stopping=False``; the current length counts the token being chosen, as 4.30's ``cur_len`` did for a prompt
+  given as embeddings, in both conventions).
 
 "Seen" tokens are the prompt's text tokens (padding and image placeholders never count) and the generated ones;
 with ``penalize_prompt=False`` only the generated ones count, which is what R2GenGPT got from Hugging Face by
@@ -34,6 +39,8 @@ from torchtune.modules.common_utils import delete_kv_caches
 from medcap import distributed
 
 NO_TOKEN = -1  # in a row's history: a position that never counts as seen (padding, image placeholders)
+# beam search: what a hypothesis cut at max_new_tokens counts beyond its tokens (see the module docstring)
+LENGTH_NORMALIZATION = {"with_end_token": 0, "hf_4_30": 1}
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -261,6 +268,7 @@ def generate(
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int = 0,
     penalize_prompt: bool = True,
+    length_normalization: str = "with_end_token",
 ) -> list[list[int]]:
     """Generated token ids per prompt, without the stop token. ``images`` holds all images of the batch in
     prompt order (see ``collate_captions``). ``num_beams > 1`` runs ``beam_search``."""
@@ -271,7 +279,7 @@ def generate(
     if num_beams > 1:
         return beam_search(model, prompts, images, num_beams=num_beams, max_new_tokens=max_new_tokens,
                            stop_ids=stop_ids, pad_id=pad_id, length_penalty=length_penalty, use_cache=use_cache,
-                           **rules)
+                           length_normalization=length_normalization, **rules)
     runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache)
     device = runner.tokens.device
     batch = len(prompts)
@@ -335,11 +343,16 @@ def beam_search(
     penalize_prompt: bool = True,
     use_cache: bool = True,
     return_scores: bool = False,
+    length_normalization: str = "with_end_token",
 ) -> list[list[int]] | tuple[list[list[int]], list[float]]:
     """The best finished hypothesis per prompt (ids without the stop token; with ``return_scores`` also its
     length-penalised score). Conventions: see the module docstring."""
     _check_settings(max_new_tokens, num_beams, 0.0, length_penalty, repetition_penalty, no_repeat_ngram_size,
                     min_new_tokens)
+    if length_normalization not in LENGTH_NORMALIZATION:
+        raise ValueError(f"length_normalization must be one of {list(LENGTH_NORMALIZATION)}, got "
+                         f"{length_normalization!r}")
+    cut_extra = LENGTH_NORMALIZATION[length_normalization]
     k, batch, stops = num_beams, len(prompts), set(stop_ids)
     runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache)
     device = runner.tokens.device
@@ -372,7 +385,9 @@ def beam_search(
                         # only candidates among the top num_beams may finish, and only while the prompt is open
                         if rank < k and open_[b]:
                             ids = runner.generated[row].tolist() + ([] if token in stops else [token])
-                            _keep_best(finished[b], score / norm, ids, k)
+                            cut = token not in stops
+                            _keep_best(finished[b], score / (norm if not cut else (step + 1 + cut_extra)
+                                                             ** length_penalty), ids, k)
                     elif kept < k:
                         rows.append(row)
                         chosen.append(token)

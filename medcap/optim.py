@@ -1,5 +1,6 @@
 """Optimizer options of the training recipes: 8-bit paged AdamW, and the optimizer step run inside backward."""
 
+import math
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -70,3 +71,23 @@ class OptimizerInBackward(torch.optim.Optimizer):
                              f"model trains {len(self.inner)} parameters")
         for optimizer, state in zip(self.inner, state_dict["inner"]):
             optimizer.load_state_dict(state)
+
+
+def cosine_per_epoch(optimizer: torch.optim.Optimizer, num_training_steps: int, epochs: int, eta_min: float = 0.0,
+                     last_epoch: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+    """R2GenGPT's schedule: ``CosineAnnealingLR(T_max=epochs, eta_min)`` stepped once per epoch, here stepped per
+    optimizer step with the epoch taken as ``step // steps_per_epoch`` (``steps_per_epoch = num_training_steps //
+    epochs``, at least 1). During epoch e each group's lr is ``eta_min + (lr - eta_min) * (1 + cos(pi e / epochs))
+    / 2``: the full lr for the first epoch, never quite eta_min (the last epoch runs at e = epochs - 1)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    steps_per_epoch = max(1, num_training_steps // epochs)
+
+    def factor(base_lr: float) -> Callable[[int], float]:
+        def at(step: int) -> float:
+            epoch = step // steps_per_epoch
+            return (eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2) / base_lr
+        return at
+
+    lambdas = [factor(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch)

@@ -12,7 +12,7 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from medcap import distributed
 from medcap.checkpoint import describe, load_checkpoint, read_metadata, resolve_checkpoint
 from medcap.data.dataset import CaptionDataset, collate_captions, image_transform
-from medcap.models import import_medcap
+from medcap.models import import_medcap, import_r2gengpt
 from medcap.models.llm_weights import check_dtype_runs, deferred_weights
 from medcap.precision import check_training_dtype, keep_trained_parts_in, master_dtype
 
@@ -20,14 +20,18 @@ log = utils.get_logger("INFO")
 
 
 def decoding_settings(cfg: DictConfig) -> dict:
-    """The keyword arguments of medcap.generation.generate from a recipe config's decoding keys."""
-    return dict(
+    """The keyword arguments of medcap.generation.generate from a recipe config's decoding keys
+    (``length_normalization`` only where the config sets it: beam search's length convention)."""
+    settings = dict(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.get("temperature", 0.0), top_k=cfg.get("top_k"),
         top_p=cfg.get("top_p"), use_cache=cfg.get("use_cache", True), num_beams=cfg.get("num_beams", 1),
         length_penalty=cfg.get("length_penalty", 1.0), repetition_penalty=cfg.get("repetition_penalty", 1.0),
         no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), min_new_tokens=cfg.get("min_new_tokens", 0),
         penalize_prompt=cfg.get("penalize_prompt", True),
     )
+    if cfg.get("length_normalization") is not None:
+        settings["length_normalization"] = cfg.length_normalization
+    return settings
 
 
 def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
@@ -55,6 +59,8 @@ def model_node_for(cfg_model: DictConfig, checkpoint: str | Path) -> DictConfig:
     loading then says which override to use."""
     if import_medcap.is_seed_checkpoint(checkpoint):  # the seed's .pt holds no adapters
         return cfg_model
+    if import_r2gengpt.is_r2gengpt_checkpoint(checkpoint):  # what it trained, read from its tensors and options
+        return import_r2gengpt.model_node(cfg_model, checkpoint)
     meta = read_metadata(resolve_checkpoint(checkpoint))
     adapted = {part: mode for part, mode in meta["trainable"].items() if mode in ("lora", "qlora")}
     if not adapted:

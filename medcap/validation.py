@@ -85,20 +85,38 @@ def weighted_score(corpus: dict[str, float], weights: dict[str, float]) -> float
     return sum(w * corpus[name] for name, w in weights.items())
 
 
+DECODING_KEYS = ("num_beams", "length_penalty", "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens",
+                 "penalize_prompt", "length_normalization", "use_cache")
+
+
+def validation_decoding(node) -> dict[str, Any]:
+    """The decoding keys (``DECODING_KEYS``) a ``val_generation`` node sets; the others keep ``generate``'s
+    defaults (greedy)."""
+    return {key: node[key] for key in DECODING_KEYS if node.get(key) is not None}
+
+
 @torch.no_grad()
 def generation_figures(model, tokenizer, dataset, *, weights: dict[str, float], num_samples: int | None,
                        max_new_tokens: int, batch_size: int, dtype, preset: str = "coco",
-                       meteor: bool = False) -> dict[str, Any]:
-    """Greedy captions for the first ``num_samples`` of ``dataset`` (built with ``with_captions=False``), scored
-    against their captions: ``val_score`` (the weighted sum) and each weighted metric as ``val_<metric>``; the
-    preset's metrics and ``EditDistance`` (mean ``normalized_edit_distance``) can be weighted.
+                       meteor: bool = False, fraction: float | None = None,
+                       decoding: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Captions for the first ``num_samples`` (or the first ``fraction``, rounded down, as Lightning's
+    ``limit_val_batches: 0.5``) of ``dataset`` (built with ``with_captions=False``), scored against their captions:
+    ``val_score`` (the weighted sum) and each weighted metric as ``val_<metric>``; the preset's metrics and
+    ``EditDistance`` (mean ``normalized_edit_distance``) can be weighted. Greedy unless ``decoding`` holds other
+    keyword arguments of ``medcap.generation.generate`` (R2GenGPT validated with its test-time beam search).
     Under torchrun each rank generates its share of the batches (``RankBatches``) and rank 0 scores them all."""
     model.eval()
-    indices = list(range(len(dataset) if num_samples is None else min(num_samples, len(dataset))))
+    count = len(dataset) if num_samples is None else min(num_samples, len(dataset))
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"val_generation.fraction must be in (0, 1], got {fraction}")
+        count = min(count, max(1, int(len(dataset) * fraction)))
+    indices = list(range(count))
     loader = rank_loader(Subset(dataset, indices), tokenizer, batch_size, padding_side="left")
     predictions = {}
     for i, batch in enumerate(loader):
-        outputs = generate_batch(model, tokenizer, batch, dtype, max_new_tokens=max_new_tokens)
+        outputs = generate_batch(model, tokenizer, batch, dtype, max_new_tokens=max_new_tokens, **(decoding or {}))
         if i < loader.batch_sampler.real:
             predictions.update({sample_id: tokenizer.decode(ids).strip()
                                 for sample_id, ids in zip(batch["ids"], outputs)})

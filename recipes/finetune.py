@@ -22,7 +22,7 @@ from medcap import distributed, runs
 from medcap.optim import OptimizerInBackward
 from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_training_model
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
-from medcap.validation import generation_figures, rank_loader, validation_loss
+from medcap.validation import generation_figures, rank_loader, validation_decoding, validation_loss
 from medcap.command import run_command
 
 
@@ -71,7 +71,8 @@ def main(cfg: DictConfig) -> None:
             evaluations["val_generation"] = lambda: generation_figures(
                 model, tokenizer, prompts, weights=dict(gen.weights), num_samples=gen.get("num_samples"),
                 max_new_tokens=gen.get("max_new_tokens", 64), batch_size=gen.get("batch_size", cfg.batch_size),
-                dtype=dtype, preset=gen.get("preset", "coco"), meteor=gen.get("meteor", False))
+                dtype=dtype, preset=gen.get("preset", "coco"), meteor=gen.get("meteor", False),
+                fraction=gen.get("fraction"), decoding=validation_decoding(gen))
 
     def evaluate() -> dict[str, float]:
         return {k: v for run in evaluations.values() for k, v in run().items()}

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from medcap.data.problems import (DataFileError, Problem, Source, SplitMissingError, read_csv, read_json,
                                   read_jsonl)
 from medcap.data.records import Samples, caption_not_text, drop_duplicates, image_list, sample_record
-from medcap.data.reports import clean_report_iu_xray, clean_report_mimic_cxr
+from medcap.data.reports import VARIANTS as REPORT_VARIANTS, clean_report_iu_xray, clean_report_mimic_cxr
 
 IMAGE_TAG = "<image>"
 USER_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
@@ -84,17 +84,21 @@ def read_imageclef(data_dir: Path, split: str, captions_file: str = "{split}_cap
     return drop_duplicates(samples, problems, "ID"), problems
 
 
-def read_r2gen(data_dir: Path, split: str, cleaner: Callable[[str], str], annotation_file: str = "annotation.json",
-               image_folder: str = "images", clean_report: bool = False, views: str = "separate",
+def read_r2gen(data_dir: Path, split: str, cleaner: Callable[..., str], annotation_file: str = "annotation.json",
+               image_folder: str = "images", clean_report: bool | str = False, views: str = "separate",
                num_views: int = 2) -> Samples:
     """R2Gen's ``annotation.json``: ``{"train": [...], "val": [...], "test": [...]}`` with ``id``, ``report`` and
     ``image_path`` (a list, relative to ``image_folder``). ``clean_report`` applies R2Gen's cleaning for the data
-    set (``medcap.data.reports``). ``views``: ``separate`` = one image-token block per view, in the file's order
+    set (``medcap.data.reports``): ``true`` (or ``r2gen``) R2Gen's rules, ``r2gengpt`` R2GenGPT's variant.
+    ``views``: ``separate`` = one image-token block per view, in the file's order
     (IU X-Ray: frontal, lateral); ``first`` = the first view only; ``average`` = exactly ``num_views`` views per
     study, a shorter study repeating its last view as R2GenGPT does, for a model built with
     ``views_per_block=num_views`` (it averages the encoded views into one block)."""
     if views not in VIEWS:
         raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+    variant = "r2gen" if clean_report is True else clean_report
+    if clean_report and variant not in REPORT_VARIANTS:
+        raise ValueError(f"clean_report must be true, false or one of {list(REPORT_VARIANTS)}, got {clean_report!r}")
     path = data_dir / annotation_file
     annotation = read_json(path)
     if not isinstance(annotation, dict) or not all(isinstance(v, list) for v in annotation.values()):
@@ -128,7 +132,7 @@ def read_r2gen(data_dir: Path, split: str, cleaner: Callable[[str], str], annota
                     continue
                 images = images + images[-1:] * (num_views - len(images))
             if report is not None and clean_report:
-                report = cleaner(report)
+                report = cleaner(report, variant)
                 # a report that cleans to nothing but separators is an empty caption
                 report = report if report.replace(".", "").strip() else ""
             samples.append(sample_record(sample_id, [str(data_dir / image_folder / p) for p in images], report,

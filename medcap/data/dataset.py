@@ -201,7 +201,8 @@ class CaptionDataset(Dataset):
     ``squash``; None: the encoder's default) replaces the resize step of a ``transform`` that
     ``image_transform`` built. ``label_assistant_header=True`` also puts labels on each assistant turn's header
     (``<|start_header_id|>assistant<|end_header_id|>\n\n`` in Llama 3), as the medcap seed's training did
-    (configs/medcap/seed_textplus).
+    (configs/medcap/seed_textplus). ``max_answer_tokens`` limits each caption and its end token (R2GenGPT's
+    report limit: 60 tokens for IU X-Ray, 100 for MIMIC-CXR), besides ``max_seq_len``.
     """
 
     def __init__(
@@ -227,6 +228,7 @@ class CaptionDataset(Dataset):
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         resize_mode: str | None = None,
         label_assistant_header: bool = False,
+        max_answer_tokens: int | None = None,
         **format_options: Any,
     ):
         if format_options.get("views") == "average" and format_options.get("num_views", 2) != views_per_block:
@@ -278,6 +280,7 @@ class CaptionDataset(Dataset):
         self.tokenizer, self.tokens_per_image, self.transform = tokenizer, tokens_per_image, transform
         self.views_per_block = views_per_block
         self.prompt, self.system, self.max_seq_len, self.with_captions = prompt, system, max_seq_len, with_captions
+        self.max_answer_tokens = max_answer_tokens
         # the medcap seed's labels also covered each assistant turn's header (its torchtune masked whole messages)
         self.labelled_header = assistant_header_length(tokenizer) if label_assistant_header else 0
         if self.problems and on_bad_sample == "error":
@@ -307,7 +310,7 @@ class CaptionDataset(Dataset):
                                              self.system, labelled_header=self.labelled_header)
         return build_sample(self.tokenizer, sample["prompt"] or self.prompt, sample["caption"],
                             self.image_tokens(sample), self.max_seq_len, self.system,
-                            labelled_header=self.labelled_header)
+                            labelled_header=self.labelled_header, max_answer_tokens=self.max_answer_tokens)
 
     def image_tokens(self, sample: dict[str, Any]) -> int:
         """Placeholders for a sample's images: one block per image, or per ``views_per_block`` averaged views."""

@@ -19,10 +19,16 @@ Both cleanings, in this order:
    non-ASCII letters stay; spaces left inside a sentence by deleted characters stay;
 6. the sentences are joined with ``" . "`` and ``" ."`` is appended. Empty sentences are kept (R2Gen's filter
    compares a string with a list and so never drops one): ``"Normal. . "`` becomes ``"normal .  ."``.
+
+``variant="r2gengpt"`` is R2GenGPT's MIMIC-CXR cleaning (its ``data_helper.py``): after step 3 every ``:`` becomes
+``" :"``, and step 5 keeps ``: < = > @`` (its character class has no ``:-[`` range). For IU X-Ray R2GenGPT used
+R2Gen's rules unchanged, so both variants are the same there.
 """
 
 _QUOTES_AND_SLASHES = "\"'/\\"
 _DELETED = set(".,?;*!%^&_+()[]{}:<=>@")
+_KEPT_BY_R2GENGPT_MIMIC = set(":<=>@")
+VARIANTS = ("r2gen", "r2gengpt")
 
 
 def _shrink_runs(text: str, doubled: str, passes: int) -> str:
@@ -40,21 +46,31 @@ def _drop_numbering(text: str) -> str:
     return text
 
 
-def _clean_sentence(sentence: str) -> str:
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"report cleaning variant must be one of {list(VARIANTS)}, got {variant!r}")
+
+
+def _clean_sentence(sentence: str, deleted: set[str]) -> str:
     for char in _QUOTES_AND_SLASHES:
         sentence = sentence.replace(char, "")
-    return "".join(c for c in sentence.strip().lower() if c not in _DELETED)
+    return "".join(c for c in sentence.strip().lower() if c not in deleted)
 
 
-def _sentences_joined(text: str) -> str:
-    sentences = _drop_numbering(text).strip().lower().split(". ")
-    return " . ".join(_clean_sentence(s) for s in sentences) + " ."
+def _sentences_joined(text: str, deleted: set[str] = _DELETED) -> str:
+    sentences = text.strip().lower().split(". ")
+    return " . ".join(_clean_sentence(s, deleted) for s in sentences) + " ."
 
 
-def clean_report_iu_xray(report: str) -> str:
-    return _sentences_joined(_shrink_runs(report, "..", 3))
+def clean_report_iu_xray(report: str, variant: str = "r2gen") -> str:
+    _check_variant(variant)
+    return _sentences_joined(_drop_numbering(_shrink_runs(report, "..", 3)))
 
 
-def clean_report_mimic_cxr(report: str) -> str:
+def clean_report_mimic_cxr(report: str, variant: str = "r2gen") -> str:
+    _check_variant(variant)
     text = _shrink_runs(_shrink_runs(report.replace("\n", " "), "__", 7), "  ", 6)
-    return _sentences_joined(_shrink_runs(text, "..", 8))
+    text = _drop_numbering(_shrink_runs(text, "..", 8))
+    if variant == "r2gengpt":
+        return _sentences_joined(text.replace(":", " :"), _DELETED - _KEPT_BY_R2GENGPT_MIMIC)
+    return _sentences_joined(text)

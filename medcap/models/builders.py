@@ -61,13 +61,14 @@ def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = 
 
 def llama2_7b_swin(llm_dir: str | None = None, vision_checkpoint: str | None = None,
                    projector: str = "linear_ln", trainable: dict[str, str] | None = None, lora: dict | None = None,
-                   views_per_block: int = 1) -> VisionLanguageModel:
+                   views_per_block: int = 1, global_only: bool = False) -> VisionLanguageModel:
     """R2GenGPT's model: Llama-2-7B-chat + Swin-B (49 tokens of 1024), mapper Linear + LayerNorm.
     ``llm_dir``: the Hugging Face folder of meta-llama/Llama-2-7b-chat-hf (its tokenizer: ``tokenizer.model``);
     ``vision_checkpoint``: the Hugging Face folder of microsoft/swin-base-patch4-window7-224, or a timm
-    checkpoint (folder or file)."""
+    checkpoint (folder or file). ``global_only``: R2GenGPT's option of that name, Swin's pooled output (the
+    final feature map after its LayerNorm, averaged: transformers' ``pooler_output``) as one token."""
     decoder = hf_llama_decoder(llm_dir, "llama2") if llm_dir else llama2_7b()
-    encoder = encoders.swin_base(checkpoint=vision_checkpoint)
+    encoder = encoders.swin_base(checkpoint=vision_checkpoint, output="pooled" if global_only else "patch")
     return vision_language_model(decoder, encoder, projector, LLAMA2_IMAGE_ID, trainable,
                                  views_per_block=views_per_block, lora=lora)
 
@@ -112,8 +113,10 @@ def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
 
 
 def tiny_llama2_swin(projector: str = "linear_ln", trainable: dict[str, str] | None = None,
-                     views_per_block: int = 1, lora: dict | None = None) -> VisionLanguageModel:
-    return vision_language_model(decoders.tiny_llama2(), encoders.tiny_swin(), projector, LLAMA2_IMAGE_ID, trainable,
+                     views_per_block: int = 1, lora: dict | None = None, global_only: bool = False
+                     ) -> VisionLanguageModel:
+    encoder = encoders.tiny_swin(output="pooled" if global_only else "patch")
+    return vision_language_model(decoders.tiny_llama2(), encoder, projector, LLAMA2_IMAGE_ID, trainable,
                                  views_per_block=views_per_block, lora=lora)
 
 

@@ -79,9 +79,22 @@ class Llama2ChatTokenizer:
 
     The text pieces are exactly those of the template without images: SentencePiece's word-start marker before
     the user text stays on the user text's first token.
+
+    ``template="r2gengpt"``: R2GenGPT's raw prompt instead (no ``[INST]``, no system text, one turn)::
+
+        <s>Human: <Img>{image placeholders}</Img> {user_text} \nAssistant: {answer}</s>
+
+    tokenised as R2GenGPT did with transformers 4.30's SentencePiece ``LlamaTokenizer``: ``Human: <Img>`` and
+    ``</Img> {user_text} \nAssistant:`` each encoded on its own (so each starts with a word-start marker, which
+    decodes to nothing at the start of a text), the answer encoded on its own, then ``</s>``.
     """
 
-    def __init__(self, path: str | Path):
+    TEMPLATES = ("llama2_chat", "r2gengpt")
+
+    def __init__(self, path: str | Path, template: str = "llama2_chat"):
+        if template not in self.TEMPLATES:
+            raise ValueError(f"template must be one of {list(self.TEMPLATES)}, got {template!r}")
+        self.template = template
         path = _existing_file(path, "SentencePiece tokenizer model")
         try:
             self._sp = SentencePieceBaseTokenizer(str(path))
@@ -113,6 +126,12 @@ class Llama2ChatTokenizer:
                        else p.surface for i, p in zip(ids, pieces))
 
     def prompt_ids(self, user_text: str, num_image_tokens: int = 0, system: str | None = None) -> list[int]:
+        if self.template == "r2gengpt":
+            if system:
+                raise ValueError("R2GenGPT's prompt template has no system text; drop `system` or use the llama2_chat "
+                                 "template")
+            return ([self.bos_id] + self.encode("Human: <Img>") + image_block(self.image_token_id, num_image_tokens)
+                    + self.encode(f"</Img> {user_text.strip()} \nAssistant:"))
         if system:
             head, user = f"[INST] <<SYS>>\n{system.strip()}\n<</SYS>>\n\n", user_text.strip()
         else:
@@ -121,10 +140,14 @@ class Llama2ChatTokenizer:
                 + self._encode_continuation(f"{user} [/INST]"))
 
     def answer_ids(self, text: str) -> list[int]:
+        if self.template == "r2gengpt":
+            return self.encode(text.strip()) + [self.eos_id]
         # Meta's reference encodes " {answer} " before </s>: the trailing space is part of Llama 2 chat's turns
         return self._encode_continuation(f" {text.strip()} ") + [self.eos_id]
 
     def followup_ids(self, user_text: str, num_image_tokens: int = 0) -> list[int]:
+        if self.template == "r2gengpt":
+            raise ValueError("R2GenGPT's prompt template has one turn; a conversation needs the llama2_chat template")
         # Meta's format: each exchange is <s>[INST] ... [/INST] ... </s>
         return self.prompt_ids(user_text, num_image_tokens)
 
@@ -133,8 +156,8 @@ def llama3_tokenizer(path: str) -> Llama3ChatTokenizer:
     return Llama3ChatTokenizer(path)
 
 
-def llama2_tokenizer(path: str) -> Llama2ChatTokenizer:
-    return Llama2ChatTokenizer(path)
+def llama2_tokenizer(path: str, template: str = "llama2_chat") -> Llama2ChatTokenizer:
+    return Llama2ChatTokenizer(path, template)
 
 
 def llama3_user_turns_ids(tokenizer: Llama3ChatTokenizer, turns: list[str], system: str | None = None) -> list[int]:

@@ -27,17 +27,25 @@ def _cut(answer: list[int], room: int, tokenizer: ChatTokenizer) -> list[int]:
 
 
 def build_sample(tokenizer: ChatTokenizer, prompt: str, caption: str, num_image_tokens: int, max_seq_len: int,
-                 system: str | None = None, *, labelled_header: int = 0) -> dict[str, Any]:
+                 system: str | None = None, *, labelled_header: int = 0,
+                 max_answer_tokens: int | None = None) -> dict[str, Any]:
     """``tokens`` = ``prompt_ids`` + ``answer_ids(caption)``. ``labels`` are aligned with ``tokens`` (the loss
     shifts them): IGNORE_INDEX on the whole prompt (its text, the image placeholders, the assistant header; see
     ``prompt_labels`` for the exception), the token ids on the caption and its end-of-turn token.
 
     A caption that does not fit ``max_seq_len`` is cut, keeping its end-of-turn token (``truncated`` is then
     True); the prompt and the image placeholders are never cut. ValueError when the prompt leaves no room for
-    at least one caption token and the end-of-turn token."""
+    at least one caption token and the end-of-turn token. ``max_answer_tokens`` also limits the answer (caption
+    and end-of-turn token) on its own, as R2GenGPT cut its reports to 60 / 100 tokens (its cut dropped the end
+    token; here the end token stays and the caption gives way)."""
     prompt_ids = tokenizer.prompt_ids(prompt, num_image_tokens, system)
     answer = tokenizer.answer_ids(caption)
     room = max_seq_len - len(prompt_ids)
+    if max_answer_tokens is not None:
+        if max_answer_tokens < 2:
+            raise ValueError(f"max_answer_tokens must leave room for a caption token and the end token, got "
+                             f"{max_answer_tokens}")
+        room = min(room, max_answer_tokens)
     if room < 2:
         raise ValueError(f"the prompt needs {len(prompt_ids)} tokens ({num_image_tokens} of them image tokens) and "
                          f"the caption at least 2 more, but max_seq_len is {max_seq_len}")
