@@ -1,0 +1,132 @@
+"""MeGPT's modules: DO-Conv, the feature enhancement module (FEM), L2 regularisation, clustering-based prompts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medcap.models.doconv import DOConv2d
+from medcap.models.fem import EnhancedProjector, FeatureEnhancement, fem_macs, inference_parameters
+
+
+def _perturb(conv: DOConv2d, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        conv.D.copy_(torch.randn(conv.D.shape, generator=g) * 0.3)
+
+
+def _oracle_kernel(conv: DOConv2d) -> torch.Tensor:
+    """The composed kernel by explicit loops over the definition: DoW[o, i, m] = sum_s (D + I)[i, m, s] W'[o, i, s]
+    with W' = W read as (C_out / groups, C_in, D_mul)."""
+    m, n = conv.kernel_size
+    c_out, c_in, d_mul = conv.out_channels, conv.in_channels, conv.d_mul
+    w = conv.W.detach().reshape(c_out // conv.groups, c_in, d_mul)
+    d = conv.D.detach() + torch.eye(m * n, d_mul)
+    out = torch.zeros(c_out // conv.groups, c_in, m * n)
+    for o in range(c_out // conv.groups):
+        for i in range(c_in):
+            for mm in range(m * n):
+                out[o, i, mm] = sum(d[i, mm, s] * w[o, i, s] for s in range(d_mul))
+    return out.reshape(c_out, c_in // conv.groups, m, n)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=2, dilation=2),
+                                    dict(kernel_size=3, padding=1, groups=2), dict(kernel_size=(3, 5), padding=(1, 2),
+                                                                                   stride=2, d_mul=20)])
+def test_doconv_forward_equals_conv2d_with_the_folded_kernel(kwargs):
+    torch.manual_seed(0)
+    conv = DOConv2d(4, 6, **kwargs)
+    _perturb(conv)
+    x = torch.randn(2, 4, 9, 9)
+    kernel = _oracle_kernel(conv)
+    expected = F.conv2d(x, kernel, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(conv.kernel(), kernel, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv.fold()(x), expected, atol=1e-5, rtol=1e-5)
+    conv.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_doconv_at_init_is_the_plain_conv_of_w():
+    torch.manual_seed(1)
+    conv = DOConv2d(3, 5, 3, padding=1, dilation=1)
+    assert torch.count_nonzero(conv.D) == 0
+    plain = nn.Conv2d(3, 5, 3, padding=1)
+    with torch.no_grad():
+        plain.weight.copy_(conv.W.reshape(5, 3, 3, 3))
+        plain.bias.copy_(conv.bias)
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(conv(x), plain(x))
+
+
+def test_doconv_gradients_reach_d_and_w():
+    torch.manual_seed(2)
+    conv = DOConv2d(3, 4, 3, padding=1)
+    conv(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    assert conv.W.grad is not None and conv.W.grad.abs().sum() > 0
+    assert conv.D.grad is not None and conv.D.grad.abs().sum() > 0
+
+
+def test_doconv_eval_kernel_is_cached_and_refolded_after_a_step():
+    torch.manual_seed(3)
+    conv = DOConv2d(2, 2, 3, padding=1).eval()
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        first = conv(x)
+        cached = conv._folded[1]
+        assert conv(x).equal(first) and conv._folded[1] is cached  # folded once
+        conv.D.add_(0.5)  # an in-place update (as an optimizer step makes) invalidates the folded kernel
+        torch.testing.assert_close(conv(x), F.conv2d(x, _oracle_kernel(conv), conv.bias, padding=1))
+
+
+def test_fem_starts_as_identity_and_reshapes_a_square_grid():
+    torch.manual_seed(4)
+    fem = FeatureEnhancement(16, reduction=4)
+    tokens = torch.randn(2, 9, 16)
+    assert fem(tokens).equal(tokens)  # the fusion starts at zero: the model starts as the one without FEM
+    with torch.no_grad():
+        nn.init.normal_(fem.fuse.weight)
+    out = fem(tokens)
+    # token (row r, column c) of the grid is position r * 3 + c: a 1x1-only FEM must act on each token alone
+    one_by_one = FeatureEnhancement(16, branches=[{"kernel_size": 1}], zero_init_fuse=False)
+    changed = tokens.clone()
+    changed[0, 4] += 1.0
+    diff = (one_by_one(changed) - one_by_one(tokens)).abs().sum(-1)
+    assert diff[0, 4] > 0 and diff[0].count_nonzero() == 1 and diff[1].count_nonzero() == 0
+    # a 3x3 branch mixes neighbours: the centre of the grid reaches all nine positions
+    diff = (fem(changed) - out).abs().sum(-1)
+    assert diff[0].count_nonzero() == 9
+    with pytest.raises(ValueError, match="square grid"):
+        fem(torch.randn(1, 8, 16))
+
+
+def test_fem_macs_and_parameters_at_swin_b_shapes():
+    fem = FeatureEnhancement(1024, reduction=4)
+    # 49 positions; branches 1024 -> 256 with 1x1, 3x3, 3x3 kernels; fusion 768 -> 1024
+    expected_macs = 49 * (256 * 1024 * (1 + 9 + 9) + 1024 * 768)
+    assert fem_macs(fem, 49) == expected_macs
+    expected_params = 256 * 1024 * 19 + 3 * 256 + 768 * 1024 + 1024
+    assert inference_parameters(fem) == expected_params
+    # training adds D (C_in x 9 x 9 per 3x3 branch)
+    assert sum(p.numel() for p in fem.parameters()) == expected_params + 2 * 1024 * 81
+
+
+def test_fem_in_the_model_trains_with_the_projector_and_is_checkpointed(tmp_path):
+    from medcap.checkpoint import load_checkpoint, save_checkpoint
+    from medcap.models.builders import tiny_llama2_swin
+
+    torch.manual_seed(5)
+    model = tiny_llama2_swin(trainable={"encoder": "frozen", "projector": "full", "decoder": "frozen"}, fem={})
+    assert isinstance(model.vision.projector, EnhancedProjector)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".fem.branches." in n for n in trainable) and any(".fem.fuse." in n for n in trainable)
+    assert all(".projector." in n for n in trainable)
+    with torch.no_grad():
+        model.vision.projector.fem.fuse.weight.normal_()
+    save_checkpoint(model, tmp_path / "ck")
+    torch.manual_seed(6)
+    other = tiny_llama2_swin(trainable={"encoder": "frozen", "projector": "full", "decoder": "frozen"}, fem={})
+    load_checkpoint(other, tmp_path / "ck")
+    assert other.vision.projector.fem.fuse.weight.equal(model.vision.projector.fem.fuse.weight)
+    assert other.vision.projector.fem.branches[1][0].D.equal(model.vision.projector.fem.branches[1][0].D)
