@@ -21,7 +21,7 @@ from torchtune import config, training
 from medcap import distributed, runs
 from medcap.optim import OptimizerInBackward
 from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_training_model
-from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
+from medcap.training import ResumableBatchSampler, TrainSettings, l2_regularizer, plot_loss, train
 from medcap.validation import generation_figures, rank_loader, validation_loss
 from medcap.command import run_command
 
@@ -119,6 +119,9 @@ def main(cfg: DictConfig) -> None:
         select_metric=cfg.get("select_metric"),
         select_mode=cfg.get("select_mode", "max"),
         patience=cfg.get("patience"),
+        # MeGPT's L2 regularisation over the trained parameters (l2_lambda: 0 / absent for none)
+        regularizer=l2_regularizer([p for g in groups for p in g["params"]], cfg.l2_lambda)
+        if cfg.get("l2_lambda") else None,
     )
     summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device,
                     dtype=dtype, evaluate=evaluate, metric_logger=metric_logger, cfg=cfg,

@@ -130,3 +130,56 @@ def test_fem_in_the_model_trains_with_the_projector_and_is_checkpointed(tmp_path
     load_checkpoint(other, tmp_path / "ck")
     assert other.vision.projector.fem.fuse.weight.equal(model.vision.projector.fem.fuse.weight)
     assert other.vision.projector.fem.branches[1][0].D.equal(model.vision.projector.fem.branches[1][0].D)
+
+
+# ------------------------------------------------------------------------------------------------ L2 regularisation
+
+def _one_sgd_step(model, batches, regularizer, tmp_path):
+    from medcap.training import TrainSettings, train
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    settings = TrainSettings(max_steps=1, clip_grad_norm=None, regularizer=regularizer)
+    return train(model, optimizer, scheduler, iter(batches), settings, output_dir=tmp_path,
+                 device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_l2_gradient_adds_two_lambda_w_on_trained_weights_only(tmp_path):
+    from medcap.training import l2_regularizer
+    from recipes.finetune import param_groups
+    from tests.test_training import make_batches
+    from tests.tiny_vlm import tiny_vlm
+
+    lam = 0.05
+    trainable = {"encoder": "frozen", "projector": "full", "decoder": "frozen"}
+    torch.manual_seed(0)
+    plain = tiny_vlm(trainable=trainable).eval()  # eval: no dropout, the two runs see the same function
+    torch.manual_seed(0)
+    regularised = tiny_vlm(trainable=trainable).eval()
+    start = {k: v.clone() for k, v in regularised.state_dict().items()}
+    trained = [p for g in param_groups(regularised, 1.0, {}) for p in g["params"]]
+    assert 0 < len(trained) < len(list(regularised.parameters()))
+    expected_term = lam * sum(float(p.detach().double().square().sum()) for p in trained)
+
+    batches = make_batches(1)
+    _one_sgd_step(plain, batches, None, tmp_path / "plain")
+    summary = _one_sgd_step(regularised, batches, l2_regularizer(trained, lam), tmp_path / "l2")
+    record = summary["history"][0]
+    assert record["reg_loss"] == pytest.approx(expected_term, rel=1e-5)
+    assert record["total_loss"] == pytest.approx(record["loss"] + record["reg_loss"])
+    # SGD(lr=1): the regularised update differs from the plain one by exactly -2 * lambda * w
+    a, b = plain.state_dict(), regularised.state_dict()
+    names = {n for n, p in regularised.named_parameters() if p.requires_grad}
+    for name in start:
+        if name in names:
+            torch.testing.assert_close(b[name] - a[name], -2 * lam * start[name], atol=1e-6, rtol=1e-4)
+        else:  # frozen weights: untouched by either run
+            assert b[name].equal(start[name]) and a[name].equal(start[name])
+
+
+def test_l2_lambda_must_not_be_negative():
+    from medcap.training import l2_regularizer
+
+    with pytest.raises(ValueError, match="l2_lambda"):
+        l2_regularizer([], -1.0)
