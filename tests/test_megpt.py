@@ -183,3 +183,136 @@ def test_l2_lambda_must_not_be_negative():
 
     with pytest.raises(ValueError, match="l2_lambda"):
         l2_regularizer([], -1.0)
+
+
+# --------------------------------------------------------------------------------------- clustering-based prompts
+
+def test_findings_mining_handles_negation_per_clause():
+    from medcap.prompt_clusters import CHEST_FINDINGS, affirmed_terms
+
+    report = ("the heart is enlarged. no pneumothorax or pleural effusion. there is no focal consolidation but "
+              "a calcified granuloma in the right upper lobe ; mild degenerative changes of the spine")
+    assert affirmed_terms(report, CHEST_FINDINGS) == {"cardiomegaly", "granuloma", "calcification",
+                                                      "degenerative changes"}
+    assert affirmed_terms("lungs are clear without effusion, negative for pneumothorax.", CHEST_FINDINGS) == set()
+    # whole words only: "masses" is a mass, "massive" is not a listed phrase, "nodularity" is not "nodular"
+    assert affirmed_terms("massive nodularity", CHEST_FINDINGS) == set()
+
+
+def test_prompts_name_each_clusters_most_frequent_affirmed_findings():
+    import numpy as np
+
+    from medcap.prompt_clusters import mine_prompts
+
+    vocabulary = {"nodule": ["nodule"], "effusion": ["effusion"], "fracture": ["fracture"]}
+    reports = ["a nodule. an effusion.", "a nodule.", "no nodule. effusion.", "fracture.", "no fracture.", "clear."]
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    prompts, stats = mine_prompts(reports, labels, 3, vocabulary, "P: {findings}.", "P: normal.", top_k=2,
+                                  min_share=0.5)
+    # cluster 0: nodule affirmed in 2 of 3 reports, effusion in 2 of 3 -> ties keep the vocabulary's order
+    assert prompts == ["P: nodule, effusion.", "P: fracture.", "P: normal."]
+    assert stats[0] == {"size": 3, "affirmed": {"nodule": 2, "effusion": 2}, "findings": ["nodule", "effusion"]}
+    assert stats[1]["affirmed"] == {"fracture": 1}  # 1 of 2 = min_share 0.5: kept
+
+
+def test_clustering_saves_loads_and_assigns_the_nearest_centroid(tmp_path):
+    import numpy as np
+
+    from medcap.prompt_clusters import META_FILE, WEIGHTS_FILE, PromptClusters
+
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(4, 8)).astype(np.float32)
+    clusters = PromptClusters(centroids, ["a", "b", "c", "d"], np.ones(8), {"source": {"encoder": None}})
+    clusters.save(tmp_path)
+    assert (tmp_path / META_FILE).is_file() and (tmp_path / WEIGHTS_FILE).is_file()
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = PromptClusters.load(tmp_path)
+    queries = rng.normal(size=(50, 8)).astype(np.float32)
+    oracle = ((queries[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert loaded.assign(queries).tolist() == oracle.tolist()
+    assert loaded.prompts == ["a", "b", "c", "d"] and loaded.probe.tolist() == [1.0] * 8
+    assert PromptClusters.load(tmp_path / "nothing_here") is None
+    with pytest.raises(ValueError, match="4 clusters but 3 prompts"):
+        PromptClusters(centroids, ["a", "b", "c"], np.ones(8), {})
+
+
+@pytest.fixture(scope="module")
+def megpt_run(tmp_path_factory):
+    """configs/tiny/megpt.yaml trained for 2 steps in a folder holding a small demo set."""
+    import os
+
+    from medcap import cli
+    from medcap.data.demo_builder import build_demo
+
+    root = tmp_path_factory.mktemp("megpt")
+    build_demo(root / "datasets" / "demo", seed=0, n_train=16, n_val=8, n_test=8)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cli.run_recipe("finetune", "tiny/megpt", ["max_steps=2", "eval_every=2", "val_generation.weights=null",
+                                                   "save_every=null"])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_tiny_megpt_trains_with_all_modules_and_saves_its_clustering(megpt_run):
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = megpt_run / "outputs/tiny/megpt/checkpoints/step_000002"
+    weights = load_file(folder / "model.safetensors")
+    assert any(k.startswith("projector.fem.branches.1.0.D") for k in weights)
+    assert any(k.startswith("projector.mapper.") for k in weights)
+    meta = json.loads((folder / "prompt_clusters.json").read_text())
+    assert meta["num_clusters"] == 3 and len(meta["prompts"]) == 3
+    assert meta["source"]["encoder"]["_component_"] == "medcap.models.encoders.tiny_efficientnet"
+    assert sum(c["size"] for c in meta["clusters"]) == 16
+    history = json.loads((megpt_run / "outputs/tiny/megpt/train_summary.json").read_text())["history"]
+    assert all(h["reg_loss"] > 0 and h["total_loss"] == pytest.approx(h["loss"] + h["reg_loss"]) for h in history)
+
+
+def test_generation_picks_each_images_prompt_from_the_saved_clustering(megpt_run, monkeypatch):
+    import csv
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from medcap import cli, prompt_clusters
+    from medcap.data.dataset import CaptionDataset
+    from medcap.models.encoders import tiny_efficientnet
+    from medcap.retrieval import ImageEmbedder
+
+    monkeypatch.chdir(megpt_run)
+    cli.run_recipe("generate", "tiny/megpt_generate", ["max_new_tokens=2"])
+    with open("outputs/tiny/megpt_generate/predictions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 8
+
+    folder = megpt_run / "outputs/tiny/megpt/checkpoints/step_000002"
+    cfg = OmegaConf.create({"checkpoint": "outputs/tiny/megpt/checkpoints", "dynamic_prompts": True})
+    dataset = CaptionDataset("datasets/demo/test.jsonl", with_captions=False)
+    clusters = prompt_clusters.for_generation(cfg, dataset, torch.device("cpu"))
+    # oracle: the recorded encoder rebuilt by hand (seed 0), features by numpy, nearest centroid by numpy
+    torch.manual_seed(0)
+    embedder = ImageEmbedder(tiny_efficientnet(), torch.device("cpu"))
+    features = embedder.embed_samples(dataset.samples)
+    nearest = ((features[:, None] - clusters.centroids[None]) ** 2).sum(-1).argmin(1)
+    assert [s["prompt"] for s in dataset.samples] == [clusters.prompts[c] for c in nearest]
+
+    # a checkpoint whose feature encoder cannot be rebuilt as it was (another seed: other weights) is refused
+    meta = (folder / "prompt_clusters.json").read_text()
+    try:
+        (folder / "prompt_clusters.json").write_text(meta.replace('"seed": 0', '"seed": 1', 1))
+        with pytest.raises(ValueError, match="probe input differs"):
+            prompt_clusters.for_generation(cfg, CaptionDataset("datasets/demo/test.jsonl", with_captions=False),
+                                           torch.device("cpu"))
+    finally:
+        (folder / "prompt_clusters.json").write_text(meta)
+    # a generation config asking for dynamic prompts from a checkpoint without a clustering
+    (folder / "prompt_clusters.json").rename(folder / "moved.json")
+    try:
+        with pytest.raises(ValueError, match="holds no prompt_clusters.json"):
+            prompt_clusters.for_generation(cfg, dataset, torch.device("cpu"))
+    finally:
+        (folder / "moved.json").rename(folder / "prompt_clusters.json")
