@@ -316,3 +316,49 @@ def test_generation_picks_each_images_prompt_from_the_saved_clustering(megpt_run
             prompt_clusters.for_generation(cfg, dataset, torch.device("cpu"))
     finally:
         (folder / "moved.json").rename(folder / "prompt_clusters.json")
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+ROWS = {"base": set(), "fem": {"model.fem"}, "prompt": {"dynamic_prompts"}, "l2": {"l2_lambda"},
+        "full": {"model.fem", "dynamic_prompts", "l2_lambda"}}
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key in ("model",):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_megpt_ablation_rows_differ_from_the_base_only_in_their_modules(row):
+    from omegaconf import OmegaConf
+
+    from medcap.models import builders
+
+    def load(name):
+        cfg = OmegaConf.load(f"configs/megpt/iuxray_{name}.yaml")
+        return cfg, _flat(OmegaConf.to_container(cfg))
+
+    base_cfg, base = load("base")
+    cfg, flat = load(row)
+    differing = {k for k in base.keys() | flat.keys() if base.get(k) != flat.get(k)} - {"output_dir"}
+    assert differing == ROWS[row]
+    assert flat["output_dir"] == f"outputs/megpt_iuxray_{row}"
+    assert cfg.model._component_ == "medcap.models.builders.llama2_7b_swin"
+    fem = OmegaConf.to_container(cfg.model.fem) if "fem" in cfg.model else None
+    model = builders.tiny_llama2_swin(trainable=dict(cfg.model.trainable), views_per_block=2, fem=fem)
+    trained = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"encoder", "projector"}
+    assert any(".fem." in n for n, p in model.named_parameters() if p.requires_grad) == (fem is not None)
+    if "dynamic_prompts" in cfg:  # the feature encoder is the Swin-B the model starts from
+        node = OmegaConf.to_container(cfg.dynamic_prompts)
+        assert node["feature_encoder"] == {"_component_": "medcap.models.encoders.swin_base",
+                                           "checkpoint": "${vision_checkpoint}"}
+    if "l2_lambda" in cfg:
+        assert cfg.l2_lambda > 0 and cfg.optimizer.weight_decay == 0.0
