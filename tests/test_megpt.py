@@ -362,3 +362,32 @@ def test_megpt_ablation_rows_differ_from_the_base_only_in_their_modules(row):
                                            "checkpoint": "${vision_checkpoint}"}
     if "l2_lambda" in cfg:
         assert cfg.l2_lambda > 0 and cfg.optimizer.weight_decay == 0.0
+
+
+@pytest.mark.parametrize("row", ["base", "fem", "prompt", "l2", "full"])
+def test_demo_ablation_rows_turn_exactly_their_modules_off(row):
+    from argparse import Namespace
+
+    from omegaconf import OmegaConf
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    from medcap.cli import check_override_keys, find_config
+    from medcap.demo_megpt import ROWS, row_overrides
+
+    path = find_config("demo/megpt")
+    overrides = row_overrides(ROWS[row])
+    check_override_keys(path, overrides)  # what make demo-megpt passes is accepted by the CLI
+    yaml = OmegaConf.to_container(OmegaConf.load(path))
+    cfg = _merge_yaml_and_cli_args(Namespace(**yaml), overrides)  # as the recipe reads them
+    assert (cfg.model.fem is not None) == ("fem" in ROWS[row])
+    assert (cfg.get("dynamic_prompts") is not None) == ("prompt" in ROWS[row])
+    assert bool(cfg.get("l2_lambda")) == ("l2" in ROWS[row])
+    assert cfg.max_steps == yaml["max_steps"] and cfg.optimizer.lr == yaml["optimizer"]["lr"]  # same budget
+
+
+def test_demo_ablation_markdown_table():
+    from medcap.demo_megpt import markdown_table
+
+    text = markdown_table({"base": {"BLEU-4": 0.12345}, "full": {}}, ["BLEU-4", "CIDEr"])
+    assert text.splitlines() == ["| row | BLEU-4 | CIDEr |", "|---|---:|---:|", "| base | 0.1235 | - |",
+                                 "| full | - | - |"]
