@@ -132,6 +132,16 @@ def test_fem_in_the_model_trains_with_the_projector_and_is_checkpointed(tmp_path
     assert other.vision.projector.fem.branches[1][0].D.equal(model.vision.projector.fem.branches[1][0].D)
 
 
+def test_fem_keeps_the_mappers_token_count():
+    from medcap.models import decoders, encoders
+    from medcap.models.builders import LLAMA3_IMAGE_ID, vision_language_model
+
+    model = vision_language_model(decoders.tiny_llama3(), encoders.tiny_vit(output="pooled"), "pooled_mlp",
+                                  LLAMA3_IMAGE_ID, num_tokens=8, fem={})  # 1 pooled token (a 1 x 1 map) -> 8
+    assert model.tokens_per_image == 8
+    assert model.vision(torch.randn(2, 3, 64, 64)).shape[:2] == (2, 8)
+
+
 # ------------------------------------------------------------------------------------------------ L2 regularisation
 
 def _one_sgd_step(model, batches, regularizer, tmp_path):
