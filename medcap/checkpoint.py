@@ -93,6 +93,8 @@ def save_checkpoint(model, out_dir: str | Path, cfg: DictConfig | None = None,
             OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
+        for write in getattr(model, "checkpoint_writers", ()):  # files that belong with the weights (see finetune)
+            write(tmp)
     return out_dir
 
 

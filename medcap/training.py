@@ -93,6 +93,16 @@ class TrainSettings:
     select_metric: str | None = None  # a key ``evaluate`` returns (val_loss, val_score...): keeps checkpoints/best
     select_mode: str = "max"  # "max" or "min"
     patience: int | None = None  # stop after this many evaluations without a better select_metric
+    # a scalar added to each step's loss (once per step, after the micro-batches), logged as reg_loss
+    regularizer: Callable[[], Tensor] | None = None
+
+
+def l2_regularizer(params: list[Tensor], weight: float) -> Callable[[], Tensor]:
+    """MeGPT's L2 term: ``weight`` * the sum of squares of ``params`` (the trained parameters), added to the loss:
+    coupled L2, whose gradient 2 * weight * w goes through the optimizer (unlike AdamW's decoupled decay)."""
+    if weight < 0:
+        raise ValueError(f"l2_lambda must be >= 0, got {weight}")
+    return lambda: weight * sum(p.float().square().sum() for p in params)
 
 
 def best_so_far(history: list[dict], key: str, mode: str) -> tuple[float | None, int]:
@@ -160,6 +170,11 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
             loss.backward()
             loss_sum += loss.item() / world
         loss_sum = distributed.all_reduce_sum(loss_sum, device)
+        reg_loss = None
+        if settings.regularizer is not None:
+            reg = settings.regularizer()
+            reg.backward()
+            reg_loss = float(distributed.full_tensor(reg.detach()))
         grad_norm = None
         if settings.clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
@@ -172,6 +187,8 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
         record = {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
                   "step_time_s": step_times[-1],
                   "tokens_per_s": world * sum(b["tokens"].numel() for b in micro) / step_times[-1]}
+        if reg_loss is not None:  # "loss" stays the caption loss; the objective was their sum
+            record["reg_loss"], record["total_loss"] = reg_loss, loss_sum + reg_loss
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         evaluated = evaluate is not None and settings.eval_every and (
@@ -180,7 +197,8 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
             record.update(evaluate())
             model.train()
         history.append(record)
-        progress.set_postfix(loss=f"{loss_sum:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+        progress.set_postfix(loss=f"{loss_sum:.3f}", **({"reg": f"{reg_loss:.3g}"} if reg_loss is not None else {}),
+                             **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         if metric_logger is not None and (step % settings.log_every == 0 or evaluated):
             metric_logger.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
         stop = improved = False

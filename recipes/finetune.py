@@ -18,10 +18,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torchtune import config, training
 
-from medcap import distributed, runs
+from medcap import distributed, prompt_clusters, runs
 from medcap.optim import OptimizerInBackward
 from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_training_model
-from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
+from medcap.training import ResumableBatchSampler, TrainSettings, l2_regularizer, plot_loss, train
 from medcap.validation import generation_figures, rank_loader, validation_decoding, validation_loss
 from medcap.command import run_command
 
@@ -59,20 +59,35 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer = setup_training_model(cfg, device, dtype, checkpoint=resume or cfg.get("init_from"))
 
     train_set = caption_dataset(cfg.dataset, tokenizer, model)
+    # MeGPT's dynamic prompts: each image's prompt is its cluster's (medcap.prompt_clusters); the clustering is
+    # saved in every checkpoint, for generation
+    clusters = embedder = None
+    if cfg.get("dynamic_prompts"):
+        clusters, embedder = prompt_clusters.for_training(cfg, train_set, resume, device)
+        model.checkpoint_writers = [clusters.save]
+
+    def dataset(node, **kwargs):
+        built = caption_dataset(node, tokenizer, model, **kwargs)
+        if clusters is not None:
+            clusters.apply(built, embedder)
+        return built
+
     evaluations = {}
     # `val_dataset=null` on the command line sets val_dataset._component_ to null (torchtune's override rule)
     if cfg.get("val_dataset") and cfg.val_dataset.get("_component_"):
-        val_loader = rank_loader(caption_dataset(cfg.val_dataset, tokenizer, model), tokenizer, cfg.batch_size,
+        val_loader = rank_loader(dataset(cfg.val_dataset), tokenizer, cfg.batch_size,
                                  cfg.get("eval_max_batches"), cfg.get("num_workers", 0))
         evaluations["val_loss"] = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype)}
         gen = cfg.get("val_generation")
         if gen and gen.get("weights"):
-            prompts = caption_dataset(cfg.val_dataset, tokenizer, model, with_captions=False)
+            prompts = dataset(cfg.val_dataset, with_captions=False)
             evaluations["val_generation"] = lambda: generation_figures(
                 model, tokenizer, prompts, weights=dict(gen.weights), num_samples=gen.get("num_samples"),
                 max_new_tokens=gen.get("max_new_tokens", 64), batch_size=gen.get("batch_size", cfg.batch_size),
                 dtype=dtype, preset=gen.get("preset", "coco"), meteor=gen.get("meteor", False),
                 fraction=gen.get("fraction"), decoding=validation_decoding(gen))
+
+    embedder = None  # the frozen feature encoder is no longer needed
 
     def evaluate() -> dict[str, float]:
         return {k: v for run in evaluations.values() for k, v in run().items()}
@@ -120,6 +135,9 @@ def main(cfg: DictConfig) -> None:
         select_metric=cfg.get("select_metric"),
         select_mode=cfg.get("select_mode", "max"),
         patience=cfg.get("patience"),
+        # MeGPT's L2 regularisation over the trained parameters (l2_lambda: 0 / absent for none)
+        regularizer=l2_regularizer([p for g in groups for p in g["params"]], cfg.l2_lambda)
+        if cfg.get("l2_lambda") else None,
     )
     summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device,
                     dtype=dtype, evaluate=evaluate, metric_logger=metric_logger, cfg=cfg,

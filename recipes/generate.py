@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 from tqdm import tqdm
 
+from medcap import prompt_clusters
 from medcap.command import run_command
 from medcap.generation import generate_batch, rank_batches
 from medcap.metrics import write_csv_predictions
@@ -49,6 +50,7 @@ def run(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> None:
     model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=cfg.get("checkpoint"))
     model.eval()
     dataset = caption_dataset(cfg.dataset, tokenizer, model, with_captions=False)
+    prompt_clusters.for_generation(cfg, dataset, device)  # MeGPT's per-image prompts, if the checkpoint has them
     batches = rank_batches(len(dataset), cfg.batch_size, world_size, rank)
     loader = caption_loader(dataset, tokenizer, cfg.batch_size, cfg.get("num_workers", 0),
                             batch_sampler=[indices for _, indices in batches], padding_side="left")

@@ -18,6 +18,7 @@ from torchtune.models.llama3_2 import llama3_2_1b
 
 from medcap.models import decoders, encoders
 from medcap.models.llm_weights import hf_llama_decoder, load_gguf_decoder
+from medcap.models.fem import EnhancedProjector, FeatureEnhancement
 from medcap.models.projectors import build_projector
 from medcap.models.vlm import VisionLanguageModel
 
@@ -29,20 +30,26 @@ LLAMA2_IMAGE_ID = 32000
 
 def vision_language_model(decoder: nn.Module, encoder: nn.Module, projector: str, image_token_id: int,
                           trainable: dict[str, str] | None = None, num_tokens: int | None = None,
-                          views_per_block: int = 1, lora: dict | None = None) -> VisionLanguageModel:
+                          views_per_block: int = 1, lora: dict | None = None,
+                          fem: dict | None = None) -> VisionLanguageModel:
+    """``fem``: MeGPT's feature enhancement before the projector (``medcap.models.fem.FeatureEnhancement``'s
+    keyword arguments: branches, reduction, width, zero_init_fuse; ``{}`` for its defaults, None for none). It
+    belongs to the projector part: it trains and is saved with it."""
     proj = build_projector(projector, encoder.embed_dim, decoder.tok_embeddings.embedding_dim, num_tokens)
+    if fem is not None:
+        proj = EnhancedProjector(FeatureEnhancement(encoder.embed_dim, **dict(fem)), proj)
     return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable, views_per_block, lora)
 
 
 def demo(llm_path: str | None = None, pretrained_vision: bool = True, projector: str = "mlp2",
          trainable: dict[str, str] | None = None, lora: dict | None = None, max_seq_len: int = 2048,
-         image_grid: int | None = None) -> VisionLanguageModel:
+         image_grid: int | None = None, fem: dict | None = None) -> VisionLanguageModel:
     """SmolLM2-135M-Instruct (packaged GGUF, dequantised) + EfficientNet-Lite0 (packaged ImageNet weights),
     49 image tokens of 1280 -> 576, or ``image_grid`` x ``image_grid`` tokens average-pooled from the 7 x 7 map."""
     decoder = decoders.smollm2_135m(max_seq_len=max_seq_len)
     load_gguf_decoder(decoder, llm_path)
     encoder = encoders.efficientnet_lite0(pretrained=pretrained_vision, grid=image_grid)
-    return vision_language_model(decoder, encoder, projector, SMOLLM2_IMAGE_ID, trainable, lora=lora)
+    return vision_language_model(decoder, encoder, projector, SMOLLM2_IMAGE_ID, trainable, lora=lora, fem=fem)
 
 
 def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = None,
@@ -61,16 +68,18 @@ def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = 
 
 def llama2_7b_swin(llm_dir: str | None = None, vision_checkpoint: str | None = None,
                    projector: str = "linear_ln", trainable: dict[str, str] | None = None, lora: dict | None = None,
-                   views_per_block: int = 1, global_only: bool = False) -> VisionLanguageModel:
+                   views_per_block: int = 1, global_only: bool = False,
+                   fem: dict | None = None) -> VisionLanguageModel:
     """R2GenGPT's model: Llama-2-7B-chat + Swin-B (49 tokens of 1024), mapper Linear + LayerNorm.
     ``llm_dir``: the Hugging Face folder of meta-llama/Llama-2-7b-chat-hf (its tokenizer: ``tokenizer.model``);
     ``vision_checkpoint``: the Hugging Face folder of microsoft/swin-base-patch4-window7-224, or a timm
     checkpoint (folder or file). ``global_only``: R2GenGPT's option of that name, Swin's pooled output (the
-    final feature map after its LayerNorm, averaged: transformers' ``pooler_output``) as one token."""
+    final feature map after its LayerNorm, averaged: transformers' ``pooler_output``) as one token. ``fem``:
+    MeGPT's feature enhancement on the 7 x 7 Swin map before the mapper (see ``vision_language_model``)."""
     decoder = hf_llama_decoder(llm_dir, "llama2") if llm_dir else llama2_7b()
     encoder = encoders.swin_base(checkpoint=vision_checkpoint, output="pooled" if global_only else "patch")
     return vision_language_model(decoder, encoder, projector, LLAMA2_IMAGE_ID, trainable,
-                                 views_per_block=views_per_block, lora=lora)
+                                 views_per_block=views_per_block, lora=lora, fem=fem)
 
 
 def llama3_2_1b_clip336(llm_dir: str | None = None, vision_dir: str | None = None, projector: str = "mlp2",
@@ -98,9 +107,9 @@ def llava_hf(model_dir: str, trainable: dict[str, str] | None = None, lora: dict
 
 
 def tiny_demo(projector: str = "mlp2", trainable: dict[str, str] | None = None,
-              lora: dict | None = None) -> VisionLanguageModel:
+              lora: dict | None = None, fem: dict | None = None) -> VisionLanguageModel:
     return vision_language_model(decoders.tiny_smollm2(), encoders.tiny_efficientnet(), projector,
-                                 SMOLLM2_IMAGE_ID, trainable, lora=lora)
+                                 SMOLLM2_IMAGE_ID, trainable, lora=lora, fem=fem)
 
 
 def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
@@ -113,11 +122,11 @@ def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
 
 
 def tiny_llama2_swin(projector: str = "linear_ln", trainable: dict[str, str] | None = None,
-                     views_per_block: int = 1, lora: dict | None = None, global_only: bool = False
-                     ) -> VisionLanguageModel:
+                     views_per_block: int = 1, lora: dict | None = None, global_only: bool = False,
+                     fem: dict | None = None) -> VisionLanguageModel:
     encoder = encoders.tiny_swin(output="pooled" if global_only else "patch")
     return vision_language_model(decoders.tiny_llama2(), encoder, projector, LLAMA2_IMAGE_ID, trainable,
-                                 views_per_block=views_per_block, lora=lora)
+                                 views_per_block=views_per_block, lora=lora, fem=fem)
 
 
 def tiny_llama3_2_clip336(projector: str = "mlp2", trainable: dict[str, str] | None = None,

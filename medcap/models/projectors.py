@@ -40,4 +40,5 @@ def build_projector(kind: str, in_dim: int, out_dim: int, num_tokens: int | None
 
 def projector_num_tokens(projector: nn.Module, encoder_tokens: int) -> int:
     """How many LLM tokens one image becomes after this projector."""
+    projector = getattr(projector, "mapper", projector)  # FEM in front of a mapper keeps the token count
     return projector.num_tokens if isinstance(projector, PooledToTokens) else encoder_tokens
