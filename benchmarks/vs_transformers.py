@@ -47,6 +47,8 @@ DECODING = {  # name: (prompts, new tokens, medcap settings, transformers settin
                                 dict(do_sample=False, early_stopping=False, **R2GENGPT_BEAM), True),
     "beam 3 (R2GenGPT) 32x48": (32, 48, dict(**R2GENGPT_BEAM, penalize_prompt=False),
                                 dict(do_sample=False, early_stopping=False, **R2GENGPT_BEAM), True),
+    "sampling t=1 k=50 p=0.9 16x24": (16, 24, dict(temperature=1.0, top_k=50, top_p=0.9),
+                                      dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9), False),
     "sampling t=1 k=50 p=0.9 32x48": (32, 48, dict(temperature=1.0, top_k=50, top_p=0.9),
                                       dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9), False),
 }
@@ -77,15 +79,18 @@ def hf_llm(folder):
     return llm
 
 
+CLOCK = time.perf_counter  # or time.process_time (--clock cpu)
+
+
 def interleaved(fns: dict, reps: int) -> dict:
     """Median seconds per engine, the engines alternating; the first call of each is a warm-up."""
     results = {name: fn() for name, fn in fns.items()}  # warm-up, and the outputs compared
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = CLOCK()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK() - start)
     return {name: (statistics.median(t), results[name]) for name, t in times.items()}
 
 
@@ -204,11 +209,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per engine (after a warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the process's CPU seconds instead of wall-clock ones, for a machine shared with "
+                             "other work (use it with --threads 1, where no thread waits spinning)")
+    parser.add_argument("--train-shapes", nargs="*", default=None,
+                        help="the training shapes BxL (default: 4x56 8x128)")
     parser.add_argument("--only", nargs="*", default=[],
                         help="cases whose name contains one of these (greedy, beam, sampling, 32x48, "
                              "train, train_medcap, train_lora, ...)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.train_shapes:
+        TRAIN_SHAPES.clear()
+        TRAIN_SHAPES.extend(tuple(int(x) for x in shape.split("x")) for shape in args.train_shapes)
     torch.manual_seed(0)
     model = demo(projector="mlp2", max_seq_len=256, image_grid=4).eval()
     rows = []
@@ -225,7 +240,7 @@ def main() -> None:
     import transformers
 
     print(f"\nCPU, {args.threads} threads, fp32, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"median of {args.reps} interleaved repetitions\n")
+          f"median of {args.reps} interleaved repetitions, {args.clock} seconds\n")
     print("| work | medcap s | transformers s | medcap vs transformers (>1 = medcap faster) | check |")
     print("|---|---|---|---|---|")
     for name, ours, theirs, check in rows:
