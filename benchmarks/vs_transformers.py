@@ -167,7 +167,8 @@ def training_rows(folder, reps, only):
                 fns["transformers"] = theirs
             timed = interleaved(fns, reps)
             if hf is None:
-                note = "no transformers side (bitsandbytes NF4 needs CUDA)" if method == "qlora" else "no peft"
+                note = ("no transformers side (bitsandbytes NF4 needs CUDA)" if method == "qlora"
+                        else "no transformers side (peft missing or unusable here)")
                 rows.append((f"train {method} {batch}x{length}", timed["medcap"][0], None, note))
             else:
                 first = (timed["medcap"][1], timed["transformers"][1])
@@ -193,10 +194,12 @@ def hf_side(folder, method, model):
     if method == "lora":
         try:
             from peft import LoraConfig, get_peft_model
-        except ImportError:
+
+            hf.llm = get_peft_model(llm, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        except ImportError as e:  # peft missing, or refusing this environment (e.g. its torchao version)
+            print(f"no transformers side for lora: {e}")
             return None
-        hf.llm = get_peft_model(llm, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     hf.train()
     if trainable["encoder"] != "full":
         vision.encoder.eval()
