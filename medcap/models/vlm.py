@@ -143,6 +143,10 @@ class VisionLanguageModel(EarlyFusionModel):
     def output_weight(self) -> Tensor | None:
         """The output projection's weight [vocab, D] when the loss may apply it itself (``project=False``): a
         plain bias-free linear or one tied to the embeddings, not sharded; else None."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in self.modules()):  # its weights are gathered inside forward only
+            return None
         return plain_output_weight(self.decoder.output)
 
     def embed(self, tokens: Tensor, encoder_input: dict[str, dict[str, Any]] | None) -> Tensor:
