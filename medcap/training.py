@@ -62,14 +62,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 def caption_loss(model, inputs: dict[str, Any], labels: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy on labelled positions (``labels`` aligned with the input tokens). The model
-    projects to the vocabulary only at the positions that predict a label; a model with a plain output projection
-    (``output_weight``) hands over its hidden states and the loss projects them a chunk of rows at a time
+    projects to the vocabulary only at the positions that predict a label; on a CPU, a model with a plain output
+    projection (``output_weight``) hands over its hidden states and the loss projects them a chunk of rows at a time
     (``medcap.fused_loss``), so the [N, vocab] logits never exist whole."""
     targets = labels[:, 1:]
     labelled = targets != IGNORE_INDEX
     output_at = F.pad(labelled, (0, 1), value=False)
     weight = model.output_weight() if hasattr(model, "output_weight") else None
-    if weight is not None and reduction in ("mean", "sum"):  # the loss applies the output projection chunk-wise
+    # on a CPU the loss applies the output projection chunk-wise (on a GPU, rows of a few dozen per chunk would
+    # read a large vocabulary's weight many times over: not measured there, so not used there)
+    if weight is not None and weight.device.type == "cpu" and reduction in ("mean", "sum"):
         hidden = model(**inputs, output_at=output_at, project=False)
         return linear_cross_entropy(hidden, weight, targets[labelled], reduction=reduction)
     logits = model(**inputs, output_at=output_at)
