@@ -18,7 +18,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, want_hidden_grad: bool,
                 want_weight_grad: bool) -> Tensor:
         rows, vocab = hidden.shape[0], weight.shape[0]
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        # a trained weight's gradient [vocab, D] would be read and written once per chunk: one chunk then
+        chunk = rows if want_weight_grad else max(1, CHUNK_ELEMENTS // vocab)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None

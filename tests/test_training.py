@@ -68,7 +68,7 @@ def test_chunked_loss_gives_the_gradients_of_full_logits_cross_entropy(decoder, 
     # every gradient (tied embeddings included when the decoder trains) must be those of plain cross-entropy
     import medcap.fused_loss
 
-    monkeypatch.setattr(medcap.fused_loss, "CHUNK_ELEMENTS", 3 * VOCAB)  # 3 rows per chunk: several chunks
+    monkeypatch.setattr(medcap.fused_loss, "CHUNK_ELEMENTS", 3 * VOCAB)  # 3 rows per chunk (frozen decoder)
     trainable = {"encoder": "full", "projector": "full", "decoder": decoder}
     model = tiny_vlm(trainable=trainable).train()
     assert model.output_weight() is not None
