@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
-from torchtune.modules import KVCache
 from torchtune.modules.common_utils import delete_kv_caches
 
 from medcap import distributed
+from medcap.models.kv_cache import PrefixKVCache, use_prefix_caches
 
 NO_TOKEN = -1  # in a row's history: a position that never counts as seen (padding, image placeholders)
 # beam search: what a hypothesis cut at max_new_tokens counts beyond its tokens (see the module docstring)
@@ -149,11 +149,11 @@ class _Runner:
         self.positions = get_position_ids_from_padding_mask(full_mask)
         self.images = None if images is None else images.to(device, next(model.vision.parameters()).dtype)
         self.generated = self.tokens.new_empty((batch, 0))
-        self.caches: list[KVCache] = []
+        self.caches: list[PrefixKVCache] = []
         if use_cache:
             with device:  # torchtune allocates the caches on the default device
                 model.setup_caches(batch, next(model.decoder.parameters()).dtype, decoder_max_seq_len=total_len)
-            self.caches = [m for m in model.modules() if isinstance(m, KVCache)]
+            self.caches = use_prefix_caches(model)
 
     def _encoder_input(self):
         return None if self.images is None else {"image": {"images": self.images}}
@@ -161,9 +161,8 @@ class _Runner:
     def prefill(self) -> Tensor:
         """Next-token logits [B, V] after each prompt (the only time the vision tower runs with a cache)."""
         n = self.prompt_len
-        # with a cache the keys span the whole cache; without one, only the tokens fed so far
-        mask = self.causal[:, :n] if self.use_cache else self.causal[:, :n, :n]
-        logits = self.model(self.tokens, mask=mask, input_pos=self.positions[:, :n],
+        # the keys span the tokens fed so far (the prefix caches return only what they hold)
+        logits = self.model(self.tokens, mask=self.causal[:, :n, :n], input_pos=self.positions[:, :n],
                             encoder_input=self._encoder_input(), output_at="last")
         if self.use_cache:
             self.images = None  # in the cache now
@@ -174,7 +173,7 @@ class _Runner:
         self.generated = torch.cat([self.generated, tokens[:, None]], dim=1)
         pos = self.prompt_len + self.generated.shape[1] - 1
         if self.use_cache:
-            logits = self.model(tokens[:, None], mask=self.causal[:, pos:pos + 1],
+            logits = self.model(tokens[:, None], mask=self.causal[:, pos:pos + 1, :pos + 1],
                                 input_pos=self.positions[:, pos:pos + 1], output_at="last")
         else:
             seq = torch.cat([self.tokens, self.generated], dim=1)

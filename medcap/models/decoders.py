@@ -10,7 +10,6 @@ from torchtune.models.llama2._component_builders import llama2
 from torchtune.models.llama3_1._component_builders import llama3_1
 from torchtune.modules import (
     FeedForward,
-    MultiHeadAttention,
     RMSNorm,
     RotaryPositionalEmbeddings,
     TiedLinear,
@@ -18,17 +17,20 @@ from torchtune.modules import (
     TransformerSelfAttentionLayer,
 )
 
+from medcap.models.attention import GroupedQueryAttention
+
 
 def llama_decoder(vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int,
                   intermediate_dim: int, max_seq_len: int, rope_base: float = 10_000, norm_eps: float = 1e-5,
                   tie_embeddings: bool = False) -> TransformerDecoder:
-    """A Llama-architecture decoder with plain RoPE (no Llama 3 frequency scaling), grouped-query attention,
+    """A Llama-architecture decoder with plain RoPE (no Llama 3 frequency scaling), grouped-query attention
+    (``GroupedQueryAttention``: the key / value heads shared inside SDPA, not copied),
     SwiGLU MLP and RMSNorm; optionally with the output projection tied to the token embeddings."""
     head_dim = embed_dim // num_heads
     rope = RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=rope_base)
     layers = nn.ModuleList()
     for _ in range(num_layers):
-        attn = MultiHeadAttention(
+        attn = GroupedQueryAttention(
             embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
             k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),

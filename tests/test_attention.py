@@ -1,0 +1,60 @@
+import torch
+from torch import nn
+from torchtune.modules import KVCache, MultiHeadAttention, RotaryPositionalEmbeddings
+
+from medcap.models.attention import GroupedQueryAttention
+from medcap.models.decoders import smollm2_135m, tiny_smollm2
+from medcap.models.kv_cache import PrefixKVCache
+
+
+def pair(num_heads=6, num_kv_heads=2, dim=48):
+    """torchtune's attention and ours on the very same projections."""
+    head_dim = dim // num_heads
+    kw = dict(embed_dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+              q_proj=nn.Linear(dim, num_heads * head_dim, bias=False),
+              k_proj=nn.Linear(dim, num_kv_heads * head_dim, bias=False),
+              v_proj=nn.Linear(dim, num_kv_heads * head_dim, bias=False),
+              output_proj=nn.Linear(dim, dim, bias=False),
+              pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=64), max_seq_len=64)
+    return MultiHeadAttention(**kw), GroupedQueryAttention(**kw)
+
+
+def test_training_forward_and_gradients_equal_torchtune():
+    torch.manual_seed(0)
+    theirs, ours = pair()
+    x = torch.randn(3, 10, 48, requires_grad=True)
+    expected = theirs(x, x)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    got = ours(x, x)
+    (g_got,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_decoding_with_a_padding_mask_equals_torchtune():
+    # left padding (row 1 starts at position 2), a prefill of 5 and 3 single-token steps through the caches
+    torch.manual_seed(1)
+    theirs, ours = pair()
+    theirs.kv_cache = KVCache(2, 8, 2, 8, torch.float32)
+    ours.kv_cache = PrefixKVCache.replacing(KVCache(2, 8, 2, 8, torch.float32))
+    theirs.cache_enabled = ours.cache_enabled = True
+    real = torch.ones(2, 8, dtype=torch.bool)
+    real[1, :2] = False
+    causal = torch.tril(torch.ones(8, 8, dtype=torch.bool)) & real[:, None, :]
+    positions = (real.cumsum(1) - 1).clamp(min=0)
+    x = torch.randn(2, 8, 48)
+    with torch.no_grad():
+        for start, end in [(0, 5), (5, 6), (6, 7), (7, 8)]:
+            expected = theirs(x[:, start:end], x[:, start:end], mask=causal[:, start:end],
+                              input_pos=positions[:, start:end])
+            got = ours(x[:, start:end], x[:, start:end], mask=causal[:, start:end, :end],
+                       input_pos=positions[:, start:end])
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_smollm2_builds_it_and_keeps_the_state_dict_names():
+    decoder = tiny_smollm2()
+    assert all(type(layer.attn) is GroupedQueryAttention for layer in decoder.layers)
+    assert "layers.0.attn.q_proj.weight" in decoder.state_dict()
+    assert type(smollm2_135m(max_seq_len=8).layers[0].attn) is GroupedQueryAttention
