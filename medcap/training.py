@@ -18,7 +18,6 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from medcap import distributed
-from medcap.fused_loss import linear_cross_entropy
 from medcap.checkpoint import all_ranks_rng_state, save_checkpoint
 from medcap.text import IGNORE_INDEX
 
@@ -62,19 +61,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 def caption_loss(model, inputs: dict[str, Any], labels: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy on labelled positions (``labels`` aligned with the input tokens). The model
-    projects to the vocabulary only at the positions that predict a label; on a CPU, a model with a plain output
-    projection (``output_weight``) hands over its hidden states and the loss projects them a chunk of rows at a time
-    (``medcap.fused_loss``), so the [N, vocab] logits never exist whole."""
+    projects to the vocabulary only at the positions that predict a label, and only those logits go to fp32."""
     targets = labels[:, 1:]
     labelled = targets != IGNORE_INDEX
-    output_at = F.pad(labelled, (0, 1), value=False)
-    weight = model.output_weight() if hasattr(model, "output_weight") else None
-    # on a CPU the loss applies the output projection chunk-wise (on a GPU, rows of a few dozen per chunk would
-    # read a large vocabulary's weight many times over: not measured there, so not used there)
-    if weight is not None and weight.device.type == "cpu" and reduction in ("mean", "sum"):
-        hidden = model(**inputs, output_at=output_at, project=False)
-        return linear_cross_entropy(hidden, weight, targets[labelled], reduction=reduction)
-    logits = model(**inputs, output_at=output_at)
+    logits = model(**inputs, output_at=F.pad(labelled, (0, 1), value=False))
     return F.cross_entropy(logits.float(), targets[labelled], reduction=reduction)
 
 

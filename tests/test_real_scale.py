@@ -147,9 +147,5 @@ def test_the_loss_projects_only_labelled_positions():
     full = model(**batch)
     expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                  ignore_index=IGNORE_INDEX)
-    projected = len(rows)
-    assert caption_loss(model, batch, labels).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert len(rows) == projected  # the loss applied the projection itself, chunk-wise (medcap.fused_loss)
-    model.output_weight = lambda: None  # a model whose output projection the loss cannot apply
     assert caption_loss(model, batch, labels).item() == pytest.approx(expected.item(), rel=1e-5)
     assert rows[-1] == 4  # 2 rows x 2 labels projected, not 2 x 13 positions

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 from torch import nn, Tensor
-from torchtune.modules import TiedLinear, TransformerDecoder
+from torchtune.modules import TransformerDecoder
 from torchtune.modules.model_fusion import EarlyFusionModel
 
 from medcap.models.lora import ADAPTERS, LoRASettings, add_lora
@@ -134,20 +134,10 @@ class VisionLanguageModel(EarlyFusionModel):
     # parts next to a bf16 LLM) the forward runs under autocast.
     def forward(self, tokens: Tensor, *, encoder_input: dict[str, dict[str, Any]] | None = None,
                 mask: Tensor | None = None, input_pos: Tensor | None = None,
-                output_at: Tensor | str | None = None, project: bool = True, **kwargs) -> Tensor:
+                output_at: Tensor | str | None = None, **kwargs) -> Tensor:
         with autocast_to(self.compute_dtype, tokens.device):
             embeds = self.embed(tokens, encoder_input)
-            return run_decoder(self.decoder, embeds, mask=mask, input_pos=input_pos, output_at=output_at,
-                               project=project)
-
-    def output_weight(self) -> Tensor | None:
-        """The output projection's weight [vocab, D] when the loss may apply it itself (``project=False``): a
-        plain bias-free linear or one tied to the embeddings, not sharded; else None."""
-        from torch.distributed.fsdp import FSDPModule
-
-        if any(isinstance(m, FSDPModule) for m in self.modules()):  # its weights are gathered inside forward only
-            return None
-        return plain_output_weight(self.decoder.output)
+            return run_decoder(self.decoder, embeds, mask=mask, input_pos=input_pos, output_at=output_at)
 
     def embed(self, tokens: Tensor, encoder_input: dict[str, dict[str, Any]] | None) -> Tensor:
         """Text embeddings with the projected vision tokens at the image placeholders: [B, L, D]."""
@@ -182,9 +172,8 @@ def autocast_to(dtype: torch.dtype | None, device: torch.device):
 
 
 def run_decoder(decoder: TransformerDecoder, embeds: Tensor, *, mask: Tensor | None = None,
-                input_pos: Tensor | None = None, output_at: Tensor | str | None = None, project: bool = True) -> Tensor:
-    """The decoder's layers and final norm on ``embeds`` [B, L, D], then (unless ``project`` is False: the
-    normed hidden states) its output projection where asked:
+                input_pos: Tensor | None = None, output_at: Tensor | str | None = None) -> Tensor:
+    """The decoder's layers and final norm on ``embeds`` [B, L, D], then its output projection where asked:
     everywhere (``output_at=None``: [B, L, V]), at the last position (``"last"``: [B, V]) or at the positions
     a boolean [B, L] mask marks ([N, V], in row-major order). Logits stay in the weights' dtype."""
     # UPDATED: TransformerDecoder.forward - the same layers, norm and output, but the output projection is not
@@ -203,15 +192,4 @@ def run_decoder(decoder: TransformerDecoder, embeds: Tensor, *, mask: Tensor | N
         h = h[:, -1]
     elif output_at is not None:
         h = h[output_at]
-    h = decoder.norm(h)
-    return decoder.output(h) if project else h
-
-
-def plain_output_weight(output) -> Tensor | None:
-    if isinstance(output, TiedLinear):
-        weight = output.tied_module.weight
-    elif type(output) is nn.Linear and output.bias is None:
-        weight = output.weight
-    else:
-        return None
-    return weight if type(weight) in (nn.Parameter, Tensor) else None  # not a DTensor (FSDP) or NF4 tensor
+    return decoder.output(decoder.norm(h))
