@@ -3,7 +3,7 @@ with the trained and the untrained model, score both against an image-blind base
 ``outputs/demo/report.json``, ``outputs/demo/loss_curve.png`` and, through the evaluate recipe (trained against
 the image-blind baseline), ``outputs/demo/report.html`` to browse the test images.
 
-    python -m medcap.demo [--steps N] [--out outputs/demo]
+    python -m medcap.demo [--steps N] [--seed N] [--out outputs/demo]
 """
 
 import argparse
@@ -35,10 +35,17 @@ def image_blind_predictions(train_manifest: Path, test_ids: list[str]) -> dict[s
     return {i: caption for i in test_ids}
 
 
+def training_overrides(out: Path, steps: int | None, seed: int | None) -> list[str]:
+    """The finetune_vision overrides of a demo run: its own folder, trained afresh every time."""
+    return ([f"output_dir={out / 'train'}", "overwrite=true"] + ([f"max_steps={steps}"] if steps else [])
+            + ([f"seed={seed}"] if seed is not None else []))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "demo"))
+    parser.add_argument("--seed", type=int, default=None, help="training seed (default: the config's)")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -50,8 +57,7 @@ def main() -> None:
     times["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    overrides = [f"output_dir={out / 'train'}", "overwrite=true"]  # make demo trains afresh every time + ([f"max_steps={args.steps}"] if args.steps else [])
-    run_recipe("finetune_vision", "demo/finetune_vision", overrides)
+    run_recipe("finetune_vision", "demo/finetune_vision", training_overrides(out, args.steps, args.seed))
     times["train"] = time.perf_counter() - t0
 
     runs = {"trained": f"checkpoint={out / 'train' / 'checkpoints'}", "untrained": "checkpoint=null"}

@@ -20,3 +20,20 @@ def test_demo_trained_model_beats_untrained_and_image_blind(tmp_path):
         assert report["trained"][metric] > report["untrained"][metric], metric
         assert report["trained"][metric] > report["image_blind"][metric], metric
     assert (out / "loss_curve.png").stat().st_size > 1000
+
+
+def test_demo_steps_and_seed_reach_the_training_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from medcap.cli import find_config
+    from medcap.demo import training_overrides
+
+    defaults = OmegaConf.load(find_config("demo/finetune_vision"))
+
+    def resolved(steps, seed):  # the config as the recipe sees it (overrides merged as torchtune merges them)
+        return OmegaConf.merge(defaults, OmegaConf.from_dotlist(training_overrides(tmp_path, steps, seed)))
+
+    cfg = resolved(7, 3)
+    assert (cfg.max_steps, cfg.seed, cfg.overwrite, cfg.output_dir) == (7, 3, True, str(tmp_path / "train"))
+    cfg = resolved(None, None)
+    assert (cfg.max_steps, cfg.seed) == (480, 0) == (defaults.max_steps, defaults.seed)
