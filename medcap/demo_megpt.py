@@ -85,12 +85,12 @@ def main() -> None:
             print(f"{row}: kept from an earlier run ({predictions_csv})")
         else:
             train_and_generate(out, row, overrides, args.steps, args.max_new_tokens, test_manifest)
-        train_s = time.perf_counter() - t0
+        row_s = time.perf_counter() - t0  # training and generation
         predictions = read_predictions(predictions_csv)
         table[row] = demo_scores({k: predictions.get(k, "") for k in references}, references)
         summary = json.loads((out / row / "train" / "train_summary.json").read_text())
         last = summary["history"][-1]
-        figures[row] = {**table[row], "overrides": overrides, "seconds": train_s,
+        figures[row] = {**table[row], "overrides": overrides, "seconds": row_s,
                         "final_caption_loss": last["loss"], "final_reg_loss": last.get("reg_loss"),
                         "val_loss": last.get("val_loss")}
         table[row]["val_loss"] = last.get("val_loss", float("nan"))

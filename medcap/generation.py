@@ -383,10 +383,10 @@ def beam_search(
                     if last or token in stops:
                         # only candidates among the top num_beams may finish, and only while the prompt is open
                         if rank < k and open_[b]:
-                            ids = runner.generated[row].tolist() + ([] if token in stops else [token])
-                            cut = token not in stops
-                            _keep_best(finished[b], score / (norm if not cut else (step + 1 + cut_extra)
-                                                             ** length_penalty), ids, k)
+                            stopped = token in stops
+                            ids = runner.generated[row].tolist() + ([] if stopped else [token])
+                            length = step + 1 + (0 if stopped else cut_extra)  # cut at max_new_tokens: see above
+                            _keep_best(finished[b], score / length ** length_penalty, ids, k)
                     elif kept < k:
                         rows.append(row)
                         chosen.append(token)
