@@ -9,7 +9,10 @@ machine only the ratio (> 1: medcap faster) means something.
 
 Decoding: random prompts (16 image placeholders + 16 text tokens), no stop token, so every row runs
 max_new_tokens; greedy and beam search must give identical tokens (checked), sampling is compared on speed only
-(the engines draw differently from the same seed). Beam search uses R2GenGPT's settings (3 beams, repetition
+(the engines draw differently from the same seed). The "demo prompts" rows decode the demo's test split as
+``make demo`` does (its images, its prompt, the tokenizer's stop tokens), so rows stop at their own lengths: medcap
+drops a finished row (a decided prompt, in beam search) from the batch, transformers decodes it until the longest
+is done. ``--checkpoint`` decodes with trained vision weights (``make demo``'s outputs/demo/train/checkpoints). Beam search uses R2GenGPT's settings (3 beams, repetition
 penalty 2.0 on the generated tokens, length penalty 2.0). Training: one optimizer step (forward, backward,
 AdamW step) per method, the loss at the first step checked equal; QLoRA's transformers side needs
 bitsandbytes, and LoRA's needs peft: a row without them times medcap only.
@@ -22,6 +25,7 @@ import copy
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,6 +56,12 @@ DECODING = {  # name: (prompts, new tokens, medcap settings, transformers settin
     "sampling t=1 k=50 p=0.9 32x48": (32, 48, dict(temperature=1.0, top_k=50, top_p=0.9),
                                       dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9), False),
 }
+DEMO_DECODING = {  # name: (prompts, max new tokens, medcap settings, transformers settings)
+    "greedy, demo prompts, stop token 32x<=48": (32, 48, {}, dict(do_sample=False)),
+    "beam 3 (R2GenGPT), demo prompts, stop token 16x<=48": (
+        16, 48, dict(**R2GENGPT_BEAM, penalize_prompt=False), dict(do_sample=False, early_stopping=False,
+                                                                   **R2GENGPT_BEAM)),
+}
 TRAIN_SHAPES = [(4, 56), (8, 128)]  # batch x tokens (16 image tokens + text)
 
 
@@ -79,6 +89,7 @@ def hf_llm(folder):
     return llm
 
 
+ROOT = Path(__file__).resolve().parents[1]
 CLOCK = time.perf_counter  # or time.process_time (--clock cpu)
 
 
@@ -120,6 +131,57 @@ def decoding_rows(model, hf, reps, only):
         timed = interleaved({"medcap": ours, "transformers": theirs}, reps)
         same = timed["medcap"][1] == timed["transformers"][1] if deterministic else None
         rows.append((name, timed["medcap"][0], timed["transformers"][0], same))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def demo_prompts(model, n: int):
+    """The first ``n`` prompts and images of the demo's test split, as the demo's generate config feeds them."""
+    from omegaconf import OmegaConf
+
+    from medcap.data.dataset import collate_captions
+    from medcap.runtime import caption_dataset
+    from medcap.text import smollm2_tokenizer
+
+    node = OmegaConf.load(ROOT / "configs" / "demo" / "generate.yaml").dataset
+    node.manifest = str(ROOT / node.manifest)
+    if not Path(node.manifest).exists():
+        raise SystemExit(f"{node.manifest} is missing: build it with python -m medcap.data.demo_builder")
+    tokenizer = smollm2_tokenizer()
+    dataset = caption_dataset(node, tokenizer, model, with_captions=False)
+    batch = collate_captions([dataset[i] for i in range(n)], pad_id=tokenizer.pad_id, padding_side="left")
+    prompts = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
+    return prompts, batch["tokens"], batch["padding_mask"], batch["images"], tokenizer
+
+
+def until_stop(rows: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
+    return [next((row[:i] for i, t in enumerate(row) if t in stop_ids), row) for row in rows]
+
+
+def demo_decoding_rows(model, hf, reps, only):
+    rows = []
+    for name, (n, new, ours_kw, hf_kw) in DEMO_DECODING.items():
+        if only and not any(o in name for o in only):
+            continue
+        prompts, tokens, mask, images, tokenizer = demo_prompts(model, n)
+        stops = tokenizer.stop_ids
+
+        def ours():
+            return generate(model, prompts, images, max_new_tokens=new, stop_ids=stops, pad_id=tokenizer.pad_id,
+                            **ours_kw)
+
+        @torch.inference_mode()
+        def theirs():
+            out = hf.llm.generate(inputs_embeds=hf.embeds(tokens, images), attention_mask=mask.long(),
+                                  max_new_tokens=new, eos_token_id=stops, pad_token_id=tokenizer.pad_id, **hf_kw)
+            return until_stop(out.tolist(), stops)
+
+        timed = interleaved({"medcap": ours, "transformers": theirs}, reps)
+        lengths = [len(ids) for ids in timed["medcap"][1]]
+        same = timed["medcap"][1] == timed["transformers"][1]
+        rows.append((name, timed["medcap"][0], timed["transformers"][0],
+                     f"{'tokens identical' if same else 'TOKENS DIFFER'}; lengths {min(lengths)}-{max(lengths)}, "
+                     f"mean {sum(lengths) / len(lengths):.1f}"))
         print(rows[-1], flush=True)
     return rows
 
@@ -215,10 +277,13 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the process's CPU seconds instead of wall-clock ones, for a machine shared with "
                              "other work (use it with --threads 1, where no thread waits spinning)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="decode the demo prompts with these trained parts (a checkpoint folder of the demo "
+                             "training, e.g. outputs/demo/train/checkpoints); default: the untrained vision side")
     parser.add_argument("--train-shapes", nargs="*", default=None,
                         help="the training shapes BxL (default: 4x56 8x128)")
     parser.add_argument("--only", nargs="*", default=[],
-                        help="cases whose name contains one of these (greedy, beam, sampling, 32x48, "
+                        help="cases whose name contains one of these (greedy, beam, sampling, 32x48, demo, "
                              "train, train_medcap, train_lora, ...)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -229,6 +294,10 @@ def main() -> None:
         TRAIN_SHAPES.extend(tuple(int(x) for x in shape.split("x")) for shape in args.train_shapes)
     torch.manual_seed(0)
     model = demo(projector="mlp2", max_seq_len=256, image_grid=4).eval()
+    if args.checkpoint:
+        from medcap.checkpoint import load_checkpoint
+
+        load_checkpoint(model, args.checkpoint)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         save_hf_llama(model, folder, dtype=torch.float32)
@@ -236,6 +305,7 @@ def main() -> None:
         if decode_only or not args.only:
             hf = HFVisionLanguage(hf_llm(folder), model.vision, model.image_token_id).eval()
             rows += decoding_rows(model, hf, args.reps, decode_only)
+            rows += demo_decoding_rows(model, hf, args.reps, decode_only)
             del hf
         del model
         if not args.only or any(o.startswith("train") for o in args.only):

@@ -2,8 +2,10 @@
 
 Prompts are left-padded; the image is encoded once, in the prefill, and each later step feeds one token per row
 through a KV cache sized to prompt + max_new_tokens. Beam search prefills each prompt once, copies its cache rows
-to its beams, and each step moves the cache rows along with the beams they extend. ``use_cache=False`` re-runs the
-whole sequence (and the vision tower) every step, as the medcap seed did; it exists for tests and benchmarks.
+to its beams, and each step moves the cache rows along with the beams they extend. A row that has stopped (greedy,
+sampling), or a prompt whose beam search is decided, leaves the batch with its cache rows, so the steps that remain
+cost what the rows still decoding cost. ``use_cache=False`` re-runs the whole sequence (and the vision tower) every
+step, as the medcap seed did; it exists for tests and benchmarks.
 
 The decoding rules mean what they mean in Hugging Face ``generate``, so that published settings (R2GenGPT: beam 3,
 repetition penalty 2.0, length penalty 2.0, 40-100 new tokens) carry over:
@@ -193,13 +195,17 @@ class _Runner:
 
     def expand(self, k: int) -> None:
         """Each row becomes ``k`` consecutive copies of itself (its beams)."""
-        rows = torch.arange(self.tokens.shape[0], device=self.tokens.device).repeat_interleave(k)
         if self.images is not None:
             self.images = self._repeat_images(k)
+        self.take(torch.arange(self.tokens.shape[0], device=self.tokens.device).repeat_interleave(k))
+
+    def take(self, rows: Tensor) -> None:
+        """Only ``rows`` go on, in that order (repeated by ``expand``; the finished ones left out by ``generate``).
+        The images are not taken along: with a cache they are no longer needed after the prefill."""
         self.tokens, self.padding_mask = self.tokens[rows], self.padding_mask[rows]
         self.causal, self.positions, self.generated = self.causal[rows], self.positions[rows], self.generated[rows]
         for cache in self.caches:
-            # UPDATED: torchtune KVCache - it has no way to grow or reorder its batch; its k_cache / v_cache
+            # UPDATED: torchtune KVCache - it has no way to grow, shrink or reorder its batch; its k_cache / v_cache
             # buffers are [batch, heads, seq, head_dim] and are indexed on the batch dim here. cache_pos (the
             # next position to write) is shared by all rows, so it stays as it is.
             cache.k_cache, cache.v_cache = cache.k_cache[rows], cache.v_cache[rows]
@@ -283,6 +289,7 @@ def generate(
     device = runner.tokens.device
     batch = len(prompts)
     stop = torch.tensor(stop_ids, device=device)
+    rows = torch.arange(batch, device=device)  # the prompt each row still decoding belongs to
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), max_new_tokens, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -294,12 +301,19 @@ def generate(
             scores = decoding.apply(logits.float()) if decoding.active else logits
             next_token = sample_next(scores, temperature, top_k, top_p, generator)
             next_token = torch.where(done, pad_id, next_token)
-            out[:, step] = next_token
+            out[rows, step] = next_token
             stopped = torch.isin(next_token, stop) & ~done
-            lengths[stopped] = step
+            lengths[rows[stopped]] = step
             done |= stopped
             if step == max_new_tokens - 1 or distributed.everywhere(bool(done.all()), model):
                 break
+            if use_cache and stopped.any() and not done.all():
+                # the finished rows leave the batch (their cache rows with them); one row stays while other
+                # processes still decode, since every process must run the same number of forward passes
+                going_on = (~done).nonzero().squeeze(1)
+                rows, done, next_token = rows[going_on], done[going_on], next_token[going_on]
+                runner.take(going_on)
+                decoding.select(going_on)
             decoding.push(next_token)
             logits = runner.step(next_token)
     finally:
@@ -368,18 +382,20 @@ def beam_search(
         # all beams of a prompt start equal: only the first is live, or the top-k would hold k copies of each token
         running = torch.full((batch, k), float("-inf"), device=device)
         running[:, 0] = 0.0
+        live = list(range(batch))  # the prompt of each group of k rows still decoding
         for step in range(max_new_tokens):
+            n = len(live)
             logprobs = decoding.apply(F.log_softmax(logits.float(), dim=-1))
-            totals = (logprobs.view(batch, k, vocab) + running[..., None]).view(batch, k * vocab)
+            totals = (logprobs.view(n, k, vocab) + running[..., None]).view(n, k * vocab)
             top, index = totals.topk(width, dim=1)
             origins, tokens = (index // vocab).tolist(), (index % vocab).tolist()
             last = step == max_new_tokens - 1
             norm = (step + 1) ** length_penalty
             rows, chosen, scores = [], [], []
-            for b, candidates in enumerate(zip(top.tolist(), origins, tokens)):
-                kept = 0
+            for i, candidates in enumerate(zip(top.tolist(), origins, tokens)):
+                b, kept = live[i], 0
                 for rank, (score, origin, token) in enumerate(zip(*candidates)):
-                    row = b * k + origin
+                    row = i * k + origin
                     if last or token in stops:
                         # only candidates among the top num_beams may finish, and only while the prompt is open
                         if rank < k and open_[b]:
@@ -396,14 +412,23 @@ def beam_search(
                 break
             rows_t = torch.tensor(rows, device=device)
             tokens_t = torch.tensor(chosen, device=device)
-            running = torch.tensor(scores, device=device).view(batch, k)
+            running = torch.tensor(scores, device=device).view(n, k)
             best_running = running.max(dim=1).values.div(norm).tolist()
-            for b in range(batch):
-                if open_[b] and len(finished[b]) == k and best_running[b] <= finished[b][-1][0]:
+            for i, b in enumerate(live):
+                if open_[b] and len(finished[b]) == k and best_running[i] <= finished[b][-1][0]:
                     open_[b] = False
             if distributed.everywhere(not any(open_), model):
                 break
-            runner.reorder(rows_t)
+            still = [i for i, b in enumerate(live) if open_[b]]
+            if use_cache and still and len(still) < n:
+                # the prompts that are done leave the batch with their beams' cache rows (one process with none
+                # left keeps its rows while others still decode: every process runs the same forward passes)
+                keep = torch.tensor([i * k + j for i in still for j in range(k)], device=device)
+                rows_t, tokens_t, running = rows_t[keep], tokens_t[keep], running[still]
+                live = [live[i] for i in still]
+                runner.take(rows_t)
+            else:
+                runner.reorder(rows_t)
             decoding.select(rows_t)
             decoding.push(tokens_t)
             logits = runner.step(tokens_t)

@@ -113,6 +113,20 @@ def test_batched_beam_search_equals_each_prompt_alone():
     assert batched != generate(model, prompts, images, **{**kw, "num_beams": 1})
 
 
+def test_a_decided_prompt_leaves_the_batch_with_its_beams():
+    model = vlm(tiny_llama2_decoder(3))  # three of its prompts are decided early, each at its own step
+    prompts, images = prompts_and_images((2, 9, 4, 6))
+    kw = dict(stop_ids=[STOP], pad_id=PAD, **{**R2GENGPT, "max_new_tokens": 40, "length_penalty": 1.0})
+    sizes = []
+    model.decoder.layers[0].register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    cached, cached_scores = beam_search(model, prompts, images, return_scores=True, **kw)
+    seen = list(sizes)
+    recomputed, scores = beam_search(model, prompts, images, use_cache=False, return_scores=True, **kw)
+    assert cached == recomputed and cached_scores == pytest.approx(scores, rel=1e-5)
+    # prefill: one row per prompt; then 3 beams per prompt still open, fewer once prompts are decided
+    assert seen == [4] + [12] * 20 + [9] * 7 + [6] * 6 + [3] * 6
+
+
 def test_the_vision_tower_runs_once_per_batch():
     model = vlm(tiny_llama2_decoder(3))
     prompts, images = prompts_and_images()

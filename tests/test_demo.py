@@ -37,3 +37,17 @@ def test_demo_steps_and_seed_reach_the_training_config(tmp_path):
     assert (cfg.max_steps, cfg.seed, cfg.overwrite, cfg.output_dir) == (7, 3, True, str(tmp_path / "train"))
     cfg = resolved(None, None)
     assert (cfg.max_steps, cfg.seed) == (480, 0) == (defaults.max_steps, defaults.seed)
+    assert defaults.dtype == "bf16"
+    cfg = OmegaConf.merge(defaults, OmegaConf.from_dotlist(training_overrides(tmp_path, None, None, "fp32")))
+    assert cfg.dtype == "fp32"
+
+
+def test_demo_picks_bf16_only_where_the_cpu_multiplies_bf16_in_hardware():
+    from medcap.demo import native_bf16
+
+    zen4 = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire_rapids = "flags\t\t: avx2 avx512f amx_bf16 amx_tile\n"
+    zen3 = "flags\t\t: fpu sse2 avx2 fma\n"
+    skylake = "flags\t\t: avx2 avx512f avx512bw avx512_vnni\n"
+    assert native_bf16(zen4) and native_bf16(sapphire_rapids)
+    assert not native_bf16(zen3) and not native_bf16(skylake)

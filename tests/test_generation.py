@@ -230,3 +230,30 @@ def test_r2gengpt_configs_decode_with_r2gengpt_settings(name, min_new, max_new, 
     # one block of tiny Swin's 4 tokens, from the study's two views averaged
     assert prompts[0].count(32000) == 4 and len(images) == 2
     assert (tmp_path / "predictions.csv").read_text().startswith("ID,caption\nCXR4_IM-04,")
+
+
+def decoder_batch_sizes(model) -> list[int]:
+    sizes = []
+    model.decoder.layers[0].register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_before():
+    model = tiny_vlm(seed=3).eval()
+    prompts, images = prompts_and_images()
+    kw = dict(max_new_tokens=12, pad_id=PAD, no_repeat_ngram_size=1)  # no token twice: rows that differ
+    free = generate(model, prompts, images, stop_ids=[-1], **kw)
+    # a stop token that one row emits early and another later or never: rows finish at different steps
+    firsts = {t: [row.index(t) if t in row else None for row in free] for t in {t for row in free for t in row}}
+    stop = next(t for t, at in sorted(firsts.items()) if len(set(at)) == 3)
+    expected = [row[:row.index(stop)] if stop in row else row for row in free]
+    sizes = decoder_batch_sizes(model)
+    cached = generate(model, prompts, images, stop_ids=[stop], **kw)
+    sizes = list(sizes)
+    assert cached == expected
+    assert cached == generate(model, prompts, images, stop_ids=[stop], use_cache=False, **kw)
+    # prefill with every row, then the batch shrinks as rows stop, never below the rows still decoding
+    steps = sizes[1:]
+    assert sizes[0] == 3 and steps == sorted(steps, reverse=True) and steps[-1] < 3
+    for step, size in enumerate(steps, start=1):
+        assert size == max(1, sum(len(row) >= step and (stop not in row or row.index(stop) >= step) for row in free))

@@ -41,6 +41,38 @@ def test_efficientnet_lite0_weights_match_the_reference_implementation():
     assert torch.allclose(got, expected, atol=1e-4)
 
 
+def test_channels_last_encoder_gives_the_same_values_and_gradients_and_saves_plain_tensors(tmp_path):
+    from medcap.checkpoint import load_checkpoint, save_checkpoint
+    from tests.tiny_vlm import tiny_vlm
+
+    nhwc = encoders.tiny_efficientnet()
+    nchw = encoders.tiny_efficientnet()
+    nchw.channels_last = False
+    nchw.model.to(memory_format=torch.contiguous_format)
+    nchw.load_state_dict(nhwc.state_dict())
+    conv = nhwc.model.conv_stem.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert nchw.model.conv_stem.weight.is_contiguous()
+    x = torch.randn(3, 3, 64, 64)
+    out_nhwc, out_nchw = nhwc.train()(x), nchw.train()(x)
+    assert torch.allclose(out_nhwc, out_nchw, atol=1e-5)
+    out_nhwc.square().sum().backward()
+    out_nchw.square().sum().backward()
+    # fp32 sums in another order: equal to ~1e-5 of the largest gradient (some are 0 up to rounding)
+    scale = max(float(p.grad.abs().max()) for p in nchw.parameters())
+    for (name, a), b in zip(nhwc.named_parameters(), nchw.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5 * scale), name
+    # a checkpoint of a model with a channels-last encoder holds plain tensors and loads back into one
+    model = tiny_vlm()
+    model.vision.encoder = nhwc
+    save_checkpoint(model, tmp_path / "ckpt")
+    fresh = tiny_vlm()
+    fresh.vision.encoder = encoders.tiny_efficientnet()
+    load_checkpoint(fresh, tmp_path / "ckpt")
+    assert torch.equal(fresh.vision.encoder.model.conv_stem.weight, conv)
+    assert fresh.vision.encoder.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("factory, tokens, dim", [
     (encoders.tiny_efficientnet, 4, 256), (encoders.tiny_swin, 4, 64), (encoders.tiny_vit, 16, 64),
     (lambda: encoders.tiny_vit(output="pooled"), 1, 32)])
