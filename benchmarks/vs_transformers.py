@@ -14,7 +14,8 @@ max_new_tokens; greedy and beam search must give identical tokens (checked), sam
 drops a finished row (a decided prompt, in beam search) from the batch, transformers decodes it until the longest
 is done. ``--checkpoint`` decodes with trained vision weights (``make demo``'s outputs/demo/train/checkpoints). Beam search uses R2GenGPT's settings (3 beams, repetition
 penalty 2.0 on the generated tokens, length penalty 2.0). Training: one optimizer step (forward, backward,
-AdamW step) per method, the loss at the first step checked equal; QLoRA's transformers side needs
+AdamW step) per method, on random tokens with every text token labelled and on the demo's first training batch
+(prompt and padding unlabelled, as the demo trains), the loss at the first step checked equal; QLoRA's transformers side needs
 bitsandbytes, and LoRA's needs peft: a row without them times medcap only.
 
     PYTHONPATH=. python benchmarks/vs_transformers.py [--reps 3] [--only greedy beam train_medcap ...]
@@ -62,7 +63,8 @@ DEMO_DECODING = {  # name: (prompts, max new tokens, medcap settings, transforme
         16, 48, dict(**R2GENGPT_BEAM, penalize_prompt=False), dict(do_sample=False, early_stopping=False,
                                                                    **R2GENGPT_BEAM)),
 }
-TRAIN_SHAPES = [(4, 56), (8, 128)]  # batch x tokens (16 image tokens + text)
+TRAIN_SHAPES = [(4, 56), (8, 128)]  # batch x tokens (16 image tokens + text), every text token labelled
+DEMO_TRAIN_BATCH = 4  # and the demo's own first batch of this many samples (--train-shapes leaves it out)
 
 
 class HFVisionLanguage(torch.nn.Module):
@@ -154,6 +156,24 @@ def demo_prompts(model, n: int):
     return prompts, batch["tokens"], batch["padding_mask"], batch["images"], tokenizer
 
 
+def demo_train_batch(model, n: int):
+    """Tokens, labels and images of the demo's first ``n`` training samples, collated as its training does."""
+    from omegaconf import OmegaConf
+
+    from medcap.data.dataset import collate_captions
+    from medcap.runtime import caption_dataset
+    from medcap.text import smollm2_tokenizer
+
+    node = OmegaConf.load(ROOT / "configs" / "demo" / "finetune_vision.yaml").dataset
+    node.manifest = str(ROOT / node.manifest)
+    if not Path(node.manifest).exists():
+        raise SystemExit(f"{node.manifest} is missing: build it with python -m medcap.data.demo_builder")
+    tokenizer = smollm2_tokenizer()
+    dataset = caption_dataset(node, tokenizer, model)
+    batch = collate_captions([dataset[i] for i in range(n)], pad_id=tokenizer.pad_id)
+    return batch["tokens"], batch["labels"], batch["images"]
+
+
 def until_stop(rows: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
     return [next((row[:i] for i, t in enumerate(row) if t in stop_ids), row) for row in rows]
 
@@ -199,13 +219,20 @@ def training_rows(folder, reps, only):
             continue
         hf = hf_side(folder, method, model)
         ours_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        for batch, length in TRAIN_SHAPES:
-            g = torch.Generator().manual_seed(1)
-            n_img = model.tokens_per_image
-            tokens = torch.cat([torch.full((batch, n_img), model.image_token_id),
-                                torch.randint(2, 10_000, (batch, length - n_img), generator=g)], 1)
-            labels = tokens.masked_fill(tokens == model.image_token_id, IGNORE_INDEX)
-            images = torch.randn(batch, 3, 224, 224, generator=g)
+        first_shape = True  # the only shape that starts from the same weights in both engines
+        for batch, length in TRAIN_SHAPES + ([("demo", DEMO_TRAIN_BATCH)] if DEMO_TRAIN_BATCH else []):
+            if batch == "demo":  # the demo's first training batch: prompt and padding unlabelled, as it trains
+                tokens, labels, images = demo_train_batch(model, length)
+                batch, length = tokens.shape
+                shape = f"demo batch {batch}x{length} ({int((labels != IGNORE_INDEX).sum())} labels)"
+            else:
+                g = torch.Generator().manual_seed(1)
+                n_img = model.tokens_per_image
+                tokens = torch.cat([torch.full((batch, n_img), model.image_token_id),
+                                    torch.randint(2, 10_000, (batch, length - n_img), generator=g)], 1)
+                labels = tokens.masked_fill(tokens == model.image_token_id, IGNORE_INDEX)
+                images = torch.randn(batch, 3, 224, 224, generator=g)
+                shape = f"{batch}x{length}"
 
             def ours():
                 loss = caption_loss(model, {"tokens": tokens, "encoder_input": {"image": {"images": images}}},
@@ -231,14 +258,15 @@ def training_rows(folder, reps, only):
             if hf is None:
                 note = ("no transformers side (bitsandbytes NF4 needs CUDA)" if method == "qlora"
                         else "no transformers side (peft missing or unusable here)")
-                rows.append((f"train {method} {batch}x{length}", timed["medcap"][0], None, note))
+                rows.append((f"train {method} {shape}", timed["medcap"][0], None, note))
             else:
                 first = (timed["medcap"][1], timed["transformers"][1])
                 # the first losses (before any step: same weights) must agree; later ones drift with the updates
-                rows.append((f"train {method} {batch}x{length}", timed["medcap"][0], timed["transformers"][0],
-                             f"first loss {first[0]:.4f} vs {first[1]:.4f}" if batch == TRAIN_SHAPES[0][0] else ""))
+                rows.append((f"train {method} {shape}", timed["medcap"][0], timed["transformers"][0],
+                             f"first loss {first[0]:.4f} vs {first[1]:.4f}" if first_shape else ""))
+                first_shape = False
             print(rows[-1], flush=True)
-        del model, hf
+        model = hf = None  # freed before the next method is built
     return rows
 
 
@@ -287,9 +315,10 @@ def main() -> None:
                              "train, train_medcap, train_lora, ...)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global CLOCK
+    global CLOCK, DEMO_TRAIN_BATCH
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.train_shapes:
+        DEMO_TRAIN_BATCH = 0
         TRAIN_SHAPES.clear()
         TRAIN_SHAPES.extend(tuple(int(x) for x in shape.split("x")) for shape in args.train_shapes)
     torch.manual_seed(0)

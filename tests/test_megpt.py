@@ -286,7 +286,6 @@ def test_tiny_megpt_trains_with_all_modules_and_saves_its_clustering(megpt_run):
 def test_generation_picks_each_images_prompt_from_the_saved_clustering(megpt_run, monkeypatch):
     import csv
 
-    import numpy as np
     from omegaconf import OmegaConf
 
     from medcap import cli, prompt_clusters

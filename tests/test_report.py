@@ -317,7 +317,7 @@ def test_the_page_in_headless_chromium_sorts_filters_and_loads_rows_as_it_scroll
         rendered = browser.evaluate(n_rows)
         assert 0 < rendered < n  # the rest load as the page scrolls
         # the tricky caption is text, not markup
-        cell = browser.evaluate(f"document.querySelector('#rows tbody tr').querySelector('td.text').textContent")
+        cell = browser.evaluate("document.querySelector('#rows tbody tr').querySelector('td.text').textContent")
         assert TRICKY in cell and browser.evaluate("document.querySelectorAll('#rows tbody b').length") == 0
 
         browser.click("#rows th[data-key='BLEU-4'] button")  # the page's own control, clicked with the mouse
