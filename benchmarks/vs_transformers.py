@@ -137,40 +137,36 @@ def decoding_rows(model, hf, reps, only):
     return rows
 
 
-def demo_prompts(model, n: int):
-    """The first ``n`` prompts and images of the demo's test split, as the demo's generate config feeds them."""
+def demo_batch(model, config: str, n: int, with_captions: bool):
+    """The first ``n`` samples of the data set of configs/demo/``config``.yaml, collated as that recipe does
+    (captions right-padded for training, prompts left-padded for generation), and the tokenizer."""
     from omegaconf import OmegaConf
 
     from medcap.data.dataset import collate_captions
     from medcap.runtime import caption_dataset
     from medcap.text import smollm2_tokenizer
 
-    node = OmegaConf.load(ROOT / "configs" / "demo" / "generate.yaml").dataset
+    node = OmegaConf.load(ROOT / "configs" / "demo" / f"{config}.yaml").dataset
     node.manifest = str(ROOT / node.manifest)
     if not Path(node.manifest).exists():
         raise SystemExit(f"{node.manifest} is missing: build it with python -m medcap.data.demo_builder")
     tokenizer = smollm2_tokenizer()
-    dataset = caption_dataset(node, tokenizer, model, with_captions=False)
-    batch = collate_captions([dataset[i] for i in range(n)], pad_id=tokenizer.pad_id, padding_side="left")
+    dataset = caption_dataset(node, tokenizer, model, with_captions=with_captions)
+    batch = collate_captions([dataset[i] for i in range(n)], pad_id=tokenizer.pad_id,
+                             padding_side="right" if with_captions else "left")
+    return batch, tokenizer
+
+
+def demo_prompts(model, n: int):
+    """The first ``n`` prompts and images of the demo's test split, as the demo's generate config feeds them."""
+    batch, tokenizer = demo_batch(model, "generate", n, with_captions=False)
     prompts = [row[mask].tolist() for row, mask in zip(batch["tokens"], batch["padding_mask"])]
     return prompts, batch["tokens"], batch["padding_mask"], batch["images"], tokenizer
 
 
 def demo_train_batch(model, n: int):
     """Tokens, labels and images of the demo's first ``n`` training samples, collated as its training does."""
-    from omegaconf import OmegaConf
-
-    from medcap.data.dataset import collate_captions
-    from medcap.runtime import caption_dataset
-    from medcap.text import smollm2_tokenizer
-
-    node = OmegaConf.load(ROOT / "configs" / "demo" / "finetune_vision.yaml").dataset
-    node.manifest = str(ROOT / node.manifest)
-    if not Path(node.manifest).exists():
-        raise SystemExit(f"{node.manifest} is missing: build it with python -m medcap.data.demo_builder")
-    tokenizer = smollm2_tokenizer()
-    dataset = caption_dataset(node, tokenizer, model)
-    batch = collate_captions([dataset[i] for i in range(n)], pad_id=tokenizer.pad_id)
+    batch, _ = demo_batch(model, "finetune_vision", n, with_captions=True)
     return batch["tokens"], batch["labels"], batch["images"]
 
 
