@@ -57,6 +57,8 @@ def shard(model: nn.Module, device: torch.device, reshard_after_forward: bool = 
     for layer in model.decoder.layers:
         fully_shard(layer, **options)
     if hasattr(model, "vision"):
+        if getattr(model.vision.encoder, "channels_last", False):
+            model.vision.encoder.set_channels_last(False)  # FSDP2 shards only contiguous (NCHW) parameters
         fully_shard(model.vision.encoder, **options)
         fully_shard(model.vision.projector, **options)
     fully_shard(model, **options)
@@ -169,7 +171,7 @@ def _broadcast_tensor(value: Tensor | None, like: Tensor, device: torch.device, 
         if value is None:
             raise KeyError(f"rank 0's model has no {key!r} to broadcast")
         value = full_tensor(value)
-        full = value.to(device=device, dtype=like.dtype)
+        full = value.to(device=device, dtype=like.dtype).contiguous()  # e.g. a channels-last conv weight
     else:
         full = torch.empty(like.shape, dtype=like.dtype, device=device)
     dist.broadcast(full, src=0)

@@ -47,8 +47,7 @@ def test_channels_last_encoder_gives_the_same_values_and_gradients_and_saves_pla
 
     nhwc = encoders.tiny_efficientnet()
     nchw = encoders.tiny_efficientnet()
-    nchw.channels_last = False
-    nchw.model.to(memory_format=torch.contiguous_format)
+    nchw.set_channels_last(False)
     nchw.load_state_dict(nhwc.state_dict())
     conv = nhwc.model.conv_stem.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()

@@ -55,7 +55,6 @@ class TimmEncoder(_Encoder):
         super().__init__()
         self.output = _check_output(output)
         self.grid = grid  # CNN feature maps average-pooled to grid x grid tokens (fewer tokens, coarser places)
-        self.channels_last = channels_last
         try:
             self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_kwargs)
         except RuntimeError as e:
@@ -65,9 +64,14 @@ class TimmEncoder(_Encoder):
         self.mean, self.std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
         if checkpoint:
             self.load_checkpoint(checkpoint)
-        if channels_last:  # loading copies into these tensors, which keeps their memory order
-            self.model.to(memory_format=torch.channels_last)
+        self.set_channels_last(channels_last)
         self._measure()
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Keep the weights (and take the images) in NHWC order, or back in NCHW; loading weights copies into these
+        tensors, which keeps their order."""
+        self.channels_last = enabled
+        self.model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def load_checkpoint(self, checkpoint: str | Path) -> None:
         path = Path(checkpoint)
