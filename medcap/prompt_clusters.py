@@ -150,6 +150,11 @@ class PromptClusters:
         """Give each sample of a CaptionDataset the prompt of its images' cluster; returns the clusters."""
         self.check_embedder(embedder)
         labels = self.assign(embedder.embed_samples(dataset.samples, batch_size, desc=f"cluster {dataset.name}"))
+        self.set_prompts(dataset, labels)
+        return labels
+
+    def set_prompts(self, dataset, labels: np.ndarray) -> None:
+        """Give each sample of a CaptionDataset the prompt of its cluster (``labels``, one per sample)."""
         own = sum(1 for s in dataset.samples if s.get("prompt"))
         if own:
             log.warning(f"{dataset.name}: {own} samples carry their own prompt; dynamic prompts replace them")
@@ -157,7 +162,6 @@ class PromptClusters:
             sample["prompt"], sample["cluster"] = self.prompts[int(cluster)], int(cluster)
         log.info(f"{dataset.name}: prompts from {len(self)} clusters, sizes "
                  f"{dict(sorted(Counter(int(c) for c in labels).items()))}")
-        return labels
 
     def check_embedder(self, embedder) -> None:
         got = embedder.embed_images([probe_input(embedder.encoder.image_size)])[0]
@@ -208,9 +212,11 @@ def feature_embedder(node: DictConfig, device: torch.device, seed: int):
     return embedder_from_source(retrieval_source(encoder_node=node.feature_encoder, seed=seed), device, torch.float32)
 
 
-def fit_prompt_clusters(node: DictConfig, dataset, embedder, base_prompt: str, seed: int) -> "PromptClusters":
+def fit_prompt_clusters(node: DictConfig, dataset, embedder, base_prompt: str,
+                        seed: int) -> tuple["PromptClusters", np.ndarray]:
     """k-means over the training set's features and one prompt per cluster (``node``: the config's
-    ``dynamic_prompts``: num_clusters, niter, prompts or vocabulary / template / empty / top_k / min_share)."""
+    ``dynamic_prompts``: num_clusters, niter, prompts or vocabulary / template / empty / top_k / min_share), and
+    each training sample's cluster."""
     k = int(node.get("num_clusters", 8))
     features = embedder.embed_samples(dataset.samples, node.get("batch_size", 32), desc="cluster features")
     if k < 1 or k > len(features):
@@ -234,7 +240,7 @@ def fit_prompt_clusters(node: DictConfig, dataset, embedder, base_prompt: str, s
     result = PromptClusters(kmeans.centroids, prompts, probe, meta)
     for c, (prompt, stat) in enumerate(zip(prompts, stats)):
         log.info(f"cluster {c} ({stat['size']} samples): {prompt}")
-    return result
+    return result, labels
 
 
 def for_training(cfg: DictConfig, train_set, resume: str | Path | None, device: torch.device):
@@ -245,13 +251,17 @@ def for_training(cfg: DictConfig, train_set, resume: str | Path | None, device: 
     node = cfg.dynamic_prompts
     embedder = feature_embedder(node, device, cfg.seed)
     clusters = PromptClusters.load(resolve_checkpoint(resume)) if resume else None
-    if clusters is None:  # fitted on rank 0 only, so every rank of a torchrun job uses the same clustering
-        fitted = (fit_prompt_clusters(node, train_set, embedder, train_set.prompt, cfg.seed)
-                  if distributed.is_rank_zero() else None)
-        parts = distributed.broadcast_object(
-            None if fitted is None else (fitted.centroids, fitted.prompts, fitted.probe, fitted.meta))
-        clusters = PromptClusters(*parts)
-    clusters.apply(train_set, embedder)
+    if clusters is not None:
+        clusters.apply(train_set, embedder)
+        return clusters, embedder
+    # fitted on rank 0 only, so every rank of a torchrun job uses the same clustering; the training samples'
+    # clusters come with it (their features are not computed twice)
+    fitted, labels = (fit_prompt_clusters(node, train_set, embedder, train_set.prompt, cfg.seed)
+                      if distributed.is_rank_zero() else (None, None))
+    parts = distributed.broadcast_object(
+        None if fitted is None else (fitted.centroids, fitted.prompts, fitted.probe, fitted.meta, labels))
+    clusters = PromptClusters(*parts[:4])
+    clusters.set_prompts(train_set, parts[4])
     return clusters, embedder
 
 
