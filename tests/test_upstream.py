@@ -61,3 +61,12 @@ def test_peft_distributed_and_conversion_helpers():
     assert params(training.get_full_optimizer_state_dict) == ["model", "opt", "is_rank_zero", "device"]
     assert params(training.load_from_full_optimizer_state_dict) == ["model", "opt", "full_sd", "device"]
     assert params(training.set_activation_checkpointing) == ["model", "auto_wrap_policy", "kwargs"]
+
+
+def test_tied_output_projection_calls_its_linear_module():
+    # medcap.models.linear.use_few_rows_products gives TiedLinear another product module with this forward
+    from torchtune.modules import TiedLinear
+    from torchtune.modules.tied_linear import Linear
+
+    assert params(Linear.forward) == ["self", "x", "weight"]
+    assert "self.linear(x, self.tied_module.weight)" in inspect.getsource(TiedLinear.__call__)

@@ -8,6 +8,7 @@ from torch import nn, Tensor
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.model_fusion import EarlyFusionModel
 
+from medcap.models.linear import use_few_rows_products
 from medcap.models.lora import ADAPTERS, LoRASettings, add_lora
 from medcap.models.projectors import projector_num_tokens
 
@@ -82,6 +83,7 @@ class VisionLanguageModel(EarlyFusionModel):
         for part in lora:
             if part not in DEFAULT_LORA_TARGETS:
                 raise ValueError(f"lora.{part}: adapters go on {list(DEFAULT_LORA_TARGETS)}")
+        use_few_rows_products(decoder)  # before adapters wrap the linears: AdaptedLinear keeps only the weight
         self.lora_settings = {}
         self.compute_dtype: torch.dtype | None = None  # set by medcap.precision when trained parts are fp32
         for part, module in self.parts().items():
