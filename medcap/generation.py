@@ -51,16 +51,28 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_k is not None and top_k < logits.shape[-1]:
+        best, candidates = torch.topk(logits, top_k)  # sorted, best first
+        if bool((logits >= best[:, -1:]).sum(-1).le(top_k).all()):
+            # no score tied with the k-th: top-k keeps exactly these k, so top-p and the draw need only them
+            # (the same distribution as over the whole vocabulary, without sorting it)
+            if top_p is not None:
+                best = best.masked_fill(_beyond_top_p(best, top_p), float("-inf"))
+            pick = torch.multinomial(best.softmax(-1), 1, generator=generator)
+            return candidates.gather(-1, pick).squeeze(-1)
+        logits = logits.masked_fill(logits < best[:, -1:], float("-inf"))  # ties kept, as transformers keeps them
     if top_p is not None:
         sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already cover top_p; the first token always stays
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(_beyond_top_p(sorted_logits, top_p),
+                                                                     float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _beyond_top_p(sorted_logits: Tensor, top_p: float) -> Tensor:
+    """Where a token (scores sorted best first) falls outside top-p: the tokens ranked above it already cover
+    top_p. The first token always stays."""
+    probs = sorted_logits.softmax(-1)
+    return probs.cumsum(-1) - probs >= top_p
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

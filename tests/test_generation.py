@@ -84,6 +84,30 @@ def test_sample_next_greedy_top_k_top_p():
     assert set(draws[:, 0].tolist()) == {1, 2} and set(draws[:, 1].tolist()) == {0, 3}
 
 
+def draw_frequencies(logits, n=40000, **kw):
+    draws = sample_next(logits.expand(n, -1), generator=torch.Generator().manual_seed(0), **kw)
+    return torch.bincount(draws, minlength=logits.shape[-1]).double() / n
+
+
+def test_top_k_then_top_p_draws_from_the_hand_computed_distribution():
+    logits = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).log()
+    # top-k 3 leaves 0.5, 0.2, 0.15 (renormalised 0.588, 0.235, 0.176); top-p 0.7: the third is dropped, as the
+    # two above it cover 0.824 >= 0.7 -> 0.5 / 0.7 and 0.2 / 0.7
+    freq = draw_frequencies(logits, temperature=1.0, top_k=3, top_p=0.7)
+    torch.testing.assert_close(freq, torch.tensor([5 / 7, 2 / 7, 0, 0, 0], dtype=torch.double), atol=0.01, rtol=0)
+    freq = draw_frequencies(logits, temperature=1.0, top_k=3)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.2, 0.15, 0, 0], dtype=torch.double) / 0.85, atol=0.01,
+                               rtol=0)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 0.0]])  # top_k=2, but tokens 1 and 2 tie: both stay, as in transformers
+    freq = draw_frequencies(logits, temperature=1.0, top_k=2)
+    e = math.e
+    torch.testing.assert_close(freq, torch.tensor([e * e, e, e, 0], dtype=torch.double) / (e * e + 2 * e), atol=0.01,
+                               rtol=0)
+
+
 def test_sampling_is_deterministic_with_a_seed():
     model = tiny_vlm(seed=3).eval()
     prompts, images = prompts_and_images()
