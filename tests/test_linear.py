@@ -99,3 +99,15 @@ def test_decoding_many_prompts_matches_transformers(num_beams, tmp_path):
                                     pad_token_id=0, length_penalty=1.0, early_stopping=False,
                                     **settings)
         assert tokens == reference[0, len(prompt):].tolist()
+
+
+def test_under_autocast_the_products_are_those_of_f_linear():
+    # validation decoding of a bf16 LLM next to fp32 trained parts runs under CPU autocast (medcap.precision)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 32, generator=g)
+    for out_features in (64, 2 * VOCAB_BLOCK + 5):
+        w = torch.randn(out_features, 32, generator=g).bfloat16()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, reference = linear(x, w), F.linear(x, w)
+        assert out.dtype == reference.dtype == torch.bfloat16
+        torch.testing.assert_close(out, reference)

@@ -63,7 +63,12 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """The ``model`` state dict of the file (tensors only) and its ``config`` (R2GenGPT's options; {} if absent)."""
     try:
         with torch.serialization.safe_globals([(LightningAttributeDict, name) for name in _ATTRIBUTE_DICT_NAMES]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # mapped: model_node reads only names and shapes, load then reads the tensors once
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # a pre-zip torch.save file
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path}: refused: the file holds more than tensors and R2GenGPT's hyperparameters "
