@@ -111,3 +111,15 @@ def test_under_autocast_the_products_are_those_of_f_linear():
             out, reference = linear(x, w), F.linear(x, w)
         assert out.dtype == reference.dtype == torch.bfloat16
         torch.testing.assert_close(out, reference)
+
+
+def test_an_adapted_linear_adds_its_update_to_the_few_rows_product():
+    torch.manual_seed(0)
+    model = tiny_demo(trainable={"decoder": "lora"}, lora={"decoder": {"targets": ["q_proj"], "rank": 4, "alpha": 8}})
+    q = model.decoder.layers[0].attn.q_proj
+    nn.init.normal_(q.lora_b.weight)  # starts at zero
+    for rows in (4, 20):
+        x = torch.randn(rows, 1, q.in_dim)
+        with torch.no_grad():
+            expected = F.linear(x, q.weight) + 2.0 * F.linear(F.linear(x, q.lora_a.weight), q.lora_b.weight)
+            torch.testing.assert_close(q(x), expected)

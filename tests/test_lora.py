@@ -71,9 +71,7 @@ def test_adapters_start_at_the_plain_model_and_change_it_once_trained(builder, k
     adapted = build(builder, trainable={"encoder": encoder, "projector": "frozen", "decoder": "lora"}, lora=lora)
     inputs = fused_inputs(plain)
     with torch.no_grad():
-        # logits up to ~60: the plain model's residual stream is laid out transposed (medcap.models.linear), the
-        # adapted one's not, so its RMSNorm sums round differently in the last bits (~1e-5 here)
-        torch.testing.assert_close(plain(**inputs), adapted(**inputs), rtol=1e-6, atol=5e-5)
+        assert torch.allclose(plain(**inputs), adapted(**inputs), atol=1e-5)
         perturb_adapters(adapted)
         assert not torch.allclose(plain(**inputs), adapted(**inputs), atol=1e-3)
     if encoder == "lora" and builder is builders.tiny_llama3_2_clip336:

@@ -57,6 +57,9 @@ def test_peft_distributed_and_conversion_helpers():
                                            "quantize_base", "quantization_kwargs"]
     src = inspect.getsource(LoRALinear)
     assert "self._quantize_base" in src and "linear_nf4" in src and "def initialize_parameters" in src
+    # AdaptedLinear.forward repeats LoRALinear's adapter term around medcap's own base product
+    forward = inspect.getsource(LoRALinear.forward)
+    assert "self.disabled" in forward and "(self.alpha / self.rank) * self.lora_b(lora_out)" in forward
     assert params(tune_to_hf) == ["state_dict", "num_heads", "num_kv_heads", "dim", "head_dim"]
     assert params(training.get_full_optimizer_state_dict) == ["model", "opt", "is_rank_zero", "device"]
     assert params(training.load_from_full_optimizer_state_dict) == ["model", "opt", "full_sd", "device"]

@@ -21,6 +21,8 @@ from torch import nn, Tensor
 from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4, to_nf4
 from torchtune.modules.peft import LoRALinear
 
+from medcap.models.linear import linear
+
 FUSED_QKV = {"q": 0, "k": 1, "v": 2}
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
 
@@ -50,6 +52,16 @@ class AdaptedLinear(LoRALinear):
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return self
+
+    # UPDATED: torchtune.modules.peft.LoRALinear.forward - a plain (not NF4) base weight without bias multiplies a
+    # decoding step's few rows through medcap.models.linear.linear, as the decoder's other linears do.
+    def forward(self, x: Tensor) -> Tensor:
+        if self._quantize_base or self.use_bias:
+            return super().forward(x)
+        out = linear(x, self.weight)
+        if self.disabled:
+            return out
+        return out + (self.alpha / self.rank) * self.lora_b(self.lora_a(self.dropout(x)))
 
     def merged_weight(self) -> Tensor:
         base = dequantize(self.weight)
