@@ -21,7 +21,7 @@ from torch import nn, Tensor
 from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4, to_nf4
 from torchtune.modules.peft import LoRALinear
 
-from medcap.models.linear import linear
+from medcap.models import linear as products
 
 FUSED_QKV = {"q": 0, "k": 1, "v": 2}
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
@@ -58,7 +58,7 @@ class AdaptedLinear(LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         if self._quantize_base or self.use_bias:
             return super().forward(x)
-        out = linear(x, self.weight)
+        out = products.linear(x, self.weight)
         if self.disabled:
             return out
         return out + (self.alpha / self.rank) * self.lora_b(self.lora_a(self.dropout(x)))
