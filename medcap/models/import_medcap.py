@@ -12,14 +12,13 @@ The file is read with ``torch.load(weights_only=True)``: a file that holds pickl
 runs. Every key is accounted for: a missing, surplus or misshapen tensor is an error that names it.
 """
 
-import pickle
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 from medcap.models.projectors import PooledToTokens
+from medcap.models.tensor_files import load_weights_only, not_tensors
 
 PARTS = ("visual", "projector")
 PROJECTOR_PREFIX = "net."  # PooledToTokens keeps the seed's nn.Sequential as .net
@@ -33,12 +32,7 @@ def is_seed_checkpoint(path: str | Path) -> bool:
 
 def read(path: str | Path) -> dict[str, dict[str, Tensor]]:
     """``{'visual': {name: tensor}, 'projector': {name: tensor}}`` from the file, tensors only."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"{path}: refused: the file holds more than tensors (torch.load(weights_only=True) "
-                         f"stopped at: {reason}); a medcap seed checkpoint holds only two state dicts") from None
+    state = load_weights_only(path, "tensors", "; a medcap seed checkpoint holds only two state dicts")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict with keys {list(PARTS)} (the medcap seed's meta_model_*.pt), "
                          f"found {type(state).__name__}")
@@ -46,8 +40,7 @@ def read(path: str | Path) -> dict[str, dict[str, Tensor]]:
     if missing or surplus:
         raise ValueError(f"{path}: expected top-level keys {list(PARTS)}; missing {missing}, surplus {surplus}")
     for part in PARTS:
-        bad = [k for k, v in state[part].items() if not isinstance(v, Tensor)] if isinstance(state[part], dict) \
-            else [part]
+        bad = not_tensors(state[part], part)
         if bad:
             raise ValueError(f"{path}: '{part}' must be a state dict of tensors; not a tensor: {bad[:5]}")
     return state

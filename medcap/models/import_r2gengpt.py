@@ -20,7 +20,6 @@ before it runs. Every trainable parameter of the model must come from the file a
 somewhere: missing and surplus keys are named.
 """
 
-import pickle
 import re
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from medcap.models.hf_vision import hf_swin_to_timm
 from medcap.models.lora import FUSED_QKV, FusedLoRALinear
+from medcap.models.tensor_files import load_weights_only, not_tensors
 
 SUFFIXES = (".pth",)
 TOP_LEVEL = {"model"}
@@ -61,18 +61,9 @@ def is_r2gengpt_checkpoint(path: str | Path) -> bool:
 
 def read(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """The ``model`` state dict of the file (tensors only) and its ``config`` (R2GenGPT's options; {} if absent)."""
-    try:
-        with torch.serialization.safe_globals([(LightningAttributeDict, name) for name in _ATTRIBUTE_DICT_NAMES]):
-            try:  # mapped: model_node reads only names and shapes, load then reads the tensors once
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # a pre-zip torch.save file
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"{path}: refused: the file holds more than tensors and R2GenGPT's hyperparameters "
-                         f"(torch.load(weights_only=True) stopped at: {reason})") from None
+    # mapped: model_node reads only names and shapes, load then reads the tensors once
+    state = load_weights_only(path, "tensors and R2GenGPT's hyperparameters",
+                              safe_globals=[(LightningAttributeDict, name) for name in _ATTRIBUTE_DICT_NAMES])
     if not isinstance(state, dict) or not TOP_LEVEL <= set(state):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: expected R2GenGPT's checkpoint, a dict with key 'model' (its trainable "
@@ -81,8 +72,7 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     if surplus:
         raise ValueError(f"{path}: unexpected top-level keys {surplus} (R2GenGPT saves model, config, epoch, step)")
     model_state = state["model"]
-    bad = [k for k, v in model_state.items() if not isinstance(v, Tensor)] if isinstance(model_state, dict) \
-        else ["model"]
+    bad = not_tensors(model_state, "model")
     if bad:
         raise ValueError(f"{path}: 'model' must be a state dict of tensors; not a tensor: {bad[:5]}")
     config = state.get("config") or {}
