@@ -19,16 +19,16 @@ from medcap.precision import check_training_dtype, keep_trained_parts_in, master
 log = utils.get_logger("INFO")
 
 
+# medcap.generation.generate's decoding keywords a recipe config may set beside max_new_tokens, with its defaults
+DECODING_DEFAULTS = dict(temperature=0.0, top_k=None, top_p=None, use_cache=True, num_beams=1, length_penalty=1.0,
+                         repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, penalize_prompt=True)
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+
+
 def decoding_settings(cfg: DictConfig) -> dict:
     """The keyword arguments of medcap.generation.generate from a recipe config's decoding keys
     (``length_normalization`` only where the config sets it: beam search's length convention)."""
-    settings = dict(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.get("temperature", 0.0), top_k=cfg.get("top_k"),
-        top_p=cfg.get("top_p"), use_cache=cfg.get("use_cache", True), num_beams=cfg.get("num_beams", 1),
-        length_penalty=cfg.get("length_penalty", 1.0), repetition_penalty=cfg.get("repetition_penalty", 1.0),
-        no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), min_new_tokens=cfg.get("min_new_tokens", 0),
-        penalize_prompt=cfg.get("penalize_prompt", True),
-    )
+    settings = {"max_new_tokens": cfg.max_new_tokens, **{k: cfg.get(k, d) for k, d in DECODING_DEFAULTS.items()}}
     if cfg.get("length_normalization") is not None:
         settings["length_normalization"] = cfg.length_normalization
     return settings

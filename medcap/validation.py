@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from medcap import distributed
 from medcap.generation import generate_batch
 from medcap.metrics import evaluate as score_captions
-from medcap.runtime import caption_loader
+from medcap.runtime import DECODING_DEFAULTS, SAMPLING_KEYS, caption_loader
 from medcap.text import IGNORE_INDEX
 from medcap.training import caption_loss, model_inputs
 
@@ -85,14 +85,16 @@ def weighted_score(corpus: dict[str, float], weights: dict[str, float]) -> float
     return sum(w * corpus[name] for name, w in weights.items())
 
 
-DECODING_KEYS = ("num_beams", "length_penalty", "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens",
-                 "penalize_prompt", "length_normalization", "use_cache")
-
-
 def validation_decoding(node) -> dict[str, Any]:
-    """The decoding keys (``DECODING_KEYS``) a ``val_generation`` node sets; the others keep ``generate``'s
-    defaults (greedy)."""
-    return {key: node[key] for key in DECODING_KEYS if node.get(key) is not None}
+    """The decoding keys of ``runtime.DECODING_DEFAULTS`` (and ``length_normalization``) a ``val_generation`` node
+    sets; the others keep ``generate``'s defaults (greedy). Validation captions are not sampled: a node asking for
+    sampling is refused."""
+    sampling = [key for key in SAMPLING_KEYS if node.get(key)]
+    if sampling:
+        raise ValueError(f"val_generation sets {sampling}: validation captions are decoded greedily or by beam "
+                         f"search (num_beams), not sampled; remove {sampling[0]}")
+    keys = [key for key in DECODING_DEFAULTS if key not in SAMPLING_KEYS] + ["length_normalization"]
+    return {key: node[key] for key in keys if node.get(key) is not None}
 
 
 @torch.no_grad()

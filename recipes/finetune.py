@@ -66,10 +66,16 @@ def main(cfg: DictConfig) -> None:
         clusters, embedder = prompt_clusters.for_training(cfg, train_set, resume, device)
         model.checkpoint_writers = [clusters.save]
 
+    cluster_of: dict[str, int] = {}  # validation sample id -> cluster: its images are embedded once
+
     def dataset(node, **kwargs):
         built = caption_dataset(node, tokenizer, model, **kwargs)
         if clusters is not None:
-            clusters.apply(built, embedder)
+            ids = [sample["id"] for sample in built.samples]
+            if all(i in cluster_of for i in ids):
+                clusters.set_prompts(built, [cluster_of[i] for i in ids])
+            else:
+                cluster_of.update(zip(ids, clusters.apply(built, embedder).tolist()))
         return built
 
     evaluations = {}
@@ -80,12 +86,12 @@ def main(cfg: DictConfig) -> None:
         evaluations["val_loss"] = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype)}
         gen = cfg.get("val_generation")
         if gen and gen.get("weights"):
-            prompts = dataset(cfg.val_dataset, with_captions=False)
+            prompts, decoding = dataset(cfg.val_dataset, with_captions=False), validation_decoding(gen)
             evaluations["val_generation"] = lambda: generation_figures(
                 model, tokenizer, prompts, weights=dict(gen.weights), num_samples=gen.get("num_samples"),
                 max_new_tokens=gen.get("max_new_tokens", 64), batch_size=gen.get("batch_size", cfg.batch_size),
                 dtype=dtype, preset=gen.get("preset", "coco"), meteor=gen.get("meteor", False),
-                fraction=gen.get("fraction"), decoding=validation_decoding(gen))
+                fraction=gen.get("fraction"), decoding=decoding)
 
     embedder = None  # the frozen feature encoder is no longer needed
 

@@ -440,6 +440,42 @@ def test_vision_folder_errors_say_what_was_expected_and_found(tmp_path, llama2_d
         encoders.swin_base(str(swin))
 
 
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_torch_weight_files_hold_tensors_only_and_code_never_runs(tmp_path, biomedclip_dir):
+    from medcap.models.llm_weights import read_weight_file
+
+    wrapped = tmp_path / "wrapped.pth"  # timm's training checkpoints keep the weights under state_dict
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, wrapped)
+    assert list(read_weight_file(wrapped)) == ["w"] and torch.equal(read_weight_file(wrapped)["w"], torch.ones(2))
+    numbers = tmp_path / "numbers.bin"
+    torch.save({"w": torch.ones(2), "step": 7}, numbers)
+    with pytest.raises(ValueError, match=r"numbers\.bin: expected a state dict of tensors; not a tensor: \['step'\]"):
+        read_weight_file(numbers)
+    listed = tmp_path / "listed.bin"
+    torch.save([torch.ones(2)], listed)
+    with pytest.raises(ValueError, match=r"listed\.bin: expected a state dict of tensors; not a tensor: \['list'\]"):
+        read_weight_file(listed)
+
+    biomedclip = Path(shutil.copytree(biomedclip_dir[0], tmp_path / "biomedclip"))
+    state = torch.load(biomedclip / "open_clip_pytorch_model.bin", weights_only=True)
+    marker = tmp_path / "code_ran"
+    state["visual.trunk.cls_token"] = _RunsCode(marker)
+    torch.save(state, biomedclip / "open_clip_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"open_clip_pytorch_model\.bin: refused: the file holds more than tensors "
+                                         r".*; a weight file holds a state dict of tensors") as error:
+        encoders.biomedclip_vit_b16(checkpoint_dir=str(biomedclip))
+    assert_one_line(error)
+    assert not marker.exists()
+    torch.load(biomedclip / "open_clip_pytorch_model.bin", weights_only=False)  # the payload is real
+    assert marker.exists()
+
 def test_tokenizer_files_of_the_wrong_kind_or_place(llama3_1_dir, llama2_dir):
     llama3_dir, llama2_dir = llama3_1_dir[0], llama2_dir[0]
     with pytest.raises(FileNotFoundError, match="original/tokenizer.model in a Llama 3 download.*not found"):

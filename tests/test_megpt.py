@@ -327,6 +327,33 @@ def test_generation_picks_each_images_prompt_from_the_saved_clustering(megpt_run
         (folder / "moved.json").rename(folder / "prompt_clusters.json")
 
 
+def test_validation_images_are_clustered_once_for_the_loss_and_the_generated_captions(tmp_path, monkeypatch):
+    from medcap import cli
+    from medcap.data.demo_builder import build_demo
+    from medcap.prompt_clusters import PromptClusters
+    from medcap.retrieval import ImageEmbedder
+
+    build_demo(tmp_path / "datasets" / "demo", seed=0, n_train=16, n_val=8, n_test=8)
+    monkeypatch.chdir(tmp_path)
+    embedded, prompted = [], []
+    embed, set_prompts = ImageEmbedder.embed_samples, PromptClusters.set_prompts
+
+    def counting_embed(self, samples, *args, **kwargs):
+        embedded.append(len(samples))
+        return embed(self, samples, *args, **kwargs)
+
+    def recording_set_prompts(self, dataset, labels):
+        set_prompts(self, dataset, labels)
+        prompted.append([(s["id"], s["cluster"], s["prompt"]) for s in dataset.samples])
+
+    monkeypatch.setattr(ImageEmbedder, "embed_samples", counting_embed)
+    monkeypatch.setattr(PromptClusters, "set_prompts", recording_set_prompts)
+    cli.run_recipe("finetune", "tiny/megpt", ["max_steps=1", "eval_every=1", "save_every=null"])
+    # the training images (clustering), the validation images once (8); the check_embedder probes are 1-image calls
+    assert [n for n in embedded if n > 1] == [16, 8]
+    assert len(prompted) == 3 and prompted[1] == prompted[2] and len(prompted[1]) == 8  # train, val loss, val captions
+    assert len({c for _, c, _ in prompted[2]}) > 1  # several clusters, so the equality above means something
+
 # ------------------------------------------------------------------------------------------------------ configs
 
 ROWS = {"base": set(), "fem": {"model.fem"}, "prompt": {"dynamic_prompts"}, "l2": {"l2_lambda", "optimizer"},

@@ -129,6 +129,24 @@ def test_validation_generation_keeps_the_best_checkpoint_and_stops_early(data, t
     assert (out / "checkpoints" / f"step_{summary['steps']:06d}" / "model.safetensors").is_file()
 
 
+def test_validation_decoding_takes_beam_keys_and_refuses_sampling_before_training(data, tmp_path):
+    from omegaconf import OmegaConf
+
+    from medcap.validation import validation_decoding
+
+    node = OmegaConf.create({"num_samples": 4, "weights": {"CIDEr": 1.0}, "num_beams": 3, "repetition_penalty": 2.0,
+                             "penalize_prompt": False, "length_normalization": "hf_4_30", "temperature": 0.0})
+    assert validation_decoding(node) == {"num_beams": 3, "repetition_penalty": 2.0, "penalize_prompt": False,
+                                         "length_normalization": "hf_4_30"}
+    config = OmegaConf.load(ROOT / "configs" / "tiny" / "finetune_vision.yaml")
+    config.val_generation.temperature = 0.7  # was silently ignored: validation captions came out greedy
+    OmegaConf.save(config, tmp_path / "sampled.yaml")
+    out = tmp_path / "train"
+    with pytest.raises(ValueError, match=r"val_generation sets \['temperature'\]: .*not sampled; remove temperature"):
+        cli.run_recipe("finetune_vision", str(tmp_path / "sampled.yaml"),
+                       data_overrides(data) + [f"output_dir={out}", "max_steps=2"])
+    assert not (out / "checkpoints").exists()
+
 def test_generate_writes_predictions_in_manifest_order(data, tmp_path):
     out = tmp_path / "gen"
     run_medcap("run", "generate", "--config", "tiny/generate", "checkpoint=null", *data_overrides(data, "test"),

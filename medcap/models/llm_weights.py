@@ -21,6 +21,7 @@ from torchtune.models.llama3_2._component_builders import llama3_2
 from torchtune.modules import TransformerDecoder
 
 from medcap.models.gguf_file import GGUFFile
+from medcap.models.tensor_files import load_weights_only, not_tensors
 
 _DEFERRED = contextvars.ContextVar("medcap_weights_deferred", default=False)
 
@@ -107,15 +108,19 @@ def _listing(folder: Path, limit: int = 8) -> str:
 
 
 def read_weight_file(path: str | Path) -> dict[str, Tensor]:
-    """A ``.safetensors`` file, or a ``torch.save``d state dict (``.bin`` / ``.pt`` / ``.pth``, tensors only);
-    nothing under ``deferred_weights``."""
+    """A ``.safetensors`` file, or a ``torch.save``d state dict (``.bin`` / ``.pt`` / ``.pth``: tensors only, or
+    under the key ``state_dict``); nothing under ``deferred_weights``. Anything else is a ValueError naming the file."""
     path = Path(path)
     if weights_deferred():
         return {}
     if path.suffix == ".safetensors":
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    state = load_weights_only(path, "tensors", "; a weight file holds a state dict of tensors")
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    bad = not_tensors(state, type(state).__name__)
+    if bad:
+        raise ValueError(f"{path}: expected a state dict of tensors; not a tensor: {bad[:5]}")
+    return state
 
 
 def hf_weight_files(folder: str | Path) -> list[Path]:
