@@ -58,3 +58,23 @@ def test_smollm2_builds_it_and_keeps_the_state_dict_names():
     assert all(type(layer.attn) is GroupedQueryAttention for layer in decoder.layers)
     assert "layers.0.attn.q_proj.weight" in decoder.state_dict()
     assert type(smollm2_135m(max_seq_len=8).layers[0].attn) is GroupedQueryAttention
+
+
+def test_off_the_cpu_it_is_torchtunes_forward(monkeypatch):
+    # CUDA's fused SDPA kernels take enable_gqa only without a mask: off the CPU the keys / values are copied per
+    # head as torchtune does. The meta device stands in for a GPU here (shapes only, nothing computed).
+    calls = []
+    torchtune_forward = MultiHeadAttention.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[0].device.type)
+        return torchtune_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultiHeadAttention, "forward", counting)
+    theirs, ours = pair()
+    x = torch.randn(2, 5, 48)
+    ours(x, x)
+    assert calls == []
+    ours.to("meta")
+    out = ours(x.to("meta"), x.to("meta"), mask=torch.ones(2, 5, 5, dtype=torch.bool, device="meta"))
+    assert calls == ["meta"] and out.shape == (2, 5, 48)

@@ -10,10 +10,12 @@ from torchtune.modules import MultiHeadAttention
 # the keys and values num_heads / num_kv_heads times (while decoding: the whole cached prefix, every layer, every
 # step) before calling SDPA. This forward does the same projections, RoPE, norms and cache update, and passes the
 # num_kv_heads keys / values to SDPA with enable_gqa=True instead: same output, no copies (a decoding step's
-# attention ~10x faster on a CPU at batch 32). Block masks (packed samples) keep torchtune's own forward.
+# attention ~10x faster on a CPU at batch 32). Only on the CPU: CUDA's fused kernels take enable_gqa only in flash
+# attention, which takes no mask, so masked calls would fall back to the unfused math kernel there. Block masks
+# (packed samples) and other devices keep torchtune's own forward.
 class GroupedQueryAttention(MultiHeadAttention):
     def forward(self, x: Tensor, y: Tensor | None = None, *, mask=None, input_pos: Tensor | None = None) -> Tensor:
-        if self.num_heads == self.num_kv_heads or isinstance(mask, BlockMask):
+        if self.num_heads == self.num_kv_heads or isinstance(mask, BlockMask) or x.device.type != "cpu":
             return super().forward(x, y, mask=mask, input_pos=input_pos)
         b, s_x, _ = x.shape
         q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
