@@ -37,6 +37,7 @@ tiny_llama3_biomedclip`` runs the same code on a tiny random model (seconds, on 
 
 import argparse
 import copy
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -97,6 +98,12 @@ def build(name: str, trainable=None, lora=None):
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class HFVisionLanguage(torch.nn.Module):
@@ -344,7 +351,8 @@ def training_rows(model_name, reps, only, peak_tflops):
                              f"first loss {first[0]:.4f} vs {first[1]:.4f}" if first_shape else "", extra))
                 first_shape = False
             print(rows[-1], flush=True)
-        model = hf = None  # freed before the next method is built
+        model = hf = ours_opt = None  # freed before the next method is built (an 8B model twice over)
+        free_memory()
     return rows
 
 
@@ -434,6 +442,7 @@ def main() -> None:
         if args.model == "demo":
             rows += demo_decoding_rows(model, hf, args.reps, decode_only)
         model = hf = None
+        free_memory()
     if not args.only or any(o.startswith("train") for o in args.only):
         rows += training_rows(args.model, args.reps, [o for o in args.only if o.startswith("train")], peak)
     import transformers
