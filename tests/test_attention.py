@@ -1,8 +1,10 @@
+import copy
+
 import torch
 from torch import nn
 from torchtune.modules import KVCache, MultiHeadAttention, RotaryPositionalEmbeddings
 
-from medcap.models.attention import GroupedQueryAttention
+from medcap.models.attention import MATH_MAX_KEYS, GroupedQueryAttention
 from medcap.models.decoders import smollm2_135m, tiny_smollm2
 from medcap.models.kv_cache import PrefixKVCache
 
@@ -15,7 +17,7 @@ def pair(num_heads=6, num_kv_heads=2, dim=48):
               k_proj=nn.Linear(dim, num_kv_heads * head_dim, bias=False),
               v_proj=nn.Linear(dim, num_kv_heads * head_dim, bias=False),
               output_proj=nn.Linear(dim, dim, bias=False),
-              pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=64), max_seq_len=64)
+              pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=256), max_seq_len=256)
     return MultiHeadAttention(**kw), GroupedQueryAttention(**kw)
 
 
@@ -78,3 +80,42 @@ def test_off_the_cpu_it_is_torchtunes_forward(monkeypatch):
     ours.to("meta")
     out = ours(x.to("meta"), x.to("meta"), mask=torch.ones(2, 5, 5, dtype=torch.bool, device="meta"))
     assert calls == ["meta"] and out.shape == (2, 5, 48)
+
+
+def sdpa_kernels_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.events() if "scaled_dot_product" in e.key}
+
+
+def test_bf16_backprop_over_few_keys_takes_the_math_kernel_with_the_same_result():
+    # the CPU's flash kernel is the slow one for short bf16 training sequences (see MATH_MAX_KEYS); over more keys,
+    # in fp32 or without gradients it stays in use
+    torch.manual_seed(2)
+    theirs, ours = pair()
+    reference = copy.deepcopy(theirs).float()  # torchtune's attention in fp32
+    ours32 = copy.deepcopy(ours).float()
+    ours.to(torch.bfloat16)
+    mask = torch.tril(torch.ones(12, 12, dtype=torch.bool)).expand(2, 12, 12)
+    x = torch.randn(2, 12, 48, dtype=torch.bfloat16, requires_grad=True)
+
+    def backprop(module, x, **kw):
+        return lambda: module(x, x, **kw).float().square().sum().backward()
+
+    kernels = sdpa_kernels_run(backprop(ours, x, mask=mask))
+    assert "aten::_scaled_dot_product_attention_math" in kernels
+    assert not any("flash" in k for k in kernels)
+    got = ours(x, x, mask=mask)
+    (g_got,) = torch.autograd.grad(got.float().square().sum(), x)
+    x_ref = x.detach().float().requires_grad_()
+    expected = reference(x_ref, x_ref, mask=mask)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), x_ref)
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(g_got.float(), g_expected, rtol=0.05, atol=0.1)
+
+    with torch.no_grad():
+        assert any("flash" in k for k in sdpa_kernels_run(lambda: ours(x, x, mask=mask)))
+    x32 = torch.randn(2, 12, 48, requires_grad=True)
+    assert any("flash" in k for k in sdpa_kernels_run(backprop(ours32, x32, mask=mask)))
+    long = torch.randn(1, MATH_MAX_KEYS + 1, 48, dtype=torch.bfloat16, requires_grad=True)
+    assert any("flash" in k for k in sdpa_kernels_run(backprop(ours, long)))
