@@ -112,6 +112,9 @@ def test_bf16_backprop_over_few_keys_takes_the_math_kernel_with_the_same_result(
     (g_expected,) = torch.autograd.grad(expected.square().sum(), x_ref)
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
     torch.testing.assert_close(g_got.float(), g_expected, rtol=0.05, atol=0.1)
+    # training passes no mask (causal attention): the same kernel, the same result
+    assert "aten::_scaled_dot_product_attention_math" in sdpa_kernels_run(backprop(ours, x))
+    torch.testing.assert_close(ours(x, x).float(), reference(x_ref, x_ref), rtol=0.05, atol=0.05)
 
     with torch.no_grad():
         assert any("flash" in k for k in sdpa_kernels_run(lambda: ours(x, x, mask=mask)))
