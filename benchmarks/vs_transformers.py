@@ -45,12 +45,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torchtune import training
-from torchtune.models.convert_weights import tune_to_hf
 from torchtune.modules import TiedLinear
 
 from medcap.generation import generate
 from medcap.models import builders
-from medcap.models.hf_export import llama_hf_config, merged_decoder_state
+from medcap.models.hf_export import hf_llama_state, llama_hf_config
 from medcap.precision import keep_trained_parts_in
 from medcap.text import IGNORE_INDEX
 from medcap.training import caption_loss
@@ -125,13 +124,12 @@ def hf_llm(model):
     the way ``save_hf_llama`` converts them for its folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    decoder, attn = model.decoder, model.decoder.layers[0].attn
+    decoder = model.decoder
     config = LlamaConfig.from_dict(llama_hf_config(decoder, model.tok_embeddings.num_embeddings))
     config._attn_implementation = "sdpa"
     with training.set_default_dtype(DTYPE), DEVICE:
         llm = LlamaForCausalLM(config)
-    state = tune_to_hf(merged_decoder_state(model), num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
-                       dim=attn.embed_dim, head_dim=attn.head_dim)
+    state = hf_llama_state(model)
     tied = isinstance(decoder.output, TiedLinear)
     if tied:
         state.pop("lm_head.weight", None)

@@ -28,10 +28,17 @@ def merged_decoder_tensors(model):
     return shapes, lambda key: embeddings.detach() if key == "tok_embeddings.weight" else tensor(key)
 
 
-def merged_decoder_state(model) -> dict[str, torch.Tensor]:
-    """The whole merged decoder in memory (torchtune names), for exports that write it at once."""
+def hf_conversion_args(decoder) -> dict[str, int]:
+    """The shapes ``tune_to_hf`` needs to rename and permute a torchtune Llama-architecture decoder's tensors."""
+    attn = decoder.layers[0].attn
+    return {"num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads, "dim": attn.embed_dim,
+            "head_dim": attn.head_dim}
+
+
+def hf_llama_state(model) -> dict[str, torch.Tensor]:
+    """The whole merged decoder in memory under Hugging Face Llama names, for exports that hold it at once."""
     shapes, tensor = merged_decoder_tensors(model)
-    return {key: tensor(key) for key in shapes}
+    return tune_to_hf({key: tensor(key) for key in shapes}, **hf_conversion_args(model.decoder))
 
 
 def llama_hf_config(decoder, vocab_size: int) -> dict:
@@ -65,13 +72,11 @@ def save_hf_llama(model, out_dir: str | Path, llm_dir: str | Path | None = None,
     derived from the modules."""
     out_dir = Path(out_dir)
     decoder = model.decoder
-    attn = decoder.layers[0].attn
     vocab = model.tok_embeddings.num_embeddings
     shapes, tensor = merged_decoder_tensors(model)
     if isinstance(decoder.output, TiedLinear):
         shapes.pop("output.weight", None)
-    convert = {"num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads, "dim": attn.embed_dim,
-               "head_dim": attn.head_dim}
+    convert = hf_conversion_args(decoder)
     # torchtune -> Hugging Face names and shapes, one key at a time (on the meta device: nothing is computed)
     on_meta = {key: tune_to_hf({key: torch.empty(shape, device="meta")}, **convert) for key, shape in shapes.items()}
     source = {name: key for key, converted in on_meta.items() for name in converted}

@@ -36,7 +36,7 @@ from torchtune.modules import TransformerDecoder
 from medcap.atomic import replaced_atomically
 from medcap.models import hf_vision
 from medcap.models.encoders import CLIP_MEAN, CLIP_STD, _Encoder
-from medcap.models.hf_export import merged_decoder_state
+from medcap.models.hf_export import hf_llama_state
 from medcap.models.llm_weights import _rope, hf_weight_files, load_strict, read_weight_file, weights_deferred
 from medcap.models.lora import merged_state_dict
 from medcap.models.vlm import VisionLanguageModel
@@ -335,10 +335,7 @@ def _open_clip_to_hf_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def llava_hf_state(model: LlavaHFModel) -> dict[str, Tensor]:
     """The model's weights (adapters merged, NF4 dequantised) under the llava-hf hub's names."""
-    attn = model.decoder.layers[0].attn
-    llm = tune_to_hf(merged_decoder_state(model), num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
-                     dim=attn.embed_dim, head_dim=attn.head_dim)
-    state = {f"language_model.{k}": v for k, v in llm.items()}
+    state = {f"language_model.{k}": v for k, v in hf_llama_state(model).items()}
     vision = _open_clip_to_hf_clip(merged_state_dict(model.vision.encoder.visual))
     state.update({f"vision_tower.{k}": v for k, v in vision.items()})
     names = {v: k for k, v in PROJECTOR_NAMES.items()}
