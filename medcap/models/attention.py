@@ -50,8 +50,8 @@ class GroupedQueryAttention(MultiHeadAttention):
                 k = self.k_norm(k)
             if self.kv_cache is not None and self.cache_enabled:
                 k, v = self.kv_cache.update(k, v)
-        short_backprop = (q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and q.requires_grad
-                          and k.shape[2] <= MATH_MAX_KEYS)
+        # q requires grad only where autograd records (never under no_grad / inference_mode)
+        short_backprop = q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad and k.shape[2] <= MATH_MAX_KEYS
         with sdpa_kernel(SDPBackend.MATH) if short_backprop else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if mask is None else mask[:, None],
