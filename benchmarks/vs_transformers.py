@@ -31,7 +31,8 @@ the timing does not depend on them) in bf16, with transformers' static cache + t
 Decoding rows give medcap's tokens/s, training rows the step's FLOPs (counted by torch's FlopCounterMode on
 medcap's step: what the method must compute) per second of each engine and, with a known peak (``--peak-tflops``,
 989 for an H100 / H200 in bf16 by default), the model FLOPs utilisation (MFU). In bf16 the engines' kernels
-round differently, so decoded tokens are compared and counted, not required equal. ``--model
+round differently, so decoded tokens are compared and counted, not required equal. ``--compile`` times medcap's
+training step with its decoder layers compiled, as the finetune recipe's ``compile=true`` does. ``--model
 tiny_llama3_biomedclip`` runs the same code on a tiny random model (seconds, on a CPU).
 """
 
@@ -275,7 +276,7 @@ def demo_decoding_rows(model, hf, reps, only):
     return rows
 
 
-def training_rows(model_name, reps, only, peak_tflops):
+def training_rows(model_name, reps, only, peak_tflops, compile=False):
     rows = []
     for method, (trainable, lora) in METHODS.items():
         if only and f"train_{method}" not in only and "train" not in only:
@@ -288,6 +289,8 @@ def training_rows(model_name, reps, only, peak_tflops):
             continue
         hf = hf_side(method, model)
         keep_trained_parts_in(model, torch.float32, DTYPE)  # as the finetune recipe does (master_dtype fp32)
+        if compile:  # as the finetune recipe does with compile=true
+            training.compile_model(model, verbose=False)
         ours_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         first_shape = True  # the only shape that starts from the same weights in both engines
         demo_batch_too = model_name == "demo" and DEMO_TRAIN_BATCH
@@ -327,7 +330,8 @@ def training_rows(model_name, reps, only, peak_tflops):
                     return loss.item()
 
                 fns["transformers"] = theirs
-            with FlopCounterMode(display=False) as counter:  # medcap's step: forward and backward
+            with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+                # medcap's step: forward and backward (counted eagerly; compiling adds no FLOPs)
                 caption_loss(model, {"tokens": tokens, "encoder_input": {"image": {"images": images}}},
                              labels).backward()
             ours_opt.zero_grad(set_to_none=True)
@@ -409,6 +413,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for the training rows' MFU (default: 989.4 on an H100 / H200 in "
                              "bf16, none otherwise)")
+    parser.add_argument("--compile", action="store_true",
+                        help="training rows: medcap's decoder layers compiled, as the finetune recipe's compile=true "
+                             "does (transformers stays eager; the warm-up call of each shape compiles)")
     parser.add_argument("--only", nargs="*", default=[],
                         help="cases whose name contains one of these (greedy, beam, sampling, 32x48, demo, "
                              "train, train_medcap, train_lora, ...)")
@@ -442,11 +449,14 @@ def main() -> None:
         model = hf = None
         free_memory()
     if not args.only or any(o.startswith("train") for o in args.only):
-        rows += training_rows(args.model, args.reps, [o for o in args.only if o.startswith("train")], peak)
+        rows += training_rows(args.model, args.reps, [o for o in args.only if o.startswith("train")], peak,
+                              args.compile)
     import transformers
 
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"\n{args.model}; {where}, {args.dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
+    compiled = " (medcap's training step compiled)" if args.compile else ""
+    print(f"\n{args.model}{compiled}; {where}, {args.dtype}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, "
           f"median of {args.reps} interleaved repetitions, {args.clock} seconds\n")
     print("| work | medcap s | transformers s | medcap vs transformers (>1 = medcap faster) | check | throughput |")
     print("|---|---|---|---|---|---|")

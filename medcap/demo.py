@@ -3,7 +3,7 @@ with the trained and the untrained model, score both against an image-blind base
 ``outputs/demo/report.json``, ``outputs/demo/loss_curve.png`` and, through the evaluate recipe (trained against
 the image-blind baseline), ``outputs/demo/report.html`` to browse the test images.
 
-    python -m medcap.demo [--steps N] [--seed N] [--dtype auto|bf16|fp32] [--out outputs/demo]
+    python -m medcap.demo [--steps N] [--seed N] [--dtype auto|bf16|fp32] [--compile] [--out outputs/demo]
 """
 
 import argparse
@@ -48,10 +48,12 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
 
 
-def training_overrides(out: Path, steps: int | None, seed: int | None, dtype: str | None = None) -> list[str]:
+def training_overrides(out: Path, steps: int | None, seed: int | None, dtype: str | None = None,
+                       compile: bool | None = None) -> list[str]:
     """The finetune_vision overrides of a demo run: its own folder, trained afresh every time."""
     return ([f"output_dir={out / 'train'}", "overwrite=true"] + ([f"max_steps={steps}"] if steps else [])
-            + ([f"seed={seed}"] if seed is not None else []) + ([f"dtype={dtype}"] if dtype else []))
+            + ([f"seed={seed}"] if seed is not None else []) + ([f"dtype={dtype}"] if dtype else [])
+            + ([f"compile={str(compile).lower()}"] if compile is not None else []))
 
 
 def main() -> None:
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="the frozen LLM's dtype in training (the trained parts stay fp32); auto: bf16 where the "
                              "CPU has bf16 matrix instructions, else fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the LLM's layers for the training steps (default: the config's)")
     args = parser.parse_args()
     dtype = args.dtype
     if dtype == "auto":
@@ -77,7 +81,8 @@ def main() -> None:
     times["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    run_recipe("finetune_vision", "demo/finetune_vision", training_overrides(out, args.steps, args.seed, dtype))
+    run_recipe("finetune_vision", "demo/finetune_vision", training_overrides(out, args.steps, args.seed, dtype,
+                                                                           args.compile))
     times["train"] = time.perf_counter() - t0
 
     runs = {"trained": f"checkpoint={out / 'train' / 'checkpoints'}", "untrained": "checkpoint=null"}

@@ -96,7 +96,9 @@ def setup_model_and_tokenizer(cfg: DictConfig, device: torch.device, dtype: torc
 def setup_training_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype,
                          checkpoint: str | Path | None = None):
     """The model to train and its tokenizer: trained parts kept in ``master_dtype`` (fp32 by default) next to
-    the frozen weights in ``dtype``, activation checkpointing if enabled, and under torchrun sharded with FSDP2.
+    the frozen weights in ``dtype``, its decoder layers compiled if ``compile`` (torchtune's per-layer
+    ``compile_model``: parameter names unchanged), activation checkpointing if enabled, and under torchrun sharded
+    with FSDP2.
 
     Under torchrun the weights are read once, by rank 0: it builds the model on its CPU (LLM, vision tower,
     ``checkpoint``'s trained parts); every rank builds the same model on the meta device without reading any
@@ -127,6 +129,8 @@ def setup_training_model(cfg: DictConfig, device: torch.device, dtype: torch.dty
             model = config.instantiate(cfg.model)
     _check_pair(model, tokenizer)
     keep_trained_parts_in(model, master, dtype)
+    if cfg.get("compile", False):
+        training.compile_model(model, verbose=distributed.is_rank_zero())
     if cfg.get("enable_activation_checkpointing", False):
         training.set_activation_checkpointing(model.decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
     if world > 1:

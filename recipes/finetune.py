@@ -15,6 +15,7 @@ rank, alpha, dropout, target layers):
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 from torchtune import config, training
 
@@ -96,7 +97,10 @@ def main(cfg: DictConfig) -> None:
     embedder = None  # the frozen feature encoder is no longer needed
 
     def evaluate() -> dict[str, float]:
-        return {k: v for run in evaluations.values() for k, v in run().items()}
+        # compile=true compiles the decoder layers for the training step; evaluation (no gradients, decoding through
+        # a KV cache) runs them eagerly rather than compiling them again for each of its shapes
+        with torch.compiler.set_stance("force_eager"):
+            return {k: v for run in evaluations.values() for k, v in run().items()}
 
     groups = param_groups(model, cfg.optimizer.lr, cfg.get("lr_per_part") or {})
     accum = cfg.get("gradient_accumulation_steps", 1)

@@ -25,3 +25,20 @@ def test_vs_transformers_runs_a_model_shape_given_on_the_command_line():
     first = table["train medcap 2x20"][4].removeprefix("first loss ").split(" vs ")
     assert first[0] == first[1]  # the same weights, the same batch: the same loss before any step
     assert "TFLOP per step; medcap" in table["train medcap 2x20"][5]
+
+
+def test_vs_transformers_times_the_compiled_training_step():
+    def train_row(*extra):
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/vs_transformers.py", "--model", "tiny_llama3_biomedclip", "--reps", "1",
+             "--train-shapes", "2x20", "--only", "train_medcap", *extra], capture_output=True, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "TORCH_COMPILE_BACKEND": "aot_eager"}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("(medcap's training step compiled)" in proc.stdout) == bool(extra)
+        return next(line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| train medcap"))
+
+    eager, compiled = train_row(), train_row("--compile")
+    first = compiled[4].removeprefix("first loss ").split(" vs ")
+    assert first[0] == first[1] == eager[4].removeprefix("first loss ").split(" vs ")[0]
+    flops = [row[5].split(" TFLOP per step")[0] for row in (eager, compiled)]
+    assert flops[0] == flops[1] and float(flops[0]) > 0  # counted eagerly either way

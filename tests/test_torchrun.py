@@ -30,8 +30,9 @@ def workdir(tmp_path_factory):
     return root
 
 
-def medcap(workdir, *args):
-    proc = subprocess.run([str(BIN / "medcap"), *args], capture_output=True, text=True, cwd=workdir, env=ENV)
+def medcap(workdir, *args, env=None):
+    proc = subprocess.run([str(BIN / "medcap"), *args], capture_output=True, text=True, cwd=workdir,
+                          env=ENV | (env or {}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 
@@ -54,6 +55,12 @@ def test_two_ranks_on_the_meta_device_train_and_validate_as_one_process(workdir)
     b = load_file(workdir / "two/checkpoints/step_000004/model.safetensors")
     assert a.keys() == b.keys() and any(".lora_a." in k for k in a)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # compile=true: each rank compiles its layers before FSDP2 shards them (AOTAutograd's graphs, no C++ build)
+    medcap(workdir, "run", "finetune", "--nproc_per_node", "2", *common, "batch_size=4", "output_dir=compiled",
+           "compile=true", env={"TORCH_COMPILE_BACKEND": "aot_eager"})
+    assert [h["loss"] for h in history(workdir / "compiled")] == pytest.approx([h["loss"] for h in one], rel=1e-5)
+    c = load_file(workdir / "compiled/checkpoints/step_000004/model.safetensors")
+    assert c.keys() == a.keys() and all(torch.allclose(a[k], c[k], atol=1e-5) for k in a)
 
 
 def test_a_run_resumed_under_torchrun_ends_with_the_uninterrupted_weights(workdir):

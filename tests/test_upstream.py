@@ -64,6 +64,9 @@ def test_peft_distributed_and_conversion_helpers():
     assert params(training.get_full_optimizer_state_dict) == ["model", "opt", "is_rank_zero", "device"]
     assert params(training.load_from_full_optimizer_state_dict) == ["model", "opt", "full_sd", "device"]
     assert params(training.set_activation_checkpointing) == ["model", "auto_wrap_policy", "kwargs"]
+    # compile=true: compile_model compiles every TransformerSelfAttentionLayer it finds in place (any model)
+    assert params(training.compile_model) == ["model", "verbose"]
+    assert "m.compile(backend=backend)" in inspect.getsource(training.compile_model)
 
 
 def test_tied_output_projection_calls_its_linear_module():
