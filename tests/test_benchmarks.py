@@ -42,3 +42,12 @@ def test_vs_transformers_times_the_compiled_training_step():
     assert first[0] == first[1] == eager[4].removeprefix("first loss ").split(" vs ")[0]
     flops = [row[5].split(" TFLOP per step")[0] for row in (eager, compiled)]
     assert flops[0] == flops[1] and float(flops[0]) > 0  # counted eagerly either way
+
+
+def test_depthwise_backward_benchmark_times_both_and_gets_the_same_image_gradient():
+    proc = subprocess.run([sys.executable, "benchmarks/depthwise_backward.py", "--batch", "1", "--reps", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0].strip() for line in lines[1:3]] == ["medcap", "timm (bf16 depthwise backward)"]
+    assert lines[3].strip().startswith("medcap vs timm: ") and lines[3].endswith("image gradients identical")

@@ -76,3 +76,19 @@ def test_tied_output_projection_calls_its_linear_module():
 
     assert params(Linear.forward) == ["self", "x", "weight"]
     assert "self.linear(x, self.tied_module.weight)" in inspect.getsource(TiedLinear.__call__)
+
+
+def test_timm_same_padding_and_the_convolution_backward_op():
+    # medcap.models.depthwise subclasses timm's Conv2dSame (padding in forward) and calls aten's convolution_backward
+    import torch
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import pad_same
+
+    assert params(Conv2dSame.__init__)[:8] == ["self", "in_channels", "out_channels", "kernel_size", "stride",
+                                              "padding", "dilation", "groups"]
+    assert "pad_same(x, weight.shape[-2:], stride, dilation)" in inspect.getsource(inspect.getmodule(Conv2dSame))
+    assert params(pad_same)[:4] == ["x", "kernel_size", "stride", "dilation"]
+    schema = str(torch.ops.aten.convolution_backward.default._schema)
+    assert schema.startswith("aten::convolution_backward(Tensor grad_output, Tensor input, Tensor weight, "
+                             "SymInt[]? bias_sizes, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+                             "bool transposed, SymInt[] output_padding, SymInt groups, bool[3] output_mask)"), schema

@@ -13,6 +13,7 @@ import torch
 from torch import nn, Tensor
 
 from medcap.models import hf_vision
+from medcap.models.depthwise import use_fast_depthwise_backward
 from medcap.models.llm_weights import load_strict, read_weight_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -59,6 +60,7 @@ class TimmEncoder(_Encoder):
             self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_kwargs)
         except RuntimeError as e:
             raise ValueError(f"unknown timm model {model_name!r}: {e}") from None
+        use_fast_depthwise_backward(self.model)  # bf16 training on a CPU: the same gradients, faster (depthwise.py)
         cfg = self.model.pretrained_cfg
         self.image_size = image_size
         self.mean, self.std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
