@@ -4,11 +4,11 @@ Training a CNN encoder under bf16 autocast on a CPU, oneDNN's bf16 backward of a
 slower than its fp32 one (EfficientNet-Lite0's 5x5 depthwise at 4 x 1152 x 7 x 7: 16 ms against 2.7 ms on the
 2-core EPYC measured); the 16 depthwise layers were a quarter of the demo's training step. Here the forward is the
 bf16 convolution autocast would run, and the backward upcasts the saved bf16 tensors, runs the fp32 kernel and
-rounds the gradients to bf16. Both kernels accumulate in fp32 and round once, so on EfficientNet-Lite0
-the image gradient and every gradient but the depthwise weights' are those of the bf16 kernel bit for bit, and the
-depthwise weights' differ in the last bit of a few elements (the positions of a large map summed in another
-order; tests/test_depthwise.py). Elsewhere (no
-autocast to bf16, no gradient, another device, a bias) the layer is the plain ``nn.Conv2d``.
+rounds the gradients to bf16. Both kernels accumulate in fp32 and round once, so on EfficientNet-Lite0 the image
+gradient and every gradient but the depthwise weights' are those of the bf16 kernel bit for bit, and the depthwise
+weights' differ in the last bit of a few elements (a large map's positions summed in another order;
+tests/test_depthwise.py). Elsewhere (no autocast to bf16, no gradient, another device, a bias) the layer is the
+plain ``nn.Conv2d``.
 """
 
 import torch
