@@ -68,9 +68,11 @@ def test_the_bf16_backward_runs_only_where_it_should():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
                           Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False),
                           nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True),  # a bias: left alone
-                          nn.Conv2d(8, 8, 1, bias=False))  # not depthwise: left alone
+                          nn.Conv2d(8, 8, 1, bias=False),  # not depthwise: left alone
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False, padding_mode="reflect"),  # alone too
+                          nn.Conv2d(8, 8, 3, padding="same", groups=8, bias=False))  # string padding: alone too
     assert use_fast_depthwise_backward(model) == 2
-    assert [type(m) for m in model] == [DepthwiseConv2d, DepthwiseConv2dSame, nn.Conv2d, nn.Conv2d]
+    assert [type(m) for m in model] == [DepthwiseConv2d, DepthwiseConv2dSame] + [nn.Conv2d] * 4
     x = torch.randn(2, 8, 9, 9, requires_grad=True)
 
     def uses_fast_backward(out):

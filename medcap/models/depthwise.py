@@ -7,8 +7,8 @@ bf16 convolution autocast would run, and the backward upcasts the saved bf16 ten
 rounds the gradients to bf16. Both kernels accumulate in fp32 and round once, so on EfficientNet-Lite0 the image
 gradient and every gradient but the depthwise weights' are those of the bf16 kernel bit for bit, and the depthwise
 weights' differ in the last bit of a few elements (a large map's positions summed in another order;
-tests/test_depthwise.py). Elsewhere (no autocast to bf16, no gradient, another device, a bias) the layer is the
-plain ``nn.Conv2d``.
+tests/test_depthwise.py). Layers with a bias or another padding mode are not swapped; without autocast to bf16,
+without a gradient or on another device a swapped layer runs the plain ``nn.Conv2d`` forward.
 """
 
 import torch
@@ -37,7 +37,7 @@ class _Bf16DepthwiseConv(torch.autograd.Function):
 
 
 def _bf16_backward_wanted(conv: nn.Conv2d, x: Tensor) -> bool:
-    if x.device.type != "cpu" or conv.bias is not None or not torch.is_grad_enabled():
+    if x.device.type != "cpu" or not torch.is_grad_enabled():
         return False
     if not (x.requires_grad or conv.weight.requires_grad):
         return False
@@ -55,7 +55,7 @@ def _conv(conv: nn.Conv2d, x: Tensor, padding) -> Tensor:
 # UPDATED: torch.nn.Conv2d.forward - depthwise layers backpropagate bf16 through the fp32 kernel (module doc).
 class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        if self.padding_mode != "zeros" or isinstance(self.padding, str) or not _bf16_backward_wanted(self, x):
+        if not _bf16_backward_wanted(self, x):
             return super().forward(x)
         return _conv(self, x, self.padding)
 
@@ -69,21 +69,20 @@ class DepthwiseConv2dSame(Conv2dSame):
 
 
 def use_fast_depthwise_backward(model: nn.Module) -> int:
-    """Make ``model``'s depthwise convolutions (groups == in_channels > 1, no bias) the classes above, holding the
-    same parameters: names, state dicts and forward values do not change. Returns how many were swapped."""
+    """Make ``model``'s depthwise convolutions (groups == in_channels > 1, no bias, numeric zero padding) the classes
+    above, holding the same parameters: names, state dicts and forward values do not change. Returns how many were
+    swapped."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             kind = {nn.Conv2d: DepthwiseConv2d, Conv2dSame: DepthwiseConv2dSame}.get(type(child))
             if kind is None or child.bias is not None or not 1 < child.groups == child.in_channels:
                 continue
-            with torch.device("meta"):
-                if kind is DepthwiseConv2dSame:  # timm's class pads in forward, its padding stays 0
-                    new = kind(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
-                               child.dilation, child.groups, bias=False)
-                else:
-                    new = kind(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                               child.dilation, child.groups, bias=False, padding_mode=child.padding_mode)
+            if child.padding_mode != "zeros" or isinstance(child.padding, str):  # F.conv2d pads these otherwise
+                continue
+            with torch.device("meta"):  # (timm's Conv2dSame pads in forward: its padding is 0)
+                new = kind(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                           child.dilation, child.groups, bias=False)
             new.weight = child.weight  # the same Parameter: loaded values, memory order and requires_grad kept
             new.train(child.training)
             setattr(parent, name, new)
