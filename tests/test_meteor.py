@@ -1,6 +1,6 @@
 """METEOR in the COCO preset equals pycocoevalcap's own evaluation (PTB tokeniser + Java METEOR 1.5), corpus and
 per image, on predictions that mix empty, punctuation-only and ordinary captions; the bootstrap's METEOR resample
-is consistent with it."""
+is consistent with it; successive scorings share one Java process, replaced when a scoring fails or it dies."""
 
 import numpy as np
 import pytest
@@ -50,3 +50,36 @@ def test_meteor_equals_pycocoevalcap_with_empty_and_punctuation_only_predictions
     assert scored.resample(identity)["METEOR"][0] == pytest.approx(scored.corpus["METEOR"], abs=1e-12)
     low, high = bootstrap_ci(scored, resamples=200, seed=0)["METEOR"]
     assert low <= scored.corpus["METEOR"] <= high and low < high
+
+
+def test_meteor_process_is_kept_between_calls_and_replaced_after_a_failure_or_a_death(monkeypatch):
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    from medcap.metrics import coco
+
+    first = evaluate(PREDICTIONS, REFERENCES)
+    process = coco._meteor.meteor_p
+    again = evaluate(PREDICTIONS, REFERENCES)
+    assert coco._meteor.meteor_p is process and process.poll() is None  # one Java start for both
+    assert again.corpus["METEOR"] == first.corpus["METEOR"]
+    np.testing.assert_array_equal(again.per_sample["METEOR"], first.per_sample["METEOR"])
+
+    def broken_pipe(self, hypothesis, references):  # a failure in the middle of an exchange with Java
+        raise BrokenPipeError("METEOR went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Meteor, "_stat", broken_pipe)
+        with pytest.raises(BrokenPipeError):
+            evaluate(PREDICTIONS, REFERENCES)
+    assert coco._meteor is None and process.poll() is not None  # ended (and its lock freed: no hang here)
+    after_failure = evaluate(PREDICTIONS, REFERENCES)
+    assert coco._meteor.meteor_p is not process
+    assert after_failure.corpus["METEOR"] == first.corpus["METEOR"]
+
+    coco._meteor.meteor_p.kill()  # died between calls: the next call starts another
+    coco._meteor.meteor_p.wait()
+    died = coco._meteor.meteor_p
+    after_death = evaluate(PREDICTIONS, REFERENCES)
+    assert coco._meteor.meteor_p is not died and after_death.corpus["METEOR"] == first.corpus["METEOR"]
+    coco.close_meteor()
+    assert coco._meteor is None

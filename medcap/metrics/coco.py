@@ -1,6 +1,9 @@
 """COCO caption metrics through pycocoevalcap: BLEU-1..4, METEOR 1.5, ROUGE-L, CIDEr-D, with per-sample scores
 and BLEU's sufficient statistics, so corpus scores can be bootstrapped over images."""
 
+import atexit
+import contextlib
+import threading
 from collections import Counter
 
 import numpy as np
@@ -25,6 +28,48 @@ def tokenize(captions: dict[str, list[str]], ptb: bool) -> dict[str, list[str]]:
     non_empty = {k: [{"caption": c} for c in v if c.strip()] for k, v in captions.items()}
     tokenized = PTBTokenizer().tokenize({k: v for k, v in non_empty.items() if v})
     return {k: tokenized.get(k, []) + [""] * (len(v) - len(non_empty[k])) for k, v in captions.items()}
+
+
+_meteor = None  # one Java METEOR per Python process: starting one (the JVM, its paraphrase tables) takes ~5 s,
+_meteor_lock = threading.Lock()  # scoring 96 captions on a started one ~0.1 s
+
+
+def meteor_scores(references: dict[str, list[str]], hypotheses: dict[str, list[str]]) -> tuple[float, list[float]]:
+    """pycocoevalcap's METEOR 1.5 (``Meteor().compute_score``) on a Java process kept for the next call. A call
+    that fails ends that process (its pipes may hold half an exchange), and a process that died is replaced."""
+    global _meteor
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    with _meteor_lock:
+        if _meteor is not None and _meteor.meteor_p.poll() is not None:
+            _end_meteor()
+        if _meteor is None:
+            _meteor = Meteor()
+        try:
+            return _meteor.compute_score(references, hypotheses)
+        except BaseException:
+            _end_meteor()
+            raise
+
+
+def _end_meteor() -> None:
+    global _meteor
+    scorer, _meteor = _meteor, None
+    if scorer is None:
+        return
+    if scorer.lock.locked():  # compute_score leaves it held when it raises, and Meteor.__del__ waits for it
+        scorer.lock.release()
+    scorer.meteor_p.kill()
+    scorer.meteor_p.wait()
+    with contextlib.suppress(OSError):  # what a failed write left in the pipe's buffer cannot be flushed
+        scorer.meteor_p.stdin.close()
+
+
+@atexit.register
+def close_meteor() -> None:
+    """End the METEOR process (at exit; a later call starts another)."""
+    with _meteor_lock:
+        _end_meteor()
 
 
 def _ngrams(words: list[str], n: int) -> Counter:
@@ -68,7 +113,6 @@ def coco_scores(predictions: dict[str, str], references: dict[str, list[str]], p
     """Corpus and per-sample COCO metrics; ``meteor=False`` skips the Java METEOR process."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     ids = list(references)
@@ -83,7 +127,7 @@ def coco_scores(predictions: dict[str, str], references: dict[str, list[str]], p
     stats = np.stack([bleu_stats(hyps[k][0], refs[k]) for k in ids])
 
     if meteor:  # every hypothesis, empty ones included, as pycocoevalcap's evaluation sends them
-        value, segments = Meteor().compute_score(refs, hyps)
+        value, segments = meteor_scores(refs, hyps)
         corpus["METEOR"] = float(value)
         per_sample["METEOR"] = np.asarray(segments, dtype=np.float64)
 
@@ -105,4 +149,5 @@ def coco_scores(predictions: dict[str, str], references: dict[str, list[str]], p
     return Scored(ids=ids, corpus=corpus, per_sample=per_sample, resample=resample)
 
 
-__all__ = ["COCO_METRICS", "bleu_stats", "coco_scores", "corpus_bleu", "tokenize"]
+__all__ = ["COCO_METRICS", "bleu_stats", "close_meteor", "coco_scores", "corpus_bleu", "meteor_scores",
+           "tokenize"]
