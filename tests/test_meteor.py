@@ -1,6 +1,10 @@
 """METEOR in the COCO preset equals pycocoevalcap's own evaluation (PTB tokeniser + Java METEOR 1.5), corpus and
 per image, on predictions that mix empty, punctuation-only and ordinary captions; the bootstrap's METEOR resample
-is consistent with it; successive scorings share one Java process, replaced when a scoring fails or it dies."""
+is consistent with it; successive scorings share one Java process, replaced when a scoring fails or it dies;
+a forked child starts its own."""
+
+import json
+import os
 
 import numpy as np
 import pytest
@@ -83,3 +87,25 @@ def test_meteor_process_is_kept_between_calls_and_replaced_after_a_failure_or_a_
     assert coco._meteor.meteor_p is not died and after_death.corpus["METEOR"] == first.corpus["METEOR"]
     coco.close_meteor()
     assert coco._meteor is None
+
+
+def test_a_forked_child_scores_on_its_own_meteor_and_leaves_the_parents_running():
+    from medcap.metrics import coco
+
+    expected = evaluate(PREDICTIONS, REFERENCES).corpus["METEOR"]
+    parent_process = coco._meteor.meteor_p
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: score, report the score and the Java process it used, leave without cleanup
+        try:
+            value = evaluate(PREDICTIONS, REFERENCES).corpus["METEOR"]
+            os.write(write_end, json.dumps([value, coco._meteor.meteor_p.pid]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child_value, child_java = json.loads(pipe.read())
+    os.waitpid(child, 0)
+    assert child_value == expected and child_java != parent_process.pid
+    assert coco._meteor.meteor_p is parent_process and parent_process.poll() is None  # still the parent's, alive
+    assert evaluate(PREDICTIONS, REFERENCES).corpus["METEOR"] == expected

@@ -3,6 +3,7 @@ and BLEU's sufficient statistics, so corpus scores can be bootstrapped over imag
 
 import atexit
 import contextlib
+import os
 import threading
 from collections import Counter
 
@@ -34,9 +35,20 @@ _meteor = None  # one Java METEOR per Python process: starting one (the JVM, its
 _meteor_lock = threading.Lock()  # scoring 96 captions on a started one ~0.1 s
 
 
+def _after_fork_in_child() -> None:
+    # A forked child inherits the parent's METEOR but cannot wait on it (not its child), so poll() reports it ended
+    # and meteor_scores starts the child's own, leaving the parent's untouched; the lock may have been copied held.
+    global _meteor_lock
+    _meteor_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def meteor_scores(references: dict[str, list[str]], hypotheses: dict[str, list[str]]) -> tuple[float, list[float]]:
     """pycocoevalcap's METEOR 1.5 (``Meteor().compute_score``) on a Java process kept for the next call. A call
-    that fails ends that process (its pipes may hold half an exchange), and a process that died is replaced."""
+    that fails ends that process (its pipes may hold half an exchange); a process that died is replaced, and a
+    forked child starts its own."""
     global _meteor
     from pycocoevalcap.meteor.meteor import Meteor
 
