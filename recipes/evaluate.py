@@ -66,7 +66,7 @@ def main(cfg: DictConfig) -> None:
         options["bleurt"] = Bleurt(**OmegaConf.to_container(bleurt))
     elif preset != "vqa":
         print("BLEURT: skipped (set bleurt.model to a local BLEURT folder in the BERT layout)")
-    scored = evaluate(read_predictions(cfg.predictions), references, **options)
+    scored = evaluate(read_predictions(cfg.predictions, header_optional=True), references, **options)
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def main(cfg: DictConfig) -> None:
         write_json(out / "intervals.json", {"level": 0.95, "resamples": resamples, "seed": seed,
                                              "intervals": intervals[name]})
     if cfg.get("compare_to"):
-        other = evaluate(read_predictions(cfg.compare_to), references, **options)
+        other = evaluate(read_predictions(cfg.compare_to, header_optional=True), references, **options)
         other_name = Path(cfg.compare_to).parent.name or "compare_to"
         if other_name == name:
             other_name = Path(cfg.compare_to).stem

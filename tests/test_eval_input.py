@@ -115,3 +115,75 @@ def test_reference_captions_that_are_not_text_are_errors(tmp_path):
     path.write_text('{"id": "a", "captions": ["x", null]}\n')
     with pytest.raises(ValueError, match="line 1: sample 'a': field 'captions' is missing or not a non-empty list"):
         read_references(path)
+
+
+def test_line_breaks_inside_captions_keep_every_caption_on_its_own_image(tmp_path):
+    from medcap.metrics import evaluate as score
+
+    # the CR LF inside the quoted caption of line 2 is kept by the CSV reader; the Java tokenizer ends a line at it
+    # (and at U+2028, form feed, ...), which shifted b and c onto the next ids: b's perfect caption scored 0
+    preds = tmp_path / "preds.csv"
+    preds.write_bytes(b'ID,caption\r\na,"chest x ray.\r\nno mass"\r\nb,ct abdomen\r\nc,mri brain\r\n')
+    refs = {"a": ["chest x ray. no mass"], "b": ["ct abdomen"], "c": ["mri brain"]}
+    read = read_predictions(preds)
+    assert read["a"] == "chest x ray.\r\nno mass"
+    spaced = score({k: " ".join(v.split()) for k, v in read.items()}, refs, meteor=False)
+    scored = score(read, refs, meteor=False)
+    assert scored.per_sample["CIDEr"].tolist() == spaced.per_sample["CIDEr"].tolist()
+    assert scored.per_sample["ROUGE-L"].tolist() == [1.0, 1.0, 1.0]
+    for sep in ["\u2028", "\f", "\v", "\x85"]:  # in predictions and in references alike
+        broken = score({"a": f"chest x ray.{sep}no mass", "b": "ct abdomen", "c": f"mri{sep}brain"},
+                       {"a": [f"chest x ray.{sep}no mass"], "b": ["ct abdomen"], "c": [f"mri{sep}brain"]}, meteor=False)
+        assert broken.per_sample["ROUGE-L"].tolist() == [1.0, 1.0, 1.0], repr(sep)
+        assert broken.corpus == pytest.approx(spaced.corpus, abs=1e-12), repr(sep)
+
+
+def test_a_predictions_file_without_a_header_is_scored_as_it_is_checked(tmp_path):
+    refs, preds = tmp_path / "refs.csv", tmp_path / "preds.csv"
+    refs.write_text(REFERENCES)
+    preds.write_text("a,left lower lobe nodule\nb,no acute finding\nc,left rib fracture\n")  # ImageCLEF allows it
+    assert check_submission(preds, ["a", "b", "c"]) == []
+    evaluate("eval/imageclef", preds, refs, tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["ROUGE-1"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert read_predictions(preds, header_optional=True)["a"] == "left lower lobe nodule"
+    # elsewhere a first row without an ID column is a header with wrong names, not a row of data
+    with pytest.raises(ValueError, match=f"{preds}: line 1: expected columns ID,caption"):
+        read_predictions(preds)
+    with pytest.raises(ValueError, match=f"{preds}: line 1: expected columns ID,caption"):
+        read_references(preds)
+
+
+def test_an_id_0_is_an_id_and_jsonl_errors_name_their_line(tmp_path):
+    from medcap.data.records import read_manifest_samples
+    from medcap.metrics.vqa import read_vqa_references
+
+    refs = tmp_path / "r.jsonl"
+    refs.write_text('{"id": 0, "caption": "zero"}\n{"id": "1", "caption": "one"}\n')
+    assert read_references(refs) == {"0": ["zero"], "1": ["one"]}
+    (tmp_path / "x.png").write_bytes(b"")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": 0, "image": "x.png", "caption": "zero"}\n')
+    samples, problems = read_manifest_samples(manifest)
+    assert problems == [] and [s["id"] for s in samples] == ["0"]
+    refs.write_text('{"id": "a", "caption": "x"}\n["a"]\n')
+    with pytest.raises(ValueError, match=f"{refs}: line 2: expected a JSON object, found list"):
+        read_references(refs)
+
+    questions = tmp_path / "q.jsonl"
+    question = {"question": "Is it a\u2028chest?", "answer": "yes"}
+    questions.write_text("\n".join(json.dumps({"id": i, **question}, ensure_ascii=False) for i in range(2)) + "\n")
+    read = read_vqa_references(questions)
+    assert list(read) == ["0", "1"] and read["0"]["answer"] == "yes"  # U+2028 inside a string is not a line end
+    questions.write_text('{"id": "q1", "answer": "no"}\n\n{"id": "q3", "answer": "no",}\n')
+    with pytest.raises(ValueError, match=f"{questions}: line 3: invalid JSON"):
+        read_vqa_references(questions)
+    questions.write_text('{"id": "q1", "answer": "no"}\n["x"]\n')
+    with pytest.raises(ValueError, match=f"{questions}: line 2: a question must be a JSON object, found list"):
+        read_vqa_references(questions)
+    questions.write_text('{"id": "q1", "answer": "no"}\n{"id": "q1", "answer": "yes"}\n')
+    with pytest.raises(ValueError, match=f"{questions}: line 2: duplicate id 'q1'"):
+        read_vqa_references(questions)
+    questions.write_text(json.dumps([{"id": "q1", "answer": "no"}, {"answer": "yes"}]))
+    with pytest.raises(ValueError, match=f"{questions}: item 2: field 'id' is missing or empty"):
+        read_vqa_references(questions)

@@ -111,7 +111,7 @@ def read_r2gen(data_dir: Path, split: str, cleaner: Callable[..., str], annotati
         if not isinstance(item, dict):
             problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
             continue
-        sample_id = str(item.get("id") or "").strip()
+        sample_id = "" if item.get("id") is None else str(item["id"]).strip()  # an id 0 is "0"
         images = image_list(item.get("image_path"))
         report = item.get("report")
         if not sample_id:
@@ -188,7 +188,7 @@ def read_llava(data_dir: Path, split: str, annotation_file: str = "{split}.json"
         if not isinstance(item, dict):
             problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
             continue
-        sample_id = str(item.get("id") or "").strip()
+        sample_id = "" if item.get("id") is None else str(item["id"]).strip()  # an id 0 is "0"
         if not sample_id:
             problems.append(Problem(source, None, "id", "missing id", "field 'id' is missing or empty"))
             continue

@@ -83,7 +83,7 @@ def read_manifest_samples(path: str | Path) -> Samples:
         if not isinstance(row, dict):
             problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
             continue
-        sample_id = str(row.get("id") or "").strip()
+        sample_id = "" if row.get("id") is None else str(row["id"]).strip()  # an id 0 is "0"
         if not sample_id:
             problems.append(Problem(source, None, "id", "missing id", "field 'id' is missing or empty"))
             continue

@@ -4,6 +4,7 @@ and BLEU's sufficient statistics, so corpus scores can be bootstrapped over imag
 import atexit
 import contextlib
 import os
+import re
 import threading
 from collections import Counter
 
@@ -18,15 +19,21 @@ COCO_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 _TINY, _SMALL = 1e-15, 1e-9  # pycocoevalcap's BleuScorer constants
 
 
+# pycocoevalcap sends the tokenizer one caption per line and replaces only "\n" in them; the Java tokenizer also
+# ends a line at these, which would shift every later caption onto the next image's id
+_LINE_BREAKS = re.compile("[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def tokenize(captions: dict[str, list[str]], ptb: bool) -> dict[str, list[str]]:
     """PTB-tokenise (lowercased, punctuation tokens dropped) as the COCO evaluation does, or, with
     ``ptb=False`` for pre-tokenised text, only lowercase and normalise whitespace. Empty captions stay
-    empty (they are not sent to the Java tokenizer, whose line-based output they would misalign)."""
+    empty (they are not sent to the Java tokenizer, whose line-based output they would misalign), and line
+    breaks inside a caption (the CR LF of a multi-line CSV field, U+2028, ...) are read as spaces."""
     if not ptb:
         return {k: [" ".join(c.lower().split()) for c in v] for k, v in captions.items()}
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    non_empty = {k: [{"caption": c} for c in v if c.strip()] for k, v in captions.items()}
+    non_empty = {k: [{"caption": _LINE_BREAKS.sub(" ", c)} for c in v if c.strip()] for k, v in captions.items()}
     tokenized = PTBTokenizer().tokenize({k: v for k, v in non_empty.items() if v})
     return {k: tokenized.get(k, []) + [""] * (len(v) - len(non_empty[k])) for k, v in captions.items()}
 

@@ -3,6 +3,7 @@
 import codecs
 import csv
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from medcap.atomic import replaced_atomically
 
 _ID_COLUMNS = ("ID", "id", "Id")
+NO_HEADER = ("ID", "caption")  # the columns of a predictions file without a header line
 _CAPTION_COLUMNS = ("caption", "Caption", "CAPTION", "answer", "prediction")
 
 
@@ -47,12 +49,17 @@ def field_count_error(path: Path, line: int, row: list[str], header: list[str]) 
             f"{len(row)}; quote fields that contain commas")
 
 
-def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
-    """(line, id, caption) of every row of an ``ID,caption`` CSV with a header. A row with more or fewer fields
-    than the header is an error naming the line (an unquoted comma would otherwise cut the caption short)."""
+def _read_csv_rows(path: Path, header_optional: bool = False) -> list[tuple[int, str, str]]:
+    """(line, id, caption) of every row of an ``ID,caption`` CSV with a header (or, with ``header_optional``, a
+    file whose first row has no ``ID`` column is read as ``ID,caption`` rows from its first line, as the
+    submission check reads it). A row with more or fewer fields than the header is an error naming the line (an
+    unquoted comma would otherwise cut the caption short)."""
     rows = csv_rows(path, read_text(path))
-    _, header = next(rows, (1, []))
+    first_line, header = next(rows, (1, []))
     names = [name.strip() for name in header]
+    if header_optional and header and "id" not in [name.lower() for name in names]:
+        rows = itertools.chain([(first_line, header)], rows)
+        header, names = list(NO_HEADER), list(NO_HEADER)
     id_col = next((names.index(c) for c in _ID_COLUMNS if c in names), None)
     cap_col = next((names.index(c) for c in _CAPTION_COLUMNS if c in names), None)
     if id_col is None or cap_col is None:
@@ -78,17 +85,23 @@ def iter_jsonl(path: Path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-        sample_id = str(row.get("id") or "").strip() if isinstance(row, dict) else ""
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {line_no}: expected a JSON object, found {type(row).__name__}")
+        raw_id = row.get("id")
+        sample_id = "" if raw_id is None else str(raw_id).strip()  # an id 0 is "0", not missing
         if not sample_id:
             raise ValueError(f"{path}: line {line_no}: field 'id' is missing or empty")
         yield line_no, sample_id, row
 
 
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """``ID,caption`` CSV (UTF-8) -> {id: caption}. Duplicate or empty IDs are errors naming the line."""
+def read_predictions(path: str | Path, header_optional: bool = False) -> dict[str, str]:
+    """``ID,caption`` CSV (UTF-8) -> {id: caption}. Duplicate or empty IDs are errors naming the line.
+    ``header_optional``: a file without a header line is read too (an ImageCLEF submission may leave it out; the
+    evaluate recipe reads so after ``check_submission`` has matched its IDs to the test set: elsewhere a header
+    with other column names is an error rather than a row of data)."""
     path = Path(path)
     predictions: dict[str, str] = {}
-    for line, sample_id, caption in _read_csv_rows(path):
+    for line, sample_id, caption in _read_csv_rows(path, header_optional):
         if sample_id in predictions:
             raise ValueError(f"{path}: line {line}: duplicate ID {sample_id!r}")
         predictions[sample_id] = caption
@@ -100,7 +113,7 @@ def read_references(path: str | Path) -> dict[str, list[str]]:
     list); repeated ids accumulate captions."""
     path = Path(path)
     references: dict[str, list[str]] = {}
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         for _, sample_id, caption in _read_csv_rows(path):
             references.setdefault(sample_id, []).append(caption)
         return references

@@ -4,9 +4,7 @@ holding every reference ID exactly once and nothing else, each row with as many 
 
 from pathlib import Path
 
-from medcap.metrics.io import csv_rows, field_count_error, read_text
-
-_NO_HEADER = ["ID", "caption"]  # the columns of a file without a header line
+from medcap.metrics.io import NO_HEADER, csv_rows, field_count_error, read_text
 
 
 def check_submission(path: str | Path, test_ids: list[str] | set[str]) -> list[str]:
@@ -27,8 +25,8 @@ def check_submission(path: str | Path, test_ids: list[str] | set[str]) -> list[s
             if index == 0 and "id" in names:
                 header, id_col = row, names.index("id")
                 continue
-            if len(row) != len(header or _NO_HEADER):
-                problems.append(field_count_error(path, line, row, header or _NO_HEADER))
+            if len(row) != len(header or list(NO_HEADER)):
+                problems.append(field_count_error(path, line, row, header or list(NO_HEADER)))
                 continue
             sample_id = row[id_col]
             if not sample_id.strip():

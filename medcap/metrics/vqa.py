@@ -174,18 +174,29 @@ def read_vqa_references(path) -> dict[str, dict]:
 
     path = Path(path)
     text = read_text(path)  # a byte-order mark is dropped
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    rows = []  # (where in the file, row)
+    if text.lstrip().startswith("["):
+        try:
+            rows = [(f"item {index + 1}", row) for index, row in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    else:  # one object per line; only "\n" ends one (JSON strings may hold U+2028 unescaped)
+        for line_no, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append((f"line {line_no}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
     questions = {}
-    for index, row in enumerate(rows):
-        sample_id = str(row.get("id", row.get("question_id", "")) or "").strip()
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: {where}: a question must be a JSON object, found {type(row).__name__}")
+        raw_id = row.get("id") if row.get("id") is not None else row.get("question_id")
+        sample_id = "" if raw_id is None else str(raw_id).strip()
         if not sample_id:
-            raise ValueError(f"{path}: question {index}: field 'id' is missing or empty")
+            raise ValueError(f"{path}: {where}: field 'id' is missing or empty")
         if sample_id in questions:
-            raise ValueError(f"{path}: question {index}: duplicate id {sample_id!r}")
+            raise ValueError(f"{path}: {where}: duplicate id {sample_id!r}")
         options = row.get("options") or {k[len("option_"):]: v for k, v in row.items()
                                          if k.startswith("option_") and v not in (None, "")}
         questions[sample_id] = {"id": sample_id, "answer": row.get("answer", row.get("gt_answer")),

@@ -281,7 +281,7 @@ def evaluation_report(page: str | Path, options: ReportOptions, preset: str, sco
         from medcap.metrics.vqa import parse_choice
         from medcap.vqa import correct_option
 
-        answers = read_predictions(predictions)
+        answers = read_predictions(predictions, header_optional=True)
         correct = dict(zip(scored.ids, scored.per_sample["correct"].tolist()))
         records = [{**q, "question": q.get("question"), "raw_answer": answers[k], "correct": correct[k],
                     "parsed_option": parse_choice(answers[k], q["options"]) if q.get("options") else None,
@@ -289,11 +289,11 @@ def evaluation_report(page: str | Path, options: ReportOptions, preset: str, sco
                    for k, q in references.items()]
         return vqa_report(page, records, scored.corpus, intervals, images, options, name,
                           meta=[f"{name}: {predictions}", *meta])
-    systems = [System(name, read_predictions(predictions), scored, intervals, predictions)]
+    systems = [System(name, read_predictions(predictions, header_optional=True), scored, intervals, predictions)]
     paired = None
     if other is not None:
         other_name, other_file, other_scored, paired = other
-        systems.append(System(other_name, read_predictions(other_file), other_scored,
+        systems.append(System(other_name, read_predictions(other_file, header_optional=True), other_scored,
                               bootstrap_ci(other_scored, resamples, seed) if resamples else None, other_file))
     refs = {k: [v] if isinstance(v, str) else list(v) for k, v in references.items()}
     return caption_report(page, systems, refs, options, images, paired, meta=meta)
