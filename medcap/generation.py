@@ -47,11 +47,14 @@ LENGTH_NORMALIZATION = {"with_end_token": 0, "hf_4_30": 1}
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
-    """Next token per row from logits [B, V]: greedy when temperature is 0, else top-k / top-p sampling."""
+    """Next token per row from logits [B, V]: greedy when temperature is 0, else top-k / top-p sampling
+    (``top_k`` None or 0: off, as in transformers)."""
     if temperature <= 0:
         return logits.argmax(-1)
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or null: off), got {top_k}")
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         best, candidates = torch.topk(logits, top_k)  # sorted, best first
         if bool((logits >= best[:, -1:]).sum(-1).le(top_k).all()):
             # no score tied with the k-th: top-k keeps exactly these k, so top-p and the draw need only them

@@ -71,6 +71,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
                              f"model trains {len(self.inner)} parameters")
         for optimizer, state in zip(self.inner, state_dict["inner"]):
             optimizer.load_state_dict(state)
+        # loading gives each inner optimizer new group dicts: point at those, or the scheduler's learning rates
+        # would go to the old ones, which no optimizer reads any more
+        self.param_groups = [optimizer.param_groups[0] for optimizer in self.inner]
 
 
 def cosine_per_epoch(optimizer: torch.optim.Optimizer, num_training_steps: int, epochs: int, eta_min: float = 0.0,

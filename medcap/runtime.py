@@ -108,9 +108,12 @@ def setup_training_model(cfg: DictConfig, device: torch.device, dtype: torch.dty
     master = master_dtype(cfg.get("master_dtype"))
     world = distributed.world_size()
     tokenizer = config.instantiate(cfg.tokenizer)
+    # the trained parts are cast to their master dtype before a checkpoint is loaded into them: loaded into the
+    # bf16 model first, an fp32 checkpoint would be rounded to bf16 and a resumed run would not continue exactly
     if world == 1:
         with training.set_default_dtype(dtype):
             model = config.instantiate(cfg.model)
+        keep_trained_parts_in(model, master, dtype)
         if checkpoint:
             log.info(f"loaded trained parts from {describe(load_checkpoint(model, checkpoint))}")
         model = model.to(device)
@@ -122,13 +125,13 @@ def setup_training_model(cfg: DictConfig, device: torch.device, dtype: torch.dty
                 node.trainable.decoder = "lora"  # the same names, whole weights: NF4 after sharding
             with training.set_default_dtype(dtype):
                 source = config.instantiate(node)
+            keep_trained_parts_in(source, master, dtype)
             if checkpoint:
                 log.info(f"loaded trained parts from {describe(load_checkpoint(source, checkpoint))}")
-            keep_trained_parts_in(source, master, dtype)
         with training.set_default_dtype(dtype), torch.device("meta"), deferred_weights():
             model = config.instantiate(cfg.model)
+        keep_trained_parts_in(model, master, dtype)
     _check_pair(model, tokenizer)
-    keep_trained_parts_in(model, master, dtype)
     if cfg.get("compile", False):
         training.compile_model(model, verbose=distributed.is_rank_zero())
     if cfg.get("enable_activation_checkpointing", False):

@@ -179,12 +179,13 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
         if settings.clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
             grad_norm = float(distributed.full_tensor(grad_norm))
+        lr = optimizer.param_groups[0]["lr"]  # the one this step uses (the scheduler then sets the next one's)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)
 
-        record = {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
+        record = {"step": step, "loss": loss_sum, "lr": lr,
                   "step_time_s": step_times[-1],
                   "tokens_per_s": world * sum(b["tokens"].numel() for b in micro) / step_times[-1]}
         if reg_loss is not None:  # "loss" stays the caption loss; the objective was their sum

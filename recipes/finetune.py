@@ -28,12 +28,18 @@ from medcap.command import run_command
 
 
 def param_groups(model, base_lr: float, lr_per_part: dict[str, float]) -> list[dict]:
-    """One optimizer group per trained part, each with its own learning rate if ``lr_per_part`` names it."""
+    """One optimizer group per trained part, each with its own learning rate if ``lr_per_part`` names it. A name
+    that is not a part is an error, a part that does not train a warning: either would leave its rate unused."""
+    unknown = sorted(set(lr_per_part) - set(model.parts()))
+    if unknown:
+        raise ValueError(f"lr_per_part: {unknown} not among the model's parts {sorted(model.parts())}")
     groups = []
     for part, module in model.parts().items():
         params = [p for p in module.parameters() if p.requires_grad]
         if params:
             groups.append({"params": params, "lr": lr_per_part.get(part, base_lr), "name": part})
+        elif part in lr_per_part:
+            log.warning(f"lr_per_part.{part} is not used: the {part} is frozen (model.trainable.{part})")
     if not groups:
         raise ValueError("nothing to train: every part in model.trainable is frozen")
     return groups
@@ -106,9 +112,10 @@ def main(cfg: DictConfig) -> None:
     accum = cfg.get("gradient_accumulation_steps", 1)
     clip = cfg.get("clip_grad_norm")
     if cfg.get("optimizer_in_bwd", False):
-        if accum > 1 or clip or world > 1:
+        if accum > 1 or clip or world > 1 or cfg.get("l2_lambda"):
             raise ValueError("optimizer_in_bwd=true steps each parameter as soon as its gradient is ready: it needs "
-                             "gradient_accumulation_steps=1, clip_grad_norm=null and a single process")
+                             "gradient_accumulation_steps=1, clip_grad_norm=null, a single process and no l2_lambda "
+                             "(the L2 term's own backward would step every parameter a second time)")
         optimizer = OptimizerInBackward(groups, lambda group: config.instantiate(cfg.optimizer, group))
     else:
         optimizer = config.instantiate(cfg.optimizer, groups)

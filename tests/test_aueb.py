@@ -261,7 +261,8 @@ def test_flan_t5_fuser_loss_falls_and_fuse_writes_captions(trained_t5, t5_dir, m
     assert len(losses) == 40 and np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
     val = [h["val_loss"] for h in history if "val_loss" in h]
     assert len(val) == 4 and val[-1] < val[0]
-    assert history[0]["lr"] == pytest.approx(3e-3 * 39 / 40) and history[-1]["lr"] == 0.0  # linear decay
+    # linear decay; each step logs the rate it trained with
+    assert history[0]["lr"] == pytest.approx(3e-3) and history[-1]["lr"] == pytest.approx(3e-3 / 40)
     assert train_prompts[0].startswith("Using the following three descriptions") and " 2. " in train_prompts[0]
     saved = OmegaConf.load(root / "fuser" / "checkpoints" / "step_000040" / "config.yaml")
     assert saved.prompt.template == aueb("train_fuser").prompt.template and saved.max_steps == 40

@@ -82,6 +82,11 @@ def test_sample_next_greedy_top_k_top_p():
     # top_k=2 never leaves the two best tokens
     draws = torch.stack([sample_next(logits, temperature=5.0, top_k=2, generator=g) for _ in range(200)])
     assert set(draws[:, 0].tolist()) == {1, 2} and set(draws[:, 1].tolist()) == {0, 3}
+    # top_k=0 is off, as in transformers (it crashed in torch.topk): the draws of top_k=None, seed for seed
+    off = [sample_next(logits, temperature=5.0, top_k=k, generator=torch.Generator().manual_seed(1)) for k in (0, None)]
+    assert torch.equal(off[0], off[1])
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        sample_next(logits, temperature=1.0, top_k=-1)
 
 
 def draw_frequencies(logits, n=40000, **kw):

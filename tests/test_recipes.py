@@ -167,3 +167,34 @@ def test_plain_tune_run_finds_our_recipes(data, tmp_path):
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "predictions.csv").is_file()
+
+
+@pytest.mark.parametrize("extra", [["dtype=bf16"], ["optimizer_in_bwd=true", "clip_grad_norm=null"]],
+                         ids=["bf16", "optimizer_in_bwd"])
+def test_a_run_resumed_from_a_checkpoint_continues_exactly(data, tmp_path, extra):
+    """bf16: the fp32 trained weights were loaded into the bf16 model before being cast back, so rounded to bf16;
+    optimizer_in_bwd: after loading, the scheduler set learning rates that no inner optimizer read."""
+    common = data_overrides(data) + ["max_steps=6", "save_every=3", "eval_every=3", "val_generation.weights=null",
+                                     *extra]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    cli.run_recipe("finetune", "tiny/finetune", common + [f"output_dir={whole}"])
+    cli.run_recipe("finetune", "tiny/finetune", common + [f"output_dir={resumed}",
+                                                           f"resume_from={whole / 'checkpoints' / 'step_000003'}"])
+    a = load_file(whole / "checkpoints" / "step_000006" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step_000006" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads((out / "train_summary.json").read_text())["history"] for out in (whole, resumed)]
+    logged = [[(h["step"], h["loss"], h["lr"]) for h in run] for run in history]
+    assert logged[0] == logged[1]
+    assert history[0][0]["lr"] == 0.0  # tiny/finetune warms up from 0: step 1 logs the rate it trained with
+
+
+def test_lr_per_part_names_parts_and_optimizer_in_bwd_refuses_l2(data, tmp_path, caplog):
+    base = data_overrides(data) + ["max_steps=1", f"output_dir={tmp_path / 'x'}", "overwrite=true"]
+    with pytest.raises(ValueError, match=r"lr_per_part: \['projecter'\] not among the model's parts"):
+        cli.run_recipe("finetune", "tiny/finetune", base + ["lr_per_part={projecter: 1e-5}"])
+    with caplog.at_level("WARNING"):
+        cli.run_recipe("finetune", "tiny/finetune", base + ["lr_per_part={encoder: 1e-5}"])  # its encoder is frozen
+    assert "lr_per_part.encoder is not used: the encoder is frozen" in caplog.text
+    with pytest.raises(ValueError, match="no l2_lambda"):
+        cli.run_recipe("finetune", "tiny/megpt", base + ["optimizer_in_bwd=true", "clip_grad_norm=null"])  # L2 on
