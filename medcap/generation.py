@@ -24,7 +24,9 @@ repetition penalty 2.0, length penalty 2.0, 40-100 new tokens) carry over:
   same length, and one cut at max_new_tokens has max_new_tokens + 1. A prompt is done once it holds num_beams
   finished hypotheses and its best running beam, scored at its current length, does not beat the worst of them (HF's
   ``early_stopping=False``; the current length counts the token being chosen, as 4.30's ``cur_len`` did for a prompt
-  given as embeddings, in both conventions).
+  given as embeddings, in both conventions). ``hf_4_30`` also keeps 4.30's stopping rule: the best candidate of the
+  step (a stop token's included) rather than the best running beam, checked after the last step too, and only a
+  prompt not done then gets its running beams as hypotheses cut at max_new_tokens.
 
 "Seen" tokens are the prompt's text tokens (padding and image placeholders never count) and the generated ones;
 with ``penalize_prompt=False`` only the generated ones count, which is what R2GenGPT got from Hugging Face by
@@ -381,6 +383,7 @@ def beam_search(
         raise ValueError(f"length_normalization must be one of {list(LENGTH_NORMALIZATION)}, got "
                          f"{length_normalization!r}")
     cut_extra = LENGTH_NORMALIZATION[length_normalization]
+    hf_4_30 = length_normalization == "hf_4_30"
     k, batch, stops = num_beams, len(prompts), set(stop_ids)
     runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache)
     device = runner.tokens.device
@@ -411,7 +414,7 @@ def beam_search(
                 b, kept = live[i], 0
                 for rank, (score, origin, token) in enumerate(zip(*candidates)):
                     row = i * k + origin
-                    if last or token in stops:
+                    if token in stops or (last and not hf_4_30):
                         # only candidates among the top num_beams may finish, and only while the prompt is open
                         if rank < k and open_[b]:
                             stopped = token in stops
@@ -423,15 +426,27 @@ def beam_search(
                         chosen.append(token)
                         scores.append(score)
                         kept += 1
-            if last:
+            if last and not hf_4_30:
                 break
             rows_t = torch.tensor(rows, device=device)
             tokens_t = torch.tensor(chosen, device=device)
             running = torch.tensor(scores, device=device).view(n, k)
-            best_running = running.max(dim=1).values.div(norm).tolist()
+            # the score that must beat the worst finished hypothesis: the best running beam's (transformers >=
+            # 4.33), or 4.30's: the best candidate's, a stop token's included, divided in Python floats as 4.30
+            # divided it (that candidate may be the hypothesis just finished: the two must tie exactly)
+            if hf_4_30:
+                best = [value / norm for value in top[:, 0].tolist()]
+            else:
+                best = running.max(dim=1).values.div(norm).tolist()
             for i, b in enumerate(live):
-                if open_[b] and len(finished[b]) == k and best_running[i] <= finished[b][-1][0]:
+                if open_[b] and len(finished[b]) == k and best[i] <= finished[b][-1][0]:
                     open_[b] = False
+            if last:  # hf_4_30: as 4.30's finalize, the running beams of a prompt not yet done, cut here
+                for i, b in enumerate(live):
+                    for j in range(i * k, (i + 1) * k) if open_[b] else ():
+                        ids = runner.generated[rows[j]].tolist() + [chosen[j]]
+                        _keep_best(finished[b], scores[j] / (step + 1 + cut_extra) ** length_penalty, ids, k)
+                break
             if distributed.everywhere(not any(open_), model):
                 break
             still = [i for i, b in enumerate(live) if open_[b]]

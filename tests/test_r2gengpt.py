@@ -79,6 +79,37 @@ def test_length_normalization_hf_4_30_counts_one_more_for_a_hypothesis_cut_at_ma
         beam_search(model, [[S]], None, length_normalization="without_end", **kw)
 
 
+def test_hf_4_30_decides_a_prompt_by_its_best_candidate_and_checks_the_last_step_too():
+    """transformers 4.30's BeamSearchScorer: a prompt is done once its worst finished hypothesis is >= the best
+    candidate of the step (a stop token's included) / cur_len ** length_penalty, checked after the last step too,
+    and only a prompt not done gets its running beams as hypotheses cut at max_new_tokens. Hand-traced, 2 beams:
+
+    A: S -> 5 (.65) | stop (.35); 5 -> stop (.55) | 5 (.45); length_penalty 1, max_new_tokens 3. Step 1 finishes []
+       (-1.050 / 1); step 2 finishes [5] (log .65 + log .55 = -1.029, / 2 = -0.514); step 3's best candidate is the
+       stop after 5 5 (-1.828): finished as -0.609, which ties its own -1.828 / 3, so the prompt is done and 5 5 5
+       (-2.029 / 4 = -0.507) is never added: [5]. (The running beam's rule adds it and returns 5 5 5.)
+    B: S -> 5 (.83) | stop (.17); 4 -> 5 (.83) | 2 (.17); 5 -> stop (.72) | 4 (.28); length_penalty 2, 5 tokens.
+       At step 4 (cur_len 4) the best candidate is a stop (-2.007 / 16 = -0.125), better than the worst finished
+       hypothesis (-0.145), so the search goes on and ends with 5 4 5 4 5 cut at 5 tokens (-3.105 / 36 = -0.0862);
+       the running beam's rule had stopped there and returned 5 4 5 (-0.1234).
+    """
+    import math
+
+    from medcap.generation import beam_search
+    from tests.test_generation import S, MarkovModel
+    from tests.tiny_vlm import PAD, STOP
+
+    kw = dict(num_beams=2, stop_ids=[STOP], pad_id=PAD, use_cache=False, return_scores=True,
+              length_normalization="hf_4_30")
+    model = MarkovModel({S: {5: 0.65, STOP: 0.35}, 5: {STOP: 0.55, 5: 0.45}}, vocab=6)
+    ids, scores = beam_search(model, [[S]], None, max_new_tokens=3, length_penalty=1.0, **kw)
+    assert ids == [[5]] and scores[0] == pytest.approx((math.log(0.65) + math.log(0.55)) / 2)
+    model = MarkovModel({S: {5: 0.83, STOP: 0.17}, 4: {5: 0.83, 2: 0.17}, 5: {STOP: 0.72, 4: 0.28}}, vocab=6)
+    ids, scores = beam_search(model, [[S]], None, max_new_tokens=5, length_penalty=2.0, **kw)
+    cut = 3 * math.log(0.83) + 2 * math.log(0.28)  # 5 4 5 4 5, cut at 5 tokens: length 5 + 1
+    assert ids == [[5, 4, 5, 4, 5]] and scores[0] == pytest.approx(cut / 6 ** 2)
+
+
 def test_cosine_per_epoch_equals_cosine_annealing_lr_stepped_each_epoch():
     import torch
 
