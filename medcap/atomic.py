@@ -19,9 +19,15 @@ def replaced_atomically(path: str | Path, folder: bool = False) -> Iterator[Path
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     yield tmp
+    # a folder cannot be renamed over another: the old one is moved aside first, whole, and deleted only once the
+    # new one is in place (a swap interrupted in between leaves both on disk; the next write tidies up)
+    aside = path.with_name(f".{path.name}.old")
     if folder and path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
     os.replace(tmp, path)
+    if folder:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -192,3 +192,62 @@ def test_max_image_pixels_reaches_the_data_set_and_prepare_data_reports_the_file
     assert dataset[0]["images"].tolist() == [[300, 100]] and dataset[1]["images"].tolist() == [[244, 122]]
     assert dataset.image_sizes == {str(tmp_path / "wide.png"): (3000, 1000), str(tmp_path / "wide.jpg"): (4000, 2000)}
     assert load_image(tmp_path / "wide.png", max_pixels=None).size == (3000, 1000)
+
+
+# --- review findings: JSONL line ends, question-only and empty-answer conversations, prompts that are not text ---
+
+def test_a_unicode_line_separator_inside_a_caption_is_not_a_line_end(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "1", "image": "a.png", "caption": "Left lung\u2028opacity."},
+            {"id": "2", "image": "a.png", "caption": "No\u0085finding."}]
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    assert [(s["id"], s["caption"]) for s in read_manifest(manifest)] == [("1", "Left lung\u2028opacity."),
+                                                                          ("2", "No\u0085finding.")]
+    manifest.write_text('{"id": "1", "image": "a.png", "caption": "x"}\n\n{"id": "2", "image": "a.png",\n')
+    with pytest.raises(Exception, match=f"{manifest}:3: invalid JSON"):  # line numbers still count every line
+        read_manifest(manifest)
+
+
+def test_question_only_conversations_serve_generation_and_an_empty_later_answer_is_a_problem(tmp_path):
+    from tests.test_formats import write_llava
+
+    question = {"from": "human", "value": "<image>\nDescribe."}
+    root = write_llava(tmp_path / "data", [
+        {"id": "q", "image": "a.png", "conversations": [question]},
+        {"id": "blank", "image": "a.png", "conversations": [question, {"from": "gpt", "value": "A CT."},
+                                                            {"from": "human", "value": "Anything else?"},
+                                                            {"from": "gpt", "value": "   "}]}])
+    options = dict(format="llava", data_dir=str(root), split="train", image_folder="images")
+    prompts_only = CaptionDataset(**options, with_captions=False)
+    assert [s["id"] for s in prompts_only.samples] == ["q", "blank"]
+    with pytest.raises(BadSampleError) as error:
+        CaptionDataset(**options)
+    problems = {p.sample_id: str(p) for p in error.value.problems}
+    assert problems["blank"].endswith("sample 'blank': field 'conversations[3].value' (an answer) is missing or empty")
+    assert "each human turn needs the gpt turn that answers it" in problems["q"]
+
+
+def test_a_prompt_that_is_not_text_is_a_problem_naming_the_field(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": 7, "image": "a.png", "caption": "ok", "prompt": 5}\n')
+    with pytest.raises(BadSampleError) as error:
+        read_manifest(manifest)
+    assert [str(p) for p in error.value.problems] == [
+        f"{manifest}:1: sample '7': field 'prompt' is a JSON number (5), not text; write the prompt as a JSON string"]
+
+
+def test_a_conversation_whose_first_turn_is_only_the_image_takes_the_data_sets_prompt(tmp_path):
+    from medcap.text import build_conversation_sample, smollm2_tokenizer
+    from tests.test_formats import write_llava
+
+    turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A chest radiograph."},
+             {"from": "human", "value": "Any effusion?"}, {"from": "gpt", "value": "No."}]
+    root = write_llava(tmp_path / "data", [{"id": "c", "image": "a.png", "conversations": turns}])
+    tok = smollm2_tokenizer()
+    dataset = CaptionDataset(format="llava", data_dir=str(root), split="train", image_folder="images", tokenizer=tok,
+                             tokens_per_image=4, prompt="Describe the image.", max_seq_len=128)
+    exchanges = [("Describe the image.", "A chest radiograph."), ("Any effusion?", "No.")]
+    expected = build_conversation_sample(tok, exchanges, 4, 128)
+    assert dataset.tokenize(dataset.samples[0]) == expected

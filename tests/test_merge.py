@@ -87,3 +87,16 @@ def test_streamed_safetensors_read_back_by_the_safetensors_library(tmp_path, dty
             assert torch.equal(f.get_tensor(name), value.to(dtype))
     with pytest.raises(ValueError, match="b: produced shape"):
         write_streaming(tmp_path / "x.safetensors", [("b", (6,))], dtype, produce)
+
+
+def test_an_fp32_export_of_a_bf16_transformers_5_folder_loads_in_fp32(tmp_path):
+    """transformers 5 writes the dtype as "dtype" (and reads it before "torch_dtype"): the exported config must say
+    fp32 under both names, or from_pretrained loads the fp32 weights in bf16."""
+    model = adapted(builders.tiny_llama3_2_clip336)
+    src = save_hf_llama(model, tmp_path / "src", dtype=torch.float32)
+    transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text()).get("dtype") == "bfloat16"
+    out = save_hf_llama(model, tmp_path / "fp32", llm_dir=tmp_path / "bf16", dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float32"
+    assert next(transformers.LlamaForCausalLM.from_pretrained(out).parameters()).dtype == torch.float32

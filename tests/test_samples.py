@@ -123,3 +123,19 @@ def test_conversation_truncation_drops_trailing_exchanges_first(tok):
     assert kept["tokens"][-1] == full["tokens"][-1] and len(kept["tokens"]) == len(two["tokens"]) + third_prompt + 2
     with pytest.raises(ValueError, match="at least one"):
         build_conversation_sample(tok, [], 4, 512)
+
+
+def test_max_answer_tokens_caps_every_answer_of_a_conversation_and_keeps_the_exchanges_after_it(tok):
+    from medcap.text import build_conversation_sample
+
+    cap = 3  # two answer tokens + the end-of-turn token
+    capped = build_conversation_sample(tok, TURNS, 4, 512, max_answer_tokens=cap)
+    exchanges = [build_sample(tok, TURNS[0][0], TURNS[0][1], 4, 512, max_answer_tokens=cap)["labels"]]
+    labelled = [t for t, label in zip(capped["tokens"], capped["labels"]) if label != IGNORE_INDEX]
+    answers = [tok.answer_ids(a) for _, a in TURNS]
+    assert capped["truncated"] and len(answers[0]) > cap  # the first answer is capped, the later ones still follow
+    # each answer longer than the cap cut to 2 tokens + its end-of-turn token
+    assert labelled == sum((a if len(a) <= cap else a[:cap - 1] + a[-1:] for a in answers), [])
+    assert [t for t in exchanges[0] if t != IGNORE_INDEX] == answers[0][:cap - 1] + answers[0][-1:]
+    assert build_conversation_sample(tok, TURNS, 4, 512, max_answer_tokens=512) == \
+        build_conversation_sample(tok, TURNS, 4, 512)

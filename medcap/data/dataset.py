@@ -137,17 +137,25 @@ def check_image_files(samples: list[dict[str, Any]], decode: bool, workers: int 
 
 
 def sample_problems(samples: list[dict[str, Any]], with_captions: bool) -> list[Problem]:
-    """Empty captions (when captions are needed) and conversations of more than one exchange."""
+    """When captions are needed: empty captions, conversations whose human turns are not each answered, and empty
+    answers after the first (a split read only for generation needs neither)."""
     problems = []
     for s in samples:
         field = s["caption_field"]
-        if with_captions and (not isinstance(s["caption"], str) or not s["caption"].strip()):
+        if not with_captions:
+            continue
+        if not isinstance(s["caption"], str) or not s["caption"].strip():
             problems.append(Problem(s["source"], s["id"], field, "empty caption",
                                     f"field {field!r} is missing or empty"))
-        if len(s.get("turns") or []) % 2:
+        turns = s.get("turns") or []
+        if len(turns) % 2:
             problems.append(Problem(s["source"], s["id"], "conversations", "unanswered turn",
-                                    f"field 'conversations' holds {len(s['turns'])} turns; each human turn needs "
+                                    f"field 'conversations' holds {len(turns)} turns; each human turn needs "
                                     f"the gpt turn that answers it"))
+        empty = [i for i in range(3, len(turns), 2) if not str(turns[i].get("content") or "").strip()]
+        if empty:  # the first answer is the caption, checked above
+            problems.append(Problem(s["source"], s["id"], f"conversations[{empty[0]}].value", "empty caption",
+                                    f"field 'conversations[{empty[0]}].value' (an answer) is missing or empty"))
     return problems
 
 
@@ -304,10 +312,12 @@ class CaptionDataset(Dataset):
         """``tokens`` and ``labels`` (on the answers only) of a sample with its caption, or of every exchange of
         a multi-turn conversation (``turns``)."""
         turns = sample.get("turns") or []
-        if len(turns) > 2:
+        if len(turns) > 2:  # the first user turn falls back on the data set's prompt, as a single exchange does
             exchanges = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
+            exchanges[0] = (sample["prompt"] or self.prompt, exchanges[0][1])
             return build_conversation_sample(self.tokenizer, exchanges, self.image_tokens(sample), self.max_seq_len,
-                                             self.system, labelled_header=self.labelled_header)
+                                             self.system, labelled_header=self.labelled_header,
+                                             max_answer_tokens=self.max_answer_tokens)
         return build_sample(self.tokenizer, sample["prompt"] or self.prompt, sample["caption"],
                             self.image_tokens(sample), self.max_seq_len, self.system,
                             labelled_header=self.labelled_header, max_answer_tokens=self.max_answer_tokens)

@@ -129,9 +129,10 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
-    """(line number, object) for every non-blank line."""
+    """(line number, object) for every non-blank line. Only "\n" ends a line (with an optional "\r"): U+2028,
+    U+2029 and NEL may stand unescaped inside a JSON string (``json.dumps(..., ensure_ascii=False)`` writes them)."""
     rows = []
-    for line_no, line in enumerate(read_text(path).splitlines(), 1):
+    for line_no, line in enumerate(read_text(path).split("\n"), 1):
         if line.strip():
             try:
                 rows.append((line_no, json.loads(line)))

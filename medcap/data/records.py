@@ -28,14 +28,14 @@ def text_or_none(value: Any) -> str | None:
     return str(value) if isinstance(value, (str, int, float)) else None
 
 
-def caption_not_text(value: Any, source: Source, sample_id: str, field: str) -> Problem | None:
-    """A caption or report must be text or absent (null): a JSON number, boolean, list or object is a problem, not
-    a caption (``12345`` would otherwise train as the caption "12345")."""
+def caption_not_text(value: Any, source: Source, sample_id: str, field: str, what: str = "caption") -> Problem | None:
+    """A caption or report (or a prompt: ``what``) must be text or absent (null): a JSON number, boolean, list or
+    object is a problem, not a caption (``12345`` would otherwise train as the caption "12345")."""
     if value is None or isinstance(value, str):
         return None
     kind = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(value), "value")
-    return Problem(source, sample_id, field, "caption not text",
-                   f"field {field!r} is a JSON {kind} ({json.dumps(value)[:60]}), not text; write the caption as a "
+    return Problem(source, sample_id, field, f"{what} not text",
+                   f"field {field!r} is a JSON {kind} ({json.dumps(value)[:60]}), not text; write the {what} as a "
                    f"JSON string")
 
 
@@ -92,7 +92,8 @@ def read_manifest_samples(path: str | Path) -> Samples:
             problems.append(Problem(source, sample_id, "image", "missing image",
                                     "field 'image' is missing or empty"))
             continue
-        problem = caption_not_text(row.get("caption"), source, sample_id, "caption")
+        problem = (caption_not_text(row.get("caption"), source, sample_id, "caption")
+                   or caption_not_text(row.get("prompt"), source, sample_id, "prompt", what="prompt"))
         if problem:
             problems.append(problem)
             continue

@@ -99,5 +99,7 @@ def save_hf_llama(model, out_dir: str | Path, llm_dir: str | Path | None = None,
         else:
             config = llama_hf_config(decoder, vocab)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if "dtype" in config:  # transformers 5 writes and reads "dtype" first
+            config["dtype"] = config["torch_dtype"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir

@@ -57,8 +57,8 @@ def build_sample(tokenizer: ChatTokenizer, prompt: str, caption: str, num_image_
 
 
 def build_conversation_sample(tokenizer: ChatTokenizer, turns: list[tuple[str, str]], num_image_tokens: int,
-                              max_seq_len: int, system: str | None = None, *, labelled_header: int = 0
-                              ) -> dict[str, Any]:
+                              max_seq_len: int, system: str | None = None, *, labelled_header: int = 0,
+                              max_answer_tokens: int | None = None) -> dict[str, Any]:
     """A multi-turn conversation ``[(user, assistant), ...]``: the first user turn carries the image
     placeholders (``prompt_ids``), later ones are ``followup_ids``; labels only on the assistant answers and their
     end-of-turn tokens. One exchange gives exactly ``build_sample``.
@@ -66,20 +66,22 @@ def build_conversation_sample(tokenizer: ChatTokenizer, turns: list[tuple[str, s
     Too long for ``max_seq_len``: whole trailing exchanges are dropped first; the last exchange kept has its
     answer cut (keeping its end-of-turn token) when its user turn and two answer tokens fit, else it is dropped
     too; the first user turn and the image placeholders are never cut (ValueError when they leave no room for
-    two answer tokens). ``truncated`` says whether anything was dropped or cut."""
+    two answer tokens). ``max_answer_tokens`` caps every answer (with its end-of-turn token) as in
+    ``build_sample``; a capped answer does not end the conversation. ``truncated`` says whether anything was dropped
+    or cut."""
     if not turns:
         raise ValueError("a conversation needs at least one (user, assistant) exchange")
     first = build_sample(tokenizer, turns[0][0], turns[0][1], num_image_tokens, max_seq_len, system,
-                         labelled_header=labelled_header)
+                         labelled_header=labelled_header, max_answer_tokens=max_answer_tokens)
     tokens, labels, truncated = first["tokens"], first["labels"], first["truncated"]
     for index, (user, answer) in enumerate(turns[1:], 1):
-        if truncated:
-            break
         prompt, reply = tokenizer.followup_ids(user), tokenizer.answer_ids(answer)
-        room = max_seq_len - len(tokens) - len(prompt)
+        room = max_seq_len - len(tokens) - len(prompt)  # < 2 as well after an answer cut to fit max_seq_len
         if room < 2:
             truncated = True
             break
+        if max_answer_tokens is not None:
+            room = min(room, max_answer_tokens)
         if len(reply) > room:
             reply, truncated = _cut(reply, room, tokenizer), True
         tokens = tokens + prompt + reply
