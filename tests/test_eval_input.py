@@ -175,15 +175,12 @@ def test_an_id_0_is_an_id_and_jsonl_errors_name_their_line(tmp_path):
     questions.write_text("\n".join(json.dumps({"id": i, **question}, ensure_ascii=False) for i in range(2)) + "\n")
     read = read_vqa_references(questions)
     assert list(read) == ["0", "1"] and read["0"]["answer"] == "yes"  # U+2028 inside a string is not a line end
-    questions.write_text('{"id": "q1", "answer": "no"}\n\n{"id": "q3", "answer": "no",}\n')
-    with pytest.raises(ValueError, match=f"{questions}: line 3: invalid JSON"):
-        read_vqa_references(questions)
-    questions.write_text('{"id": "q1", "answer": "no"}\n["x"]\n')
-    with pytest.raises(ValueError, match=f"{questions}: line 2: a question must be a JSON object, found list"):
-        read_vqa_references(questions)
-    questions.write_text('{"id": "q1", "answer": "no"}\n{"id": "q1", "answer": "yes"}\n')
-    with pytest.raises(ValueError, match=f"{questions}: line 2: duplicate id 'q1'"):
-        read_vqa_references(questions)
-    questions.write_text(json.dumps([{"id": "q1", "answer": "no"}, {"answer": "yes"}]))
-    with pytest.raises(ValueError, match=f"{questions}: item 2: field 'id' is missing or empty"):
-        read_vqa_references(questions)
+    first = '{"id": "q1", "answer": "no"}\n'
+    for text, error in [(first + '\n{"id": "q3", "answer": "no",}\n', "line 3: invalid JSON"),
+                        (first + '["x"]\n', "line 2: a question must be a JSON object, found list"),
+                        (first + '{"id": "q1", "answer": "yes"}\n', "line 2: duplicate id 'q1'"),
+                        (json.dumps([{"id": "q1", "answer": "no"}, {"answer": "yes"}]),
+                         "item 2: field 'id' is missing or empty")]:
+        questions.write_text(text)
+        with pytest.raises(ValueError, match=f"{questions}: {error}"):
+            read_vqa_references(questions)
