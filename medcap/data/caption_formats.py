@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from medcap.data.problems import (DataFileError, Problem, Source, SplitMissingError, read_csv, read_json,
                                   read_jsonl)
-from medcap.data.records import Samples, caption_not_text, drop_duplicates, image_list, sample_record
+from medcap.data.records import Samples, caption_not_text, drop_duplicates, id_text, image_list, sample_record
 from medcap.data.reports import VARIANTS as REPORT_VARIANTS, clean_report_iu_xray, clean_report_mimic_cxr
 
 IMAGE_TAG = "<image>"
@@ -111,7 +111,7 @@ def read_r2gen(data_dir: Path, split: str, cleaner: Callable[..., str], annotati
         if not isinstance(item, dict):
             problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
             continue
-        sample_id = "" if item.get("id") is None else str(item["id"]).strip()  # an id 0 is "0"
+        sample_id = id_text(item.get("id"))
         images = image_list(item.get("image_path"))
         report = item.get("report")
         if not sample_id:
@@ -188,7 +188,7 @@ def read_llava(data_dir: Path, split: str, annotation_file: str = "{split}.json"
         if not isinstance(item, dict):
             problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
             continue
-        sample_id = "" if item.get("id") is None else str(item["id"]).strip()  # an id 0 is "0"
+        sample_id = id_text(item.get("id"))
         if not sample_id:
             problems.append(Problem(source, None, "id", "missing id", "field 'id' is missing or empty"))
             continue

@@ -139,11 +139,11 @@ def check_image_files(samples: list[dict[str, Any]], decode: bool, workers: int 
 def sample_problems(samples: list[dict[str, Any]], with_captions: bool) -> list[Problem]:
     """When captions are needed: empty captions, conversations whose human turns are not each answered, and empty
     answers after the first (a split read only for generation needs neither)."""
+    if not with_captions:
+        return []
     problems = []
     for s in samples:
         field = s["caption_field"]
-        if not with_captions:
-            continue
         if not isinstance(s["caption"], str) or not s["caption"].strip():
             problems.append(Problem(s["source"], s["id"], field, "empty caption",
                                     f"field {field!r} is missing or empty"))

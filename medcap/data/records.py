@@ -28,6 +28,11 @@ def text_or_none(value: Any) -> str | None:
     return str(value) if isinstance(value, (str, int, float)) else None
 
 
+def id_text(value: Any) -> str:
+    """A sample ID as read: text stripped, a JSON number its text (0 is "0", not missing), None "" (missing)."""
+    return "" if value is None else str(value).strip()
+
+
 def caption_not_text(value: Any, source: Source, sample_id: str, field: str, what: str = "caption") -> Problem | None:
     """A caption or report (or a prompt: ``what``) must be text or absent (null): a JSON number, boolean, list or
     object is a problem, not a caption (``12345`` would otherwise train as the caption "12345")."""
@@ -83,7 +88,7 @@ def read_manifest_samples(path: str | Path) -> Samples:
         if not isinstance(row, dict):
             problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
             continue
-        sample_id = "" if row.get("id") is None else str(row["id"]).strip()  # an id 0 is "0"
+        sample_id = id_text(row.get("id"))
         if not sample_id:
             problems.append(Problem(source, None, "id", "missing id", "field 'id' is missing or empty"))
             continue

@@ -6,9 +6,11 @@ import io
 import itertools
 import json
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 from medcap.atomic import replaced_atomically
+from medcap.data.records import id_text
 
 _ID_COLUMNS = ("ID", "id", "Id")
 NO_HEADER = ("ID", "caption")  # the columns of a predictions file without a header line
@@ -59,7 +61,7 @@ def _read_csv_rows(path: Path, header_optional: bool = False) -> list[tuple[int,
     names = [name.strip() for name in header]
     if header_optional and header and "id" not in [name.lower() for name in names]:
         rows = itertools.chain([(first_line, header)], rows)
-        header, names = list(NO_HEADER), list(NO_HEADER)
+        header = names = NO_HEADER
     id_col = next((names.index(c) for c in _ID_COLUMNS if c in names), None)
     cap_col = next((names.index(c) for c in _CAPTION_COLUMNS if c in names), None)
     if id_col is None or cap_col is None:
@@ -75,20 +77,24 @@ def _read_csv_rows(path: Path, header_optional: bool = False) -> list[tuple[int,
     return out
 
 
+def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of JSONL ``text`` read from ``path``; only "\n" ends a line
+    (JSON strings may hold U+2028 unescaped). Invalid JSON is an error naming the line."""
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+
+
 def iter_jsonl(path: Path):
-    """(line number, id, row) for each non-blank line of a JSONL file whose rows carry an ``id``; invalid JSON or a
-    missing id is an error naming the line."""
-    for line_no, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+    """(line number, id, row) for each non-blank line of a JSONL file whose rows carry an ``id``; invalid JSON, a
+    row that is not an object or a missing id is an error naming the line."""
+    for line_no, row in json_lines(path, read_text(path)):
         if not isinstance(row, dict):
             raise ValueError(f"{path}: line {line_no}: expected a JSON object, found {type(row).__name__}")
-        raw_id = row.get("id")
-        sample_id = "" if raw_id is None else str(raw_id).strip()  # an id 0 is "0", not missing
+        sample_id = id_text(row.get("id"))
         if not sample_id:
             raise ValueError(f"{path}: line {line_no}: field 'id' is missing or empty")
         yield line_no, sample_id, row

@@ -25,8 +25,8 @@ def check_submission(path: str | Path, test_ids: list[str] | set[str]) -> list[s
             if index == 0 and "id" in names:
                 header, id_col = row, names.index("id")
                 continue
-            if len(row) != len(header or list(NO_HEADER)):
-                problems.append(field_count_error(path, line, row, header or list(NO_HEADER)))
+            if len(row) != len(header or NO_HEADER):
+                problems.append(field_count_error(path, line, row, header or NO_HEADER))
                 continue
             sample_id = row[id_col]
             if not sample_id.strip():

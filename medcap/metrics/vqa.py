@@ -170,29 +170,23 @@ def read_vqa_references(path) -> dict[str, dict]:
     import json
     from pathlib import Path
 
-    from medcap.metrics.io import read_text
+    from medcap.data.records import id_text
+    from medcap.metrics.io import json_lines, read_text
 
     path = Path(path)
     text = read_text(path)  # a byte-order mark is dropped
-    rows = []  # (where in the file, row)
-    if text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):  # (where in the file, row)
         try:
             rows = [(f"item {index + 1}", row) for index, row in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    else:  # one object per line; only "\n" ends one (JSON strings may hold U+2028 unescaped)
-        for line_no, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    rows.append((f"line {line_no}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+    else:
+        rows = [(f"line {line_no}", row) for line_no, row in json_lines(path, text)]
     questions = {}
     for where, row in rows:
         if not isinstance(row, dict):
             raise ValueError(f"{path}: {where}: a question must be a JSON object, found {type(row).__name__}")
-        raw_id = row.get("id") if row.get("id") is not None else row.get("question_id")
-        sample_id = "" if raw_id is None else str(raw_id).strip()
+        sample_id = id_text(row.get("id") if row.get("id") is not None else row.get("question_id"))
         if not sample_id:
             raise ValueError(f"{path}: {where}: field 'id' is missing or empty")
         if sample_id in questions:
