@@ -428,8 +428,6 @@ def beam_search(
                         kept += 1
             if last and not hf_4_30:
                 break
-            rows_t = torch.tensor(rows, device=device)
-            tokens_t = torch.tensor(chosen, device=device)
             running = torch.tensor(scores, device=device).view(n, k)
             # the score that must beat the worst finished hypothesis: the best running beam's (transformers >=
             # 4.33), or 4.30's: the best candidate's, a stop token's included, divided in Python floats as 4.30
@@ -449,6 +447,8 @@ def beam_search(
                 break
             if distributed.everywhere(not any(open_), model):
                 break
+            rows_t = torch.tensor(rows, device=device)
+            tokens_t = torch.tensor(chosen, device=device)
             still = [i for i, b in enumerate(live) if open_[b]]
             if use_cache and still and len(still) < n:
                 # the prompts that are done leave the batch with their beams' cache rows (one process with none

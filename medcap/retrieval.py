@@ -143,6 +143,14 @@ def embedder_from_source(source: dict[str, Any], device: torch.device, dtype: to
     """Builds the encoder ``retrieval_source`` describes, in ``dtype`` on ``device``. ``read_from``: the file the
     description was read from (an index's meta.json), whose components must be medcap's model builders or named
     in ``trusted``."""
+    where = str(read_from or "retrieval source")
+    if not isinstance(source, (dict, DictConfig)):
+        raise ValueError(f"{where}: the source encoder must be a mapping, found {type(source).__name__}")
+    for key in ("encoder", "model"):
+        # a string would be parsed as YAML by OmegaConf.create below: a config node the check never saw
+        if source.get(key) is not None and not isinstance(source[key], (dict, DictConfig)):
+            raise ValueError(f"{where}: source.{key} must be a config mapping (_component_ and arguments), found "
+                             f"{type(source[key]).__name__}")
     if read_from is not None:
         check_components({k: source.get(k) for k in ("encoder", "model")}, str(read_from), list(trusted))
     torch.manual_seed(source.get("seed", 0))

@@ -5,12 +5,15 @@ defined in medcap itself, so a shared file cannot make medcap call ``subprocess.
 import importlib
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 BUILDER_MODULES = ("medcap.models.builders", "medcap.models.encoders", "medcap.models.llava_hf")
 
 
 def check_components(node: Any, source: str, trusted: list[str] | tuple = ()) -> None:
     """Raise ValueError naming ``source`` and the key when ``node`` names a component that is not one of the
-    functions or classes defined in ``BUILDER_MODULES``, nor one the user ``trusted`` by its full name."""
+    functions or classes defined in ``BUILDER_MODULES``, nor one the user ``trusted`` by its full name. Only the
+    nodes are checked: a caller must not parse a string of the file as YAML (``OmegaConf.create``) afterwards."""
     for key, value in _components(node, ""):
         if value in trusted:
             continue
@@ -25,6 +28,8 @@ def check_components(node: Any, source: str, trusted: list[str] | tuple = ()) ->
 
 
 def _components(node: Any, prefix: str):
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=False)
     if isinstance(node, dict):
         for key, value in node.items():
             path = f"{prefix}.{key}" if prefix else str(key)
