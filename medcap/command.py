@@ -7,7 +7,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 TYPES = {bool: "true or false", int: "an integer", float: "a number"}
 
@@ -24,27 +26,47 @@ def _lookup(node, dotted: str):
     return node
 
 
+def _config_path(argv: list[str]) -> Path | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def _parsed(raw: str):
+    """The override's value as torchtune reads it: OmegaConf's grammar (``1e-2`` is a number), ``None`` is null."""
+    if raw == "None":
+        return None
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]), resolve=False)["value"]
+
+
 def check_override_types(argv: list[str]) -> None:
     """Each ``key=value`` override whose key holds a boolean or a number in the config file must parse as one
-    (``null`` and interpolations are left to the config)."""
-    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+    (``null`` and interpolations are left to the config); a value holding "=" is refused, as torchtune would
+    refuse it, with the reason."""
+    path = _config_path(argv)
+    if path is None:
         return
-    path = Path(argv[argv.index("--config") + 1])
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, YAMLError, OmegaConfBaseException):
         return  # torchtune's own parser reports an unreadable config
     for arg in argv:
-        if "=" not in arg or arg.startswith("-"):
+        if "=" not in arg or arg.startswith(("-", "~")):
             continue
         key, raw = arg.split("=", 1)
+        if "=" in raw:
+            raise SystemExit(f"medcap: {arg}: an override's value may not contain '=' (torchtune splits overrides "
+                             f"at every '='); rename or link the file, or set the value in a copy of the config")
         expected = _lookup(config, key)
         kind = type(expected)
         if kind not in TYPES or raw.startswith("${"):
             continue
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = _parsed(raw)
+        except (OmegaConfBaseException, ValueError):
             value = raw
         if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)) \
                 or kind is float and isinstance(value, int) and not isinstance(value, bool):
