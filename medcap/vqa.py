@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medcap.data.vqa_formats import question_prompt
-from medcap.metrics.vqa import normalize_answer
+from medcap.metrics.vqa import answer_key
 
 NORMALIZE = ("mean", "sum")
 
@@ -28,28 +28,27 @@ NORMALIZE = ("mean", "sum")
 def vqa_questions(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The questions of a VQA data set's samples (``format: omnimedvqa`` or ``vqa_rad``): id, images, question,
     options ({letter: text} or None), answer, modality, question_type. ValueError, naming the sample and the
-    field, for a sample without a question or an answer (e.g. a plain caption manifest)."""
+    field, for a sample without a question or an answer (e.g. a plain caption manifest) or whose answer names none
+    of its options."""
     questions = []
     for s in samples:
         for field in ("question", "answer"):
             if not isinstance(s.get(field), str) or not s[field].strip():
                 raise ValueError(f"{s['source']}: sample {s['id']!r}: field {field!r} is missing or empty; "
                                  f"the VQA recipe needs a VQA data set (format: omnimedvqa or vqa_rad)")
-        questions.append({"id": s["id"], "images": s["images"], "question": s["question"],
+        if s.get("options") and answer_key(s["answer"], s["options"]) is None:
+            raise ValueError(f"{s['source']}: sample {s['id']!r}: field 'answer' ({s['answer']!r}) names none of the "
+                             f"options {s['options']}")
+        questions.append({"id": s["id"], "source": s["source"], "images": s["images"], "question": s["question"],
                           "options": s.get("options") or None, "answer": s["answer"],
                           "modality": s.get("modality"), "question_type": s.get("question_type")})
     return questions
 
 
 def correct_option(answer: str, options: dict[str, str] | None) -> str | None:
-    """The letter of the right option: ``answer`` is a letter or the text of exactly one option; None for a
-    question without options or an answer that names no single option."""
-    if not options:
-        return None
-    if answer.strip().upper() in options:
-        return answer.strip().upper()
-    matches = [k for k, text in options.items() if normalize_answer(text) == normalize_answer(answer)]
-    return matches[0] if len(matches) == 1 else None
+    """The key of the right option (``medcap.metrics.vqa.answer_key``: what scoring counts as right); None for a
+    question without options or an answer that names no option."""
+    return answer_key(answer, options) if options else None
 
 
 def question_text(question: dict[str, Any], instruction: str | None = None,
@@ -219,6 +218,13 @@ def judge_text(question: str, answer: str, options: dict[str, str], missing: str
 def judge_letter(reply: str) -> str:
     """The seed's reading of the judge's reply: its first character after stripping, upper-cased ('' if none)."""
     return reply.strip()[:1].upper()
+
+
+def judged_option(reply: str, options: dict[str, str]) -> str:
+    """The option key the judge's reply starts with, or '' (wrong, as the seed counted any other reply): never
+    matched against the options' texts, so "I think..." is not option "I"'s text."""
+    letter = judge_letter(reply)
+    return letter if letter in options else ""
 
 
 def description_budget(max_new_tokens: int, context_len: int | None, prompt_len: int, question_len: int,

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torchtune import config, training
+from torchtune import config, training, utils
 from tqdm import tqdm
 
 from medcap.command import run_command
@@ -52,7 +52,7 @@ from medcap.metrics.vqa import parse_choice
 from medcap.report import report_options, vqa_report
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 from medcap.text.seed_prompts import rendered_prompt, seed_text_ids
-from medcap.vqa import (JUDGE_MISSING, NORMALIZE, answer_prompt, correct_option, description_budget, judge_letter,
+from medcap.vqa import (JUDGE_MISSING, NORMALIZE, answer_prompt, correct_option, description_budget, judged_option,
                         judge_text, option_ids, pick_option, question_text, score_options, vqa_questions)
 
 MODES = ("direct", "two_stage", "likelihood", "two_stage_likelihood", "two_stage_judge")
@@ -172,7 +172,7 @@ class VQARun:
                        for q in batch]
             replies = self.generate(prompts, None, cfg.get("judge_max_new_tokens", 20), 20_000 + index)
             for q, reply in zip(batch, replies):
-                answers[q["id"]].update(raw_answer=judge_letter(reply), judge_reply=reply)
+                answers[q["id"]].update(raw_answer=judged_option(reply, q["options"]), judge_reply=reply)
         return answers, descriptions
 
     def rows(self, questions: list[dict]) -> list[list[dict]]:
@@ -182,6 +182,12 @@ class VQARun:
             by_images.setdefault(tuple(q["images"]), []).append(q)
         size = self.cfg.get("questions_per_row", 1)
         return [chunk for group in by_images.values() for chunk in batches(group, size)]
+
+    def option_tokens(self, q: dict) -> list[list[int]]:
+        try:
+            return option_ids(self.tokenizer, q["options"], self.cfg.option_format, self.cfg.with_end)
+        except ValueError as error:
+            raise ValueError(f"{q['source']}: sample {q['id']!r}: field 'options': {error}") from None
 
     def answer_by_likelihood(self, questions: list[dict], descriptions: dict[tuple, str]) -> dict[str, dict]:
         cfg = self.cfg
@@ -194,7 +200,7 @@ class VQARun:
                 start += len(row)
             prompts = [self.prompt(q, descriptions.get(tuple(q["images"])), cfg.get("likelihood_instruction"))
                        for q in batch]
-            continuations = [option_ids(self.tokenizer, q["options"], cfg.option_format, cfg.with_end) for q in batch]
+            continuations = [self.option_tokens(q) for q in batch]
             scores = score_options(self.model, prompts, continuations, self.images([row[0] for row in rows]),
                                    self.tokenizer.pad_id, index, self.model.decoder.max_seq_len,
                                    [q["id"] for q in batch])
@@ -218,6 +224,10 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"prompt_encoding must be one of {PROMPT_ENCODINGS}, got {cfg.prompt_encoding!r}")
     if cfg.get("judge_missing", "omit") not in JUDGE_MISSING:
         raise ValueError(f"judge_missing must be one of {JUDGE_MISSING}, got {cfg.judge_missing!r}")
+    if utils.get_world_size_and_rank()[0] > 1:
+        raise ValueError("the vqa recipe runs in one process (each process would answer every question and write "
+                         "the same files): run it without --nproc_per_node / torchrun")
+    report = report_options(cfg.get("report", True))  # checked before the model runs
     training.set_seed(seed=cfg.seed)
     device, dtype = device_and_dtype(cfg)
     model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=cfg.get("checkpoint"))
@@ -246,12 +256,16 @@ def main(cfg: DictConfig) -> None:
     seconds = time.perf_counter() - t0
 
     predictions = {q["id"]: answers[q["id"]]["raw_answer"] for q in questions}
-    references = {q["id"]: {k: q[k] for k in ("answer", "options", "modality", "question_type")} for q in questions}
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # one line per answer (scoring ignores whitespace runs; medcap.metrics.read_predictions drops newlines inside
+    # quoted fields, gluing words together); written before scoring, which cannot lose it
+    write_csv_predictions(out / "predictions.csv", {k: " ".join(v.split()) for k, v in predictions.items()})
+    references = {q["id"]: {k: q[k] for k in ("id", "answer", "options", "modality", "question_type")}
+                  for q in questions}
     scored = evaluate(predictions, references, preset="vqa", group_by=cfg.get("group_by", "modality"))
     correct = dict(zip(scored.ids, scored.per_sample["correct"].tolist()))
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for q in questions:
         raw = predictions[q["id"]]
@@ -264,9 +278,6 @@ def main(cfg: DictConfig) -> None:
         row.update({k: v for k, v in answers[q["id"]].items() if k != "raw_answer"})  # option scores, judge reply
         rows.append(json.dumps(row))
     write_text(out / "predictions.jsonl", "\n".join(rows) + "\n")
-    # one line per answer (scoring ignores whitespace runs; medcap.metrics.read_predictions drops newlines inside
-    # quoted fields, gluing words together)
-    write_csv_predictions(out / "predictions.csv", {k: " ".join(v.split()) for k, v in predictions.items()})
     write_json(out / "metrics.json", scored.corpus)
     intervals = {}
     resamples = int(cfg.get("bootstrap", 0))
@@ -276,8 +287,7 @@ def main(cfg: DictConfig) -> None:
                                              "intervals": intervals[cfg.mode]})
     print(format_table({cfg.mode: scored.corpus}, intervals=intervals))
     log.info(f"{len(questions)} questions ({cfg.mode}) in {seconds:.1f} s -> {out / 'metrics.json'}")
-    report = report_options(cfg.get("report", True))  # report.html beside metrics.json; report=false: none
-    if report:
+    if report:  # report.html beside metrics.json; report=false: none
         records = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
         page = vqa_report(out / "report.html", records, scored.corpus, intervals.get(cfg.mode),
                           {q["id"]: q["images"] for q in questions}, report, cfg.mode)

@@ -256,7 +256,9 @@ def test_two_stage_judge_end_to_end(demo_vqa, tmp_path, monkeypatch):
         modality_question = r["id"].endswith("_modality")
         assert r["answer_text"] == ("Radiograph" if modality_question else "not sure")
         named = [k for k, v in r["options"].items() if v == "Radiograph"] if modality_question else []
-        assert r["raw_answer"] == (named[0] if named else "Z") and r["judge_reply"].startswith(r["raw_answer"])
+        # a reply starting with no option's letter is no answer (the seed counted it wrong)
+        assert r["judge_reply"].startswith(named[0] if named else "Z")
+        assert r["raw_answer"] == (named[0] if named else "") and r["parsed_option"] == (named[0] if named else None)
         assert r["correct"] == (modality_question and r["answer"] == "Radiograph")
     metrics = json.loads((out / "metrics.json").read_text())
     per_group = {}

@@ -1,6 +1,8 @@
 import pytest
 
-from medcap.metrics.vqa import closed_match, normalize_answer, parse_choice, per_record_correct, vqa_accuracy
+from medcap.metrics.vqa import (answer_key, closed_match, normalize_answer, parse_choice, per_record_correct,
+                                vqa_accuracy)
+from medcap.vqa import correct_option
 
 OPTIONS = {"A": "CT", "B": "MRI", "C": "X-ray", "D": "Ultrasound"}
 NINE = {"A": "CT", "B": "MRI", "C": "PET", "D": "SPECT", "E": "X-ray", "F": "Ultrasound", "G": "Angiography",
@@ -197,3 +199,29 @@ def test_answer_text_matching_no_option_raises():
     records = [{"id": "q9", "options": OPTIONS, "answer": "PET", "prediction": "A"}]
     with pytest.raises(ValueError, match=r"q9.*'PET'"):
         vqa_accuracy(records)
+
+
+@pytest.mark.parametrize("answer, options, key", [
+    ("X-ray", {"A": "X-ray", "B": "X ray"}, "A"),  # the exact text first, as the seed matched
+    ("benign", {"A": "Benign", "B": "benign"}, "B"),
+    ("CT", {"A": "CT", "B": "CT"}, "A"),  # the first of equal texts
+    ("x ray", {"A": "X-ray", "B": "MRI"}, "A"),  # else the one normalised match
+    ("x ray", {"A": "X-ray", "B": "X ray"}, None),  # two normalised matches, no exact one
+    ("(b)", {"A": "CT", "B": "MRI"}, "B"),
+    ("PET", {"A": "CT", "B": "MRI"}, None),
+])
+def test_answer_key_matches_the_seed_before_normalising(answer, options, key):
+    assert answer_key(answer, options) == key
+    if key is not None:  # scoring and the report's marked option agree
+        assert per_record_correct([{"id": "q", "options": options, "answer": answer, "prediction": key}]) == [True]
+        assert correct_option(answer, options) == key
+
+
+def test_unicode_punctuation_is_punctuation():
+    assert normalize_answer("Alzheimer\u2019s disease") == normalize_answer("Alzheimer's disease") == \
+        "alzheimer s disease"
+    options = {"A": "CT", "B": "T1-weighted MRI", "C": "X-ray"}
+    assert parse_choice("It is an X\u2011ray.", options) == "C"  # a non-breaking hyphen
+    assert parse_choice("T1\u2013weighted MRI", options) == "B"  # an en dash
+    assert closed_match("Yes\u2014there is", "yes")
+    assert normalize_answer("\uff38-RAY") == "x ray"  # full-width letters (NFKC)

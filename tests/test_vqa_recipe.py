@@ -3,6 +3,7 @@ mean), the demo VQA builder, the scorer on a hand-checked set, and the recipe en
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from medcap.data.vqa_formats import read_omnimedvqa
 from medcap.metrics import evaluate, read_predictions
 from medcap.metrics.vqa import parse_choice, read_vqa_references
 from medcap.text import smollm2_tokenizer
-from medcap.vqa import (answer_prompt, correct_option, option_ids, pack_tree, pick_option, question_text,
-                        score_options, vqa_questions)
+from medcap.vqa import (answer_prompt, correct_option, judged_option, option_ids, pack_tree, pick_option,
+                        question_text, score_options, vqa_questions)
 from tests.tiny_vlm import IMAGE_ID, tiny_vlm
 
 QUESTION = {"id": "q1", "images": ["x.png"], "question": "What is the imaging modality?",
@@ -336,3 +337,63 @@ def test_real_weight_config_runs_two_stage_with_a_tiny_model_of_its_family(demo_
                                        "demo_test_0000_abnormality", "demo_test_0001_modality"]
     assert len({r["description"] for r in rows[:3]}) == 1
     assert json.loads((out / "metrics.json").read_text())["n"] == 4
+
+
+def test_correct_option_reads_the_letter_forms_scoring_reads():
+    assert [correct_option(a, QUESTION["options"]) for a in ("(B)", "b.", "B)", "[c]")] == ["B", "B", "B", "C"]
+
+
+def test_an_answer_naming_no_option_stops_before_the_model_runs():
+    sample = {"id": "s1", "images": ["a.png"], "source": Source("q.json", item="[4]"), "question": "Which?",
+              "answer": "PET", "options": {"A": "CT", "B": "MRI"}}
+    with pytest.raises(ValueError, match=r"q.json: \[4\]: sample 's1': field 'answer' \('PET'\) names none of the "
+                                         r"options"):
+        vqa_questions([sample])
+    assert vqa_questions([{**sample, "answer": "MRI"}])[0]["options"] == {"A": "CT", "B": "MRI"}
+
+
+def test_judge_reply_counts_only_as_an_option_letter():
+    options = {"A": "I", "B": "II", "C": "III"}  # roman numerals: "I think..." is not option A's text
+    assert [judged_option(r, options) for r in ("B", " c) III", "I think it is A.", "", "D")] == ["B", "C", "", "", ""]
+    assert parse_choice("", options) is None  # scored wrong, counted unparsed
+
+
+def test_omnimedvqa_checks_only_the_modalities_asked_for_and_answers_naming_no_option(tmp_path):
+    folder = tmp_path / "QA_information" / "Open-access"
+    folder.mkdir(parents=True)
+    good = {"question_id": "q1", "question": "Which?", "option_A": "CT", "option_B": "MRI", "gt_answer": "MRI",
+            "image_path": "a.png", "modality_type": "X-Ray"}
+    (folder / "s.json").write_text(json.dumps([
+        good,
+        {"question_id": "q2", "question": "", "image_path": "b.png", "modality_type": "Dermoscopy"},  # not asked
+        {**good, "question_id": "q3", "gt_answer": "PET"},
+    ]))
+    samples, problems = read_omnimedvqa(tmp_path, "test", modalities=["X-Ray"])
+    assert [s["id"] for s in samples] == ["q1"]
+    assert [(p.sample_id, p.field, p.reason) for p in problems] == [("q3", "gt_answer", "answer not an option")]
+    assert "'PET' names none of the options" in problems[0].detail and problems[0].source.item == "[2]"
+    _, problems = read_omnimedvqa(tmp_path, "test")
+    assert [p.sample_id for p in problems] == ["q2", "q3"]  # without the filter q2 is checked (no question)
+
+
+def test_an_option_without_tokens_names_the_question(demo_vqa, tmp_path):
+    data_dir, path = demo_vqa
+    copy = tmp_path / "data"
+    (copy / "QA_information" / "Open-access").mkdir(parents=True)
+    shutil.copytree(data_dir / "images", copy / "images")
+    items = json.loads(path.read_text())
+    items[1]["option_C"] = " "
+    (copy / "QA_information" / "Open-access" / path.name).write_text(json.dumps(items))
+    with pytest.raises(ValueError, match=rf"demo_test.json: \[1\]: sample '{items[1]['question_id']}': field "
+                                         r"'options': option C \(' '\) gives no tokens"):
+        _run(copy, tmp_path / "out", "mode=likelihood", "with_end=false", "limit=3", "shuffle_seed=null")
+
+
+def test_demo_manifest_errors_name_the_line(tmp_path):
+    from medcap.data.demo_vqa import _read_rows
+    from medcap.data.problems import DataFileError
+
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text('{"id": "a", "image": "a.png", "modality": "chest_xray", "finding": "none"}\n{"id": \n')
+    with pytest.raises(DataFileError, match=r"test.jsonl:2: invalid JSON"):
+        _read_rows(manifest)

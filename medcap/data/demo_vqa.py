@@ -7,8 +7,9 @@ For every image of the split: the imaging modality, the body part (not asked of 
 no body part) and whether there is a focal abnormality. Writes ``<data>/QA_information/Open-access/demo_<split>.json``
 (a list of ``{question_id, question, option_A.., gt_answer, image_path, modality_type, question_type, dataset}``;
 ``gt_answer`` is the right option's text, as in OmniMedVQA; ``modality_type`` is the demo's modality key, so
-accuracy is reported per base image). The right option's letter is drawn at random (seeded), distractors are
-drawn from the other answers of the same question.
+accuracy is reported per base image). For the modality and body part the right option's letter is drawn at
+random (seeded) and the distractors from the other answers of the same question; the abnormality question is
+always A. Yes, B. No.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medcap.atomic import write_json
-from medcap.data.problems import DataFileError
+from medcap.data.problems import DataFileError, read_jsonl
 
 # demo modality key -> (imaging modality, body part or None)
 ANSWERS = {
@@ -50,10 +51,9 @@ def _read_rows(manifest: Path) -> list[dict]:
     if not manifest.is_file():
         raise DataFileError(f"demo manifest not found: {manifest} (python -m medcap.data.demo_builder builds it)")
     rows = []
-    for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for line_no, row in read_jsonl(manifest):
+        if not isinstance(row, dict):
+            raise DataFileError(f"{manifest}:{line_no}: expected a JSON object, found {type(row).__name__}")
         for field in ("id", "image", "modality", "finding"):
             if not row.get(field):
                 raise DataFileError(f"{manifest}: line {line_no}: sample {row.get('id')!r}: field {field!r} is "

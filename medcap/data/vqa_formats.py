@@ -7,6 +7,7 @@ from typing import Any
 
 from medcap.data.problems import DataFileError, Problem, Source, SplitMissingError, read_json
 from medcap.data.records import Samples, drop_duplicates, sample_record, text_or_none
+from medcap.metrics.vqa import answer_key
 
 
 def question_prompt(question: str, options: dict[str, str] | None) -> str:
@@ -44,28 +45,33 @@ def read_omnimedvqa(data_dir: Path, split: str, access: str = "Open-access",
         if unknown:
             raise DataFileError(f"{folder}: no subset(s) {sorted(unknown)}; it has {[f.stem for f in files]}")
         files = [f for f in files if f.stem in subsets]
-    samples, problems = [], []
+    samples, problems, found = [], [], set()
     for path in files:
         rows = read_json(path)
         if not isinstance(rows, list):
             raise DataFileError(f"{path}: expected a JSON list of questions (OmniMedVQA's layout)")
         for index, row in enumerate(rows):
+            modality = row.get("modality_type", row.get("modality")) if isinstance(row, dict) else None
+            found.add(modality)
+            if modalities is not None and modality not in modalities:
+                continue  # a question left out is not checked either
             source = Source(str(path), item=f"[{index}]")
             record = vqa_row(source, row, data_dir, problems, id_key="question_id", image_key="image_path",
                              answer_key="gt_answer")
-            if record is not None:
-                options = {k[len("option_"):]: str(v) for k, v in row.items()
-                           if k.startswith("option_") and v not in (None, "")}
-                samples.append(vqa_record(source, record, options or None,
-                                          modality=row.get("modality_type", row.get("modality")),
-                                          question_type=row.get("question_type"), subset=row.get("dataset")))
-    if modalities is not None:
-        found = {s["modality"] for s in samples}
-        unknown = [m for m in modalities if m not in found]
-        if unknown:
-            raise DataFileError(f"{folder}: no question has modality_type {unknown}; the files have "
-                                f"{sorted(map(str, found))}")
-        samples = [s for s in samples if s["modality"] in modalities]
+            if record is None:
+                continue
+            options = {k[len("option_"):]: str(v) for k, v in row.items()
+                       if k.startswith("option_") and v not in (None, "")}
+            if options and record["answer"] is not None and answer_key(record["answer"], options) is None:
+                problems.append(Problem(source, record["id"], "gt_answer", "answer not an option",
+                                        f"gt_answer {record['answer']!r} names none of the options {options}"))
+                continue
+            samples.append(vqa_record(source, record, options or None, modality=modality,
+                                      question_type=row.get("question_type"), subset=row.get("dataset")))
+    unknown = [m for m in modalities or [] if m not in found]
+    if unknown:
+        raise DataFileError(f"{folder}: no question has modality_type {unknown}; the files have "
+                            f"{sorted(map(str, found))}")
     return drop_duplicates(samples, problems, "question_id"), problems
 
 

@@ -3,6 +3,7 @@ in VQA-RAD) matched after normalisation, overall, macro over groups and per grou
 
 import re
 import string
+import unicodedata
 
 _NUMBERS = {word: str(i) for i, word in enumerate(
     ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])}
@@ -25,9 +26,11 @@ _AFTER_LETTER = {"is", "was", "would", "seems", "appears", "because", "since", "
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase; punctuation becomes a space (decimal points in numbers stay); drop the articles a/an/the;
+    """NFKC, lowercase; punctuation (any Unicode punctuation: curly quotes, dashes...) becomes a space (decimal points in numbers stay); drop the articles a/an/the;
     number words zero..ten become digits; single spaces."""
-    words = _PUNCT.sub(" ", text.lower()).split()
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(" " if ord(c) > 127 and unicodedata.category(c).startswith("P") else c for c in text)
+    words = _PUNCT.sub(" ", text).split()
     return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
 
 
@@ -113,17 +116,27 @@ def _field(record: dict, index: int, name: str) -> str:
     return str(value)
 
 
-def _answer_key(answer: str, options: dict[str, str], label: str) -> str:
-    """The option key of a multiple-choice answer given as a letter ("B", "(B)") or as an option's text."""
+def answer_key(answer: str, options: dict[str, str]) -> str | None:
+    """The option key a multiple-choice reference answer names, or None: a letter ("B", "(B)", "b."), else the
+    first option whose text is exactly the answer (as the medcap seed matched its ground truth), else the one
+    option whose normalised text is the normalised answer."""
     letters = {str(key).strip().upper(): key for key in options}
     whole = _WHOLE.fullmatch(answer.strip())
     if whole and whole.group(1).upper() in letters:
         return letters[whole.group(1).upper()]
+    exact = [key for key, text in options.items() if str(text) == answer]
+    if exact:
+        return exact[0]
     matches = [key for key, text in options.items() if normalize_answer(str(text)) == normalize_answer(answer)]
-    if len(matches) != 1:
+    return matches[0] if len(matches) == 1 else None
+
+
+def _answer_key(answer: str, options: dict[str, str], label: str) -> str:
+    key = answer_key(answer, options)
+    if key is None:
         raise ValueError(f"record {label}: answer {answer!r} is neither an option letter nor one option's text "
                          f"(options {list(options)})")
-    return matches[0]
+    return key
 
 
 def per_record_correct(records: list[dict]) -> list[bool]:
