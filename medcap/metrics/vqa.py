@@ -26,8 +26,8 @@ _AFTER_LETTER = {"is", "was", "would", "seems", "appears", "because", "since", "
 
 
 def normalize_answer(text: str) -> str:
-    """NFKC, lowercase; punctuation (any Unicode punctuation: curly quotes, dashes...) becomes a space (decimal points in numbers stay); drop the articles a/an/the;
-    number words zero..ten become digits; single spaces."""
+    """NFKC, lowercase; punctuation (any Unicode punctuation: curly quotes, dashes...) becomes a space (decimal
+    points in numbers stay); drop the articles a/an/the; number words zero..ten become digits; single spaces."""
     text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(" " if ord(c) > 127 and unicodedata.category(c).startswith("P") else c for c in text)
     words = _PUNCT.sub(" ", text).split()
