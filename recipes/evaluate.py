@@ -12,15 +12,18 @@ page to browse the samples (``medcap.report``). Prints a table.
 """
 
 import csv
+import shutil
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from medcap.atomic import write_json
+from medcap.atomic import replaced_atomically, write_json
 from medcap.metrics import (bootstrap_ci, check_submission, evaluate, format_table, paired_bootstrap,
                             read_predictions, read_references)
+from medcap.metrics.bootstrap import p_text
+from medcap.metrics.compare import run_names
 from medcap.report import evaluation_report, report_options
 from medcap.command import run_command
 
@@ -28,6 +31,7 @@ from medcap.command import run_command
 @config.parse
 def main(cfg: DictConfig) -> None:
     preset = cfg.get("preset", "coco")
+    report = report_options(cfg.get("report", True))  # checked before anything is scored
     if preset == "vqa":
         from medcap.metrics.vqa import read_vqa_references
 
@@ -66,18 +70,21 @@ def main(cfg: DictConfig) -> None:
         options["bleurt"] = Bleurt(**OmegaConf.to_container(bleurt))
     elif preset != "vqa":
         print("BLEURT: skipped (set bleurt.model to a local BLEURT folder in the BERT layout)")
-    scored = evaluate(read_predictions(cfg.predictions, header_optional=True), references, **options)
+    scored = evaluate(read_predictions(cfg.predictions, header_optional=True), references, **options,
+                      source=cfg.predictions)
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", scored.corpus)
-    with (out / "per_sample.csv").open("w", newline="", encoding="utf-8") as f:
+    with replaced_atomically(out / "per_sample.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["ID", *scored.per_sample])
         for i, sample_id in enumerate(scored.ids):
             writer.writerow([sample_id, *(f"{v[i]:.6f}" for v in scored.per_sample.values())])
 
-    name = Path(cfg.predictions).parent.name or "predictions"
+    # each system named by its folder, by more of its path where two share one
+    name, other_name = run_names([cfg.predictions, cfg.compare_to]) if cfg.get("compare_to") else \
+        (run_names([cfg.predictions])[0], None)
     rows, intervals = {name: scored.corpus}, {}
     resamples, seed = int(cfg.get("bootstrap", 0)), int(cfg.get("seed", 0))
     if resamples:
@@ -85,26 +92,31 @@ def main(cfg: DictConfig) -> None:
         write_json(out / "intervals.json", {"level": 0.95, "resamples": resamples, "seed": seed,
                                              "intervals": intervals[name]})
     if cfg.get("compare_to"):
-        other = evaluate(read_predictions(cfg.compare_to, header_optional=True), references, **options)
-        other_name = Path(cfg.compare_to).parent.name or "compare_to"
-        if other_name == name:
-            other_name = Path(cfg.compare_to).stem
+        other = evaluate(read_predictions(cfg.compare_to, header_optional=True), references, **options,
+                         source=cfg.compare_to)
         rows[other_name] = other.corpus
-        paired = paired_bootstrap(scored, other, resamples or 1000, seed)
-        write_json(out / "paired.json", {"a": str(cfg.predictions), "b": str(cfg.compare_to), "metrics": paired})
+        paired_resamples = resamples or 1000  # bootstrap=0 sets no intervals; the comparison still needs resamples
+        paired = {"a": str(cfg.predictions), "b": str(cfg.compare_to), "level": 0.95, "resamples": paired_resamples,
+                  "seed": seed, "metrics": paired_bootstrap(scored, other, paired_resamples, seed)}
+        write_json(out / "paired.json", paired)
     print(format_table(rows, intervals=intervals))
     if cfg.get("compare_to"):
-        print(f"\n{name} - {other_name} (paired bootstrap, 95% interval, one-sided p):")
-        for metric, d in paired.items():
-            print(f"  {metric:<10} {d['difference']:+.4f}  [{d['low']:+.4f}, {d['high']:+.4f}]  p={d['p_value']:.3f}")
+        print(f"\n{name} - {other_name} (paired bootstrap, {paired_resamples} resamples, seed {seed}, 95% interval, "
+              f"one-sided p):")
+        for metric, d in paired["metrics"].items():
+            print(f"  {metric:<10} {d['difference']:+.4f}  [{d['low']:+.4f}, {d['high']:+.4f}]  "
+                  f"p={p_text(d['p_value'], paired_resamples)}")
     print(f"{len(references)} images scored -> {out / 'metrics.json'}")
 
-    report = report_options(cfg.get("report", True))  # report.html beside metrics.json; report=false: none
-    if report:
+    if report:  # report.html beside metrics.json
         compared = (other_name, cfg.compare_to, other, paired) if cfg.get("compare_to") else None
         page = evaluation_report(out / "report.html", report, preset, scored, name, cfg.predictions, cfg.references,
                                  references, intervals.get(name), compared, resamples, seed)
         print(f"report -> {page}")
+    elif (out / "report.html").exists():  # report=false: no page of an earlier scoring beside these metrics
+        (out / "report.html").unlink()
+        shutil.rmtree(out / "report_thumbs", ignore_errors=True)
+        print(f"report=false: removed the earlier scoring's {out / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -244,6 +244,32 @@ def test_evaluate_recipe_and_compare(tmp_path, capsys):
     assert lines[0].split() == ["ROUGE-1", "ROUGE-L", "BLEU-1"] and lines[1].split()[0] == "eval"
 
 
+def test_compare_names_every_run_and_names_a_bad_file(tmp_path, monkeypatch):
+    from medcap.metrics.compare import load_runs, plot_runs, run_names
+
+    for seed, value in ((0, 0.9), (1, 0.8)):
+        (tmp_path / f"seed{seed}" / "eval").mkdir(parents=True)
+        (tmp_path / f"seed{seed}" / "eval" / "metrics.json").write_text(json.dumps({"CIDEr": value, "BLEU-4": 0.2}))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.json").write_text(json.dumps({"CIDEr": 0.6}))
+    runs = load_runs([tmp_path / "seed0" / "eval", tmp_path / "seed1" / "eval", tmp_path / "x"])
+    assert runs == {"seed0/eval": {"CIDEr": 0.9, "BLEU-4": 0.2}, "seed1/eval": {"CIDEr": 0.8, "BLEU-4": 0.2},
+                    "x": {"CIDEr": 0.6}}
+    assert run_names(["run/a.csv", "run/b.csv", "run/a.csv"]) == ["run/a", "run/b", "run/a (2)"]
+    # a metric a run lacks is no bar (not a bar at 0)
+    from matplotlib.axes import Axes
+
+    bars, real_bar = [], Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, xs, heights, *a, **k: bars.append(list(heights))
+                        or real_bar(self, xs, heights, *a, **k))
+    plot_runs(runs, tmp_path / "c.png")
+    assert bars[:2] == [[0.9, 0.2], [0.8, 0.2]] and bars[2][0] == 0.6 and np.isnan(bars[2][1])
+    (tmp_path / "x" / "metrics.json").write_text("[0.6]")
+    with pytest.raises(ValueError, match=r"x/metrics.json: not a metrics.json of \{metric: number\} \(found a JSON "
+                                         r"list"):
+        load_runs([tmp_path / "x"])
+
+
 def _tiny_open_clip_dir(path):
     open_clip = pytest.importorskip("open_clip")
     import torch

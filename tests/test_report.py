@@ -6,6 +6,7 @@ the page scrolls, and a screenshot that is not blank."""
 import base64
 import io
 import json
+import os
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -109,7 +110,9 @@ def test_caption_page_rows_scores_findings_and_escaping(tmp_path):
     ids, refs, good, blind, a, b = _captions()
     images = {k: [_image(tmp_path / "my images" / f"{k}.png", (40 * i, 90, 160))] for i, k in enumerate(ids)}
     images[ids[4]] = [str(tmp_path / "my images" / "gone.png")]
-    paired = {"CIDEr": {"difference": 0.6, "low": 0.1, "high": 1.2, "p_value": 0.01}}
+    paired = {"resamples": 200, "seed": 3,
+              "metrics": {"BLEU-4": {"difference": 0.35, "low": 0.3, "high": 0.4, "p_value": 0.0},
+                          "CIDEr": {"difference": 0.6, "low": 0.1, "high": 1.2, "p_value": 0.01}}}
     page = caption_report(tmp_path / "out dir" / "report.html",
                           [System("good", good, a, {"CIDEr": (0.25, 1.5)}, "runs/good.csv"), System("blind", blind, b)],
                           refs, ReportOptions(inline_kb=0), images, paired)
@@ -155,8 +158,13 @@ def test_caption_page_rows_scores_findings_and_escaping(tmp_path):
     good_row = cells[cells.index("good"):cells.index("good") + 5]
     assert good_row == ["good", "0.8833[0.2500, 1.5000]", "0.4500", "1.0000", "0.3333"]
     assert cells[cells.index("blind") + 4] == "0.0000"
-    assert cells[-6:] == ["", "CIDEr", "difference", "+0.6000[+0.1000, +1.2000]", "p (one-sided)", "0.010"]
-    assert "good − blind: paired bootstrap" in text and "runs/good.csv" in text
+    # in the table's order; a p of 0 is below what 200 resamples resolve
+    assert cells[-9:] == ["", "CIDEr", "BLEU-4", "difference", "+0.6000[+0.1000, +1.2000]",
+                          "+0.3500[+0.3000, +0.4000]", "p (one-sided)", "0.010", "<0.005"]
+    assert "good − blind: paired bootstrap over the same images (200 resamples, seed 3)" in text
+    assert "runs/good.csv" in text
+    with pytest.raises(ValueError, match=r"report: two systems share a name in \['good', 'good'\]"):
+        caption_report(tmp_path / "x.html", [System("good", good, a), System("good", blind, b)], refs)
 
 
 def test_thumbnails_are_inlined_below_the_limit_and_sort_by_is_checked(tmp_path):
@@ -252,9 +260,70 @@ def test_evaluate_recipe_writes_the_report_beside_metrics_json(tmp_path, capsys)
     assert [r["found"]["got"][0][1] for r in parsed.data["rows"]] == ["nodule", "none", "unknown"]
     assert "good − blind: paired bootstrap over the same images" in (out / "report.html").read_text()
 
-    (out / "report.html").unlink()
-    cli.main([*args, "report=false"])
+    paired = json.loads((out / "paired.json").read_text())
+    assert (paired["resamples"], paired["seed"], paired["level"]) == (100, 0, 0.95)
+
+    cli.main([*args, "report=false"])  # no page of the earlier scoring is left beside the new metrics
     assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
+    assert "report=false: removed the earlier scoring's" in capsys.readouterr().out
+
+    # two runs whose folders share a name are told apart by the folder above; the p-value of 20 resamples
+    for run in ("a", "b"):
+        write_csv_predictions(tmp_path / run / "run" / "run.csv", {f"x{i}": caption_for("chest_xray", "none", "none")
+                                                                    if run == "a" else "Chest." for i in range(3)})
+    cli.main([*args[:4], f"predictions={tmp_path / 'a' / 'run' / 'run.csv'}", *args[5:], "bootstrap=20",
+              f"compare_to={tmp_path / 'b' / 'run' / 'run.csv'}"])
+    printed = capsys.readouterr().out
+    assert "a/run - b/run (paired bootstrap, 20 resamples, seed 0" in printed and "p=<0.05" in printed
+    table = [line.split()[0] for line in printed.splitlines() if line.startswith(("a/run ", "b/run "))
+             and "paired" not in line]
+    assert table == ["a/run", "b/run"]
+    assert Page((out / "report.html").read_text(encoding="utf-8")).data["systems"] == ["a/run", "b/run"]
+
+    # without the submission check, an id missing from compare_to is named with its file
+    write_csv_predictions(tmp_path / "short.csv", {"x0": "Chest.", "x1": "Chest."})
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'short.csv'}: 1 reference id\(s\) have no prediction"):
+        cli.run_recipe("evaluate", "eval/coco", [*args[4:], "check_submission=false",
+                                                 f"compare_to={tmp_path / 'short.csv'}"])
+
+
+def test_ties_are_sampled_across_the_file_not_from_its_start():
+    values = [0.0] * 300 + [1.0] * 300  # a 0/1 score, the wrong answers first in the file
+    keep, _ = sample_rows(values, 30, seed=0)
+    worst, best = [i for i in keep if values[i] == 0.0], [i for i in keep if values[i] == 1.0]
+    assert len(worst) >= 10 and len(best) >= 10
+    assert max(worst[:10]) > 100 and min(best) < 500  # not positions 0..9 and 590..599
+    assert sample_rows(values, 30, seed=0)[0] == keep
+
+
+def test_a_link_to_the_full_image_is_relative_to_the_folder_the_page_is_opened_by(tmp_path):
+    from medcap.report.thumbnails import relative_url
+
+    (tmp_path / "real" / "eval").mkdir(parents=True)
+    (tmp_path / "proj" / "img").mkdir(parents=True)
+    (tmp_path / "proj" / "outputs").symlink_to(tmp_path / "real")
+    page_dir = tmp_path / "proj" / "outputs" / "eval"
+    href = relative_url(tmp_path / "proj" / "img" / "a b.png", page_dir)
+    assert href == "../../img/a%20b.png"
+    assert (Path(os.path.normpath(page_dir / "../../img")) / "a b.png") == tmp_path / "proj" / "img" / "a b.png"
+
+
+def test_vqa_evaluation_page_shows_compare_to_and_the_paired_table(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"id": f"q{i}", "answer": "MRI", "options": {"A": "CT", "B": "MRI"},
+                                               "modality": "head"}) for i in range(4)) + "\n")
+    write_csv_predictions(tmp_path / "good" / "p.csv", {f"q{i}": "B" for i in range(4)})
+    write_csv_predictions(tmp_path / "bad" / "p.csv", {f"q{i}": "A" if i else "B" for i in range(4)})
+    out = tmp_path / "eval"
+    cli.run_recipe("evaluate", "eval/vqa", [f"predictions={tmp_path / 'good' / 'p.csv'}", f"references={questions}",
+                                            f"compare_to={tmp_path / 'bad' / 'p.csv'}", "bootstrap=50",
+                                            f"output_dir={out}"])
+    text = (out / "report.html").read_text(encoding="utf-8")
+    cells = Page(text).cells
+    assert cells[cells.index("bad") + 1].startswith("0.2500") and cells[cells.index("good") + 1].startswith("1.0000")
+    assert cells[cells.index("good") + cells[:cells.index("good")].index("n")] == "4"  # a count, not 4.0000
+    assert "good − bad: paired bootstrap over the same images (50 resamples, seed 0)" in text
+    assert f"bad: {tmp_path / 'bad' / 'p.csv'} (its answers are not shown)" in text
 
 
 def test_vqa_recipe_writes_the_report(tmp_path):

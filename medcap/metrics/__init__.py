@@ -12,13 +12,14 @@ PRESETS = ("coco", "imageclef", "vqa")
 IMAGECLEF_METRICS = ["BERTScore", "ROUGE-1", "ROUGE-L", "BLEU-1"]
 
 
-def _check_ids(predictions: dict, references: dict) -> None:
+def _check_ids(predictions: dict, references: dict, source: str | None = None) -> None:
+    where = f"{source}: " if source else ""
     missing = [k for k in references if k not in predictions]
     extra = [k for k in predictions if k not in references]
     if missing:
-        raise ValueError(f"{len(missing)} reference id(s) have no prediction, e.g. {missing[:5]}")
+        raise ValueError(f"{where}{len(missing)} reference id(s) have no prediction, e.g. {missing[:5]}")
     if extra:
-        raise ValueError(f"{len(extra)} prediction id(s) are not in the references, e.g. {extra[:5]}")
+        raise ValueError(f"{where}{len(extra)} prediction id(s) are not in the references, e.g. {extra[:5]}")
     if not references:
         raise ValueError("no references to score")
 
@@ -35,7 +36,8 @@ def _bertscore(option):
 
 def evaluate(predictions: dict[str, str], references: dict[str, str | list[str]], preset: str = "coco",
              tokenize: bool = True, bertscore=None, meteor: bool = True, clipscore=None,
-             images: dict[str, str] | None = None, group_by: str | None = "modality", bleurt=None) -> Scored:
+             images: dict[str, str] | None = None, group_by: str | None = "modality", bleurt=None,
+             source: str | None = None) -> Scored:
     """Score ``predictions`` ({id: caption}) against ``references`` ({id: caption or [captions]}); every reference
     id needs a prediction and every prediction a reference.
 
@@ -50,16 +52,17 @@ def evaluate(predictions: dict[str, str], references: dict[str, str | list[str]]
     ``clipscore``: a ``ClipScore`` or a dict of its arguments (``model``: a local open_clip folder), with
     ``images`` ({id: image path}), adds CLIPScore and RefCLIPScore to either preset.
     ``bleurt``: a ``Bleurt`` or a dict of its arguments (``model``: a local BLEURT folder in the BERT layout) adds
-    BLEURT (mean over images of each caption's best score over its references, on the raw captions)."""
+    BLEURT (mean over images of each caption's best score over its references, on the raw captions).
+    ``source``: the predictions file, named by the errors about ids."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
     if preset == "vqa":
         from medcap.metrics.vqa import vqa_scored
 
-        _check_ids(predictions, references)
+        _check_ids(predictions, references, source)
         return vqa_scored(references, predictions, group_by)
     refs = {k: [v] if isinstance(v, str) else list(v) for k, v in references.items()}
-    _check_ids(predictions, refs)
+    _check_ids(predictions, refs, source)
     if preset == "coco":
         scored = coco_scores(predictions, refs, ptb=tokenize, meteor=meteor)
     else:

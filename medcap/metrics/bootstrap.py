@@ -42,5 +42,10 @@ def paired_bootstrap(a: Scored, b: Scored, resamples: int = 1000, seed: int = 0,
     return dict(sorted(out.items()))
 
 
+def p_text(p_value: float, resamples: int) -> str:
+    """A bootstrap p-value as text: a share of 0 reads "< 1/resamples" (the test cannot resolve less)."""
+    return f"<{1 / resamples:.2g}" if p_value == 0 else f"{p_value:.3f}"
+
+
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}

@@ -1,24 +1,48 @@
 """Side-by-side comparison of several runs' ``metrics.json``: a text table and a grouped bar chart (PNG)."""
 
 import json
+import math
+import os
 from pathlib import Path
 
 
+def run_names(files: list[str | Path]) -> list[str]:
+    """A name for each file: its folder's name; where two share it, as many trailing folders as set each apart
+    ("seed0/eval"), or, for two files in one folder, folder and file stem ("run/a"); a name still taken (the same
+    file given twice) gets " (2)"."""
+    labels = []
+    for f in map(Path, files):
+        f = Path(os.path.abspath(f))
+        parts = f.parent.parts[1:] or (f.parent.anchor,)
+        labels.append([parts[-d:] for d in range(1, len(parts) + 1)] + [(parts[-1], f.stem)])
+    names, seen = [], {}
+    for i, candidates in enumerate(labels):
+        # the first depth at which no other file has the same label
+        label = next((label for depth, label in enumerate(candidates)
+                      if all(depth >= len(other) or other[depth] != label for j, other in enumerate(labels) if j != i)),
+                     candidates[-1])
+        name = "/".join(label)
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return names
+
+
 def load_runs(paths: list[str | Path]) -> dict[str, dict[str, float]]:
-    """{run name: metrics} from run directories (holding ``metrics.json``) or ``metrics.json`` files; a run is
-    named by its directory, made unique with its parent's name where two share one."""
+    """{run name: metrics} from run directories (holding ``metrics.json``) or ``metrics.json`` files; runs are
+    named by ``run_names``."""
     files = []
     for p in map(Path, paths):
         file = p / "metrics.json" if p.is_dir() else p
         if not file.is_file():
             raise FileNotFoundError(f"{p}: no metrics.json (run `medcap run evaluate` first)")
         files.append(file)
-    names = [f.parent.name or str(f) for f in files]
-    names = [f"{f.parent.parent.name}/{n}" if names.count(n) > 1 else n for f, n in zip(files, names)]
     runs = {}
-    for name, file in zip(names, files):
+    for name, file in zip(run_names(files), files):
         try:
-            runs[name] = {k: float(v) for k, v in json.loads(file.read_text(encoding="utf-8")).items()}
+            values = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(values, dict):
+                raise TypeError(f"found a JSON {type(values).__name__}")
+            runs[name] = {k: float(v) for k, v in values.items()}
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{file}: not a metrics.json of {{metric: number}} ({e})") from None
     return runs
@@ -35,7 +59,7 @@ def plot_runs(runs: dict[str, dict[str, float]], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics) + 2), 4))
     for i, (name, values) in enumerate(runs.items()):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(metrics))]
-        ax.bar(xs, [values.get(m, 0.0) for m in metrics], width, label=name)
+        ax.bar(xs, [values.get(m, math.nan) for m in metrics], width, label=name)  # a missing metric: no bar
     ax.set_xticks(range(len(metrics)), metrics, rotation=30, ha="right")
     ax.set_ylabel("score")
     ax.legend(fontsize="small")

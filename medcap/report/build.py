@@ -100,16 +100,18 @@ def _value(x) -> float | None:
 
 def sample_rows(values: list[float | None], max_rows: int | None, seed: int) -> tuple[list[int], str]:
     """Positions of the rows a page keeps (in their original order) and a note saying what was kept: all of them,
-    or, above ``max_rows``, the worst and best thirds by ``values`` (missing values count as worst) and a
-    random third of the rest."""
+    or, above ``max_rows``, the worst and best thirds by ``values`` (missing values count as worst, ties broken
+    at random) and a random third of the rest."""
     n = len(values)
     if max_rows is None or n <= max_rows:
         return list(range(n)), ""
-    ranked = sorted(range(n), key=lambda i: (values[i] is not None, values[i] or 0.0, i))
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(n)  # ties (a 0/1 score, many zeros) are broken at random, not by file order
+    ranked = sorted(range(n), key=lambda i: (values[i] is not None, values[i] or 0.0, shuffled[i]))
     third = max_rows // 3
     worst, best, middle = ranked[:third], ranked[n - third:], ranked[third:n - third]
     rest = max_rows - 2 * third
-    picked = np.random.default_rng(seed).choice(len(middle), size=rest, replace=False)
+    picked = rng.choice(len(middle), size=rest, replace=False)
     keep = sorted(worst + best + [middle[i] for i in picked])
     return keep, f"{max_rows} of {n} rows: the {third} worst, the {third} best and {rest} at random (seed {seed})"
 
@@ -178,9 +180,13 @@ def caption_report(path: str | Path, systems: list[System], references: dict[str
                    paired: dict[str, dict[str, float]] | None = None, title: str | None = None,
                    meta: list[str] | None = None) -> Path:
     """Write the page of a caption evaluation: ``systems[0]`` with its scores, and the others (``compare_to``)
-    beside it; ``paired``: the paired bootstrap of the first two. ``images``: {id: image paths} for thumbnails."""
+    beside it; ``paired``: the paired bootstrap of the first two as ``paired.json`` holds it (``metrics``,
+    ``resamples``, ``seed``). ``images``: {id: image paths} for thumbnails."""
     options = options or ReportOptions()
     path = Path(path)
+    names = [s.name for s in systems]
+    if len(set(names)) < len(names):
+        raise ValueError(f"report: two systems share a name in {names}; give each its own")
     ids = systems[0].scored.ids
     for s in systems[1:]:
         if s.scored.ids != ids:
@@ -218,9 +224,7 @@ def caption_report(path: str | Path, systems: list[System], references: dict[str
         summary += ('<p class="meta">modality / finding: parsed from the captions (the demo templates); '
                     'finding = finding type and location right.</p>')
     if paired and len(systems) > 1:
-        first = corpus[systems[0].name]  # the metrics in the order of the table above
-        order = sorted(paired, key=lambda m: list(first).index(m) if m in first else len(first))
-        summary += paired_table(systems[0].name, systems[1].name, {m: paired[m] for m in order})
+        summary += _paired_summary(systems[0].name, systems[1].name, corpus[systems[0].name], paired)
     lines = [f"{len(ids)} images" + (f"; the page holds {note}" if note else ""),
              *(f"{s.name}: {s.source}" for s in systems if s.source), *(meta or [])]
     data = {"kind": "caption", "systems": [s.name for s in systems], "columns": columns, "cells": cells,
@@ -228,12 +232,21 @@ def caption_report(path: str | Path, systems: list[System], references: dict[str
     return _write(path, title or f"medcap evaluation: {systems[0].name}", lines, summary, data)
 
 
+def _paired_summary(a: str, b: str, first: dict[str, float], paired: dict) -> str:
+    metrics = paired["metrics"]
+    order = sorted(metrics, key=lambda m: list(first).index(m) if m in first else len(first))  # as the table above
+    return paired_table(a, b, {m: metrics[m] for m in order}, paired["resamples"], paired["seed"])
+
+
 def vqa_report(path: str | Path, records: list[dict], corpus: dict[str, float],
                intervals: dict[str, tuple[float, float]] | None = None, images: dict[str, list[str]] | None = None,
                options: ReportOptions | None = None, name: str = "answers", title: str | None = None,
-               meta: list[str] | None = None) -> Path:
+               meta: list[str] | None = None, other: tuple[str, dict, dict | None] | None = None,
+               paired: dict | None = None) -> Path:
     """Write the page of a VQA run. ``records``: one per question, as the vqa recipe's ``predictions.jsonl``
-    (id, question, options, raw_answer, parsed_option, correct_option, answer, correct, modality; description)."""
+    (id, question, options, raw_answer, parsed_option, correct_option, answer, correct, modality; description).
+    ``other``: (name, corpus, intervals) of a second system (``compare_to``; its answers are not shown),
+    ``paired``: the paired bootstrap of the two as ``paired.json`` holds it."""
     options = options or ReportOptions()
     path = Path(path)
     columns = [{"key": "correct", "label": "correct"}]
@@ -249,7 +262,18 @@ def vqa_report(path: str | Path, records: list[dict], corpus: dict[str, float],
                      "key": r.get("correct_option"), "answer": r.get("answer"), "raw": r.get("raw_answer", ""),
                      "parsed": r.get("parsed_option"), "ok": bool(r["correct"]), "group": r.get("modality"),
                      "desc": r.get("description"), "s": [float(r["correct"])]})
-    summary = metrics_table({name: corpus}, {name: intervals} if intervals else None)
+    counts = ("n", "unparsed")
+    corpora = {name: {k: int(v) if k in counts else v for k, v in corpus.items()}}
+    all_intervals = {name: intervals} if intervals else {}
+    if other is not None:
+        if other[0] == name:
+            raise ValueError(f"report: two systems share the name {name!r}; give each its own")
+        corpora[other[0]] = {k: int(v) if k in counts else v for k, v in other[1].items()}
+        if other[2]:
+            all_intervals[other[0]] = other[2]
+    summary = metrics_table(corpora, all_intervals or None)
+    if other is not None and paired:
+        summary += _paired_summary(name, other[0], corpus, paired)
     lines = [f"{len(records)} questions" + (f"; the page holds {note}" if note else ""), *(meta or [])]
     data = {"kind": "vqa", "systems": [name], "columns": columns, "cells": cells, "sort": sort, "rows": rows}
     return _write(path, title or f"medcap VQA: {name}", lines, summary, data)
@@ -260,7 +284,7 @@ def manifest_images(path: str | Path) -> dict[str, list[str]]:
     from medcap.data.problems import DataFileError
     from medcap.data.records import read_manifest_samples
 
-    if Path(path).suffix not in (".jsonl", ".csv"):
+    if Path(path).suffix.lower() not in (".jsonl", ".csv"):
         return {}
     try:
         samples, _ = read_manifest_samples(path)  # rows without an image get no thumbnail
@@ -272,11 +296,15 @@ def manifest_images(path: str | Path) -> dict[str, list[str]]:
 def evaluation_report(page: str | Path, options: ReportOptions, preset: str, scored: Scored, name: str,
                       predictions: str, references_path: str, references: dict, intervals: dict | None = None,
                       other: tuple[str, str, Scored, dict] | None = None, resamples: int = 0, seed: int = 0) -> Path:
-    """The evaluate recipe's page. ``other``: (name, predictions file, scores, paired bootstrap) of ``compare_to``."""
+    """The evaluate recipe's page. ``other``: (name, predictions file, scores, paired bootstrap as ``paired.json``
+    holds it) of ``compare_to``."""
     from medcap.metrics import bootstrap_ci, read_predictions
 
     images = manifest_images(references_path)
     meta = [f"references: {references_path}"]
+    other_intervals = None
+    if other is not None and resamples:
+        other_intervals = bootstrap_ci(other[2], resamples, seed)
     if preset == "vqa":
         from medcap.metrics.vqa import parse_choice
         from medcap.vqa import correct_option
@@ -287,13 +315,18 @@ def evaluation_report(page: str | Path, options: ReportOptions, preset: str, sco
                     "parsed_option": parse_choice(answers[k], q["options"]) if q.get("options") else None,
                     "correct_option": correct_option(str(q["answer"]), q.get("options"))}
                    for k, q in references.items()]
+        compared = None
+        if other is not None:
+            compared = (other[0], other[2].corpus, other_intervals)
+            meta.insert(0, f"{other[0]}: {other[1]} (its answers are not shown)")
         return vqa_report(page, records, scored.corpus, intervals, images, options, name,
-                          meta=[f"{name}: {predictions}", *meta])
+                          meta=[f"{name}: {predictions}", *meta], other=compared,
+                          paired=other[3] if other is not None else None)
     systems = [System(name, read_predictions(predictions, header_optional=True), scored, intervals, predictions)]
     paired = None
     if other is not None:
         other_name, other_file, other_scored, paired = other
         systems.append(System(other_name, read_predictions(other_file, header_optional=True), other_scored,
-                              bootstrap_ci(other_scored, resamples, seed) if resamples else None, other_file))
+                              other_intervals, other_file))
     refs = {k: [v] if isinstance(v, str) else list(v) for k, v in references.items()}
     return caption_report(page, systems, refs, options, images, paired, meta=meta)

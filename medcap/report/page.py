@@ -246,7 +246,9 @@ def script_json(value) -> str:
 
 
 def number(value: float) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.4f}"
+    if value is None or not math.isfinite(value):
+        return "–"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
 def metrics_table(corpus: dict[str, dict[str, float]], intervals: dict[str, dict] | None = None) -> str:
@@ -265,16 +267,18 @@ def metrics_table(corpus: dict[str, dict[str, float]], intervals: dict[str, dict
     return f'<table class="metrics"><tr><th></th>{head}</tr>{"".join(body)}</table>'
 
 
-def paired_table(a: str, b: str, paired: dict[str, dict[str, float]]) -> str:
+def paired_table(a: str, b: str, paired: dict[str, dict[str, float]], resamples: int, seed: int) -> str:
     """The paired bootstrap of ``a`` - ``b``: per metric the difference with its 95% interval under it, and the
-    one-sided p-value."""
+    one-sided p-value (a share of 0 reads "<1/resamples")."""
+    from medcap.metrics.bootstrap import p_text
+
     e = html.escape
     head = "".join(f"<th>{e(m)}</th>" for m in paired)
     differences = "".join(f'<td>{d["difference"]:+.4f}<span class="ci">[{d["low"]:+.4f}, {d["high"]:+.4f}]</span></td>'
                           for d in paired.values())
-    p_values = "".join(f"<td>{d['p_value']:.3f}</td>" for d in paired.values())
-    return (f"<h2>{e(a)} − {e(b)}: paired bootstrap over the same images</h2><table class=\"metrics\">"
-            f"<tr><th></th>{head}</tr><tr><td>difference</td>{differences}</tr>"
+    p_values = "".join(f"<td>{e(p_text(d['p_value'], resamples))}</td>" for d in paired.values())
+    return (f"<h2>{e(a)} − {e(b)}: paired bootstrap over the same images ({resamples} resamples, seed {seed})</h2>"
+            f"<table class=\"metrics\"><tr><th></th>{head}</tr><tr><td>difference</td>{differences}</tr>"
             f"<tr><td>p (one-sided)</td>{p_values}</tr></table>")
 
 

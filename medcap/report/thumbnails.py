@@ -22,10 +22,11 @@ def jpeg_thumbnail(path: str | Path, size: int, quality: int = 80) -> bytes:
 
 
 def relative_url(target: str | Path, page_dir: Path) -> str:
-    """A URL for ``target`` relative to the page's folder, percent-encoded (spaces, ``#``, ``%``...)."""
-    target = Path(target).resolve()
+    """A URL for ``target`` relative to the page's folder, percent-encoded (spaces, ``#``, ``%``...). Links are
+    not resolved: a browser resolves the URL against the folder the page was opened by, a symlink included."""
+    target = Path(os.path.abspath(target))
     try:
-        relative = os.path.relpath(target, page_dir.resolve())
+        relative = os.path.relpath(target, os.path.abspath(page_dir))
     except ValueError:  # another drive (Windows): an absolute file URL
         return target.as_uri()
     return quote(Path(relative).as_posix())
