@@ -9,6 +9,7 @@ decoder with the interface of medcap's generation, training core and checkpoints
 """
 
 import random
+import string
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,8 @@ DEFAULT_SEPARATOR = "\n"
 # the keys of a config's ``prompt`` node (strings, or null for the default)
 PROMPT_DEFAULTS = {"instruction": DEFAULT_INSTRUCTION, "template": DEFAULT_TEMPLATE,
                    "candidate_line": DEFAULT_CANDIDATE_LINE, "separator": DEFAULT_SEPARATOR, "system": None}
+# the placeholders fuser_prompt fills, with a value of each kind for a trial run
+PLACEHOLDERS = {"template": {"instruction": "", "candidates": ""}, "candidate_line": {"rank": 1, "caption": ""}}
 
 
 def prompt_settings(node: dict[str, Any] | None, source: str) -> dict[str, Any]:
@@ -163,7 +166,28 @@ def prompt_settings(node: dict[str, Any] | None, source: str) -> dict[str, Any]:
     for key, value in settings.items():
         if not (isinstance(value, str) or (key == "system" and value is None)):
             raise ValueError(f"{source}: prompt.{key} must be a string, found {type(value).__name__} {value!r}")
+    fields = {key: _placeholders(settings[key], f"{source}: prompt.{key}", values)
+              for key, values in PLACEHOLDERS.items()}
+    if "candidates" not in fields["template"]:
+        raise ValueError(f"{source}: prompt.template must contain {{candidates}}; got {settings['template']!r}")
     return settings
+
+
+def _placeholders(text: str, name: str, values: dict[str, Any]) -> list[str]:
+    """The placeholders of ``text`` (the prompt string ``name``), each one of ``values``."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError as error:
+        raise ValueError(f"{name} is not a format string ({error}): {text!r}") from None
+    for field in fields:
+        if field not in values:
+            raise ValueError(f"{name} has the placeholder {{{field}}}; it takes "
+                             + " and ".join(f"{{{v}}}" for v in values))
+    try:
+        text.format(**values)  # a format spec the value cannot take, or a placeholder nested in a spec
+    except (ValueError, KeyError, IndexError) as error:
+        raise ValueError(f"{name} is not a format string ({error}): {text!r}") from None
+    return fields
 
 
 def fuser_prompt(candidates: list[str], instruction: str = DEFAULT_INSTRUCTION, template: str = DEFAULT_TEMPLATE,
@@ -204,7 +228,8 @@ def fuser_sample(tokenizer, candidates: list[str], target: str, max_seq_len: int
     if isinstance(tokenizer, Seq2SeqTokenizer):
         _no_system(system)
         return seq2seq_sample(tokenizer, text, target, max_seq_len, max_seq_len)
-    return build_sample(tokenizer, text, target, 0, max_seq_len, system)
+    sample = build_sample(tokenizer, text, target, 0, max_seq_len, system)  # a prompt that does not fit raises
+    return {**sample, "source_truncated": False, "target_truncated": sample["truncated"]}
 
 
 class FuserDataset(torch.utils.data.Dataset):
@@ -233,6 +258,23 @@ class FuserDataset(torch.utils.data.Dataset):
         return self.samples[index]
 
 
+def truncation_warnings(samples: list[dict[str, Any]], max_seq_len: int) -> list[str]:
+    """One line for the samples whose source (the candidates) was cut and one for those whose target caption
+    was cut, if any, with their first IDs. Only an encoder-decoder's source is cut (a decoder's prompt that does
+    not fit is an error); ``fuse`` never cuts it."""
+    lines = []
+    for field, what, why in (
+            ("source_truncated", "source (the candidates)",
+             ", losing their last candidates; fuse does not truncate, so at test time the model sees all candidates"),
+            ("target_truncated", "target caption", "")):
+        ids = [s["id"] for s in samples if s[field]]
+        if ids:
+            shown = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+            lines.append(f"{len(ids)} of {len(samples)} samples have their {what} cut to max_seq_len={max_seq_len} "
+                         f"tokens ({'IDs' if len(ids) > 1 else 'ID'} {shown}){why}")
+    return lines
+
+
 def split_ids(ids: list[str], holdout: int, seed: int) -> tuple[list[str], list[str]]:
     """(training IDs, ``holdout`` IDs drawn with ``seed``), each in the original order."""
     if holdout < 0 or holdout >= len(ids):
@@ -253,9 +295,6 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], *, batch_size: in
 
     device = next(model.parameters()).device
     seq2seq = isinstance(model, Seq2SeqLM)
-    if seq2seq and decoding.get("repetition_penalty", 1.0) != 1.0 and decoding.get("penalize_prompt", True):
-        raise ValueError("an encoder-decoder's repetition penalty counts the generated tokens only: set "
-                         "penalize_prompt to false")
     if not seq2seq and decoding.get("early_stopping"):
         raise ValueError("early_stopping applies to the encoder-decoder fuser (transformers' beam search); "
                          "medcap's beam search stops as transformers' early_stopping=false does")

@@ -1,12 +1,12 @@
 """Encoder-decoder text LMs (Flan-T5, the AUEB LM-Fuser's model) behind the interface of medcap's training core.
 
 The core feeds a batch's ``tokens`` to the model and scores ``logits[:, :-1]`` against ``labels[:, 1:]``. An
-encoder-decoder sample is packed into one such row: the source ids, the decoder start id, the target ids; its
-labels cover the target only. ``Seq2SeqLM.forward`` cuts each row at its first decoder start id, runs the encoder
-on the source and the decoder on ``[start, target...]``, and puts the decoder's logits where the core reads them,
-so the shifted loss of the packed row is the encoder-decoder's loss on the target (teacher forcing, as
-transformers computes it from ``labels``). The network is transformers' (from a local folder, never downloaded):
-torchtune has no T5 decoder.
+encoder-decoder sample is packed into one such row: the source ids, ``BOUNDARY_ID``, the target ids; its labels
+cover the target only. ``Seq2SeqLM.forward`` cuts each row at its boundary, runs the encoder on the source and the
+decoder on ``[decoder start id, target...]`` (only as far as a labelled position needs), and puts the decoder's
+logits where the core reads them, so the shifted loss of the packed row is the encoder-decoder's loss on the target
+(teacher forcing, as transformers computes it from ``labels``). The network is transformers' (from a local folder,
+never downloaded): torchtune has no T5 decoder.
 """
 
 from pathlib import Path
@@ -19,6 +19,9 @@ from medcap.models.vlm import autocast_to
 from medcap.text import IGNORE_INDEX
 
 MODES = ("frozen", "full")
+# Where a packed row's source ends: an id no tokenizer gives. The decoder start id cannot mark it: BART's is its
+# eos id, which ends every source.
+BOUNDARY_ID = -1
 
 
 def _local_folder(model_dir: str | Path) -> Path:
@@ -63,14 +66,12 @@ class Seq2SeqTokenizer:
 def seq2seq_sample(tokenizer: Seq2SeqTokenizer, source: str, target: str, max_source_len: int,
                    max_target_len: int) -> dict[str, Any]:
     """A packed training row (see the module docstring): source and target each cut to their maximum length
-    (``</s>`` kept), ``truncated`` when either was cut."""
+    (``</s>`` kept); ``source_truncated`` / ``target_truncated`` say which was cut, ``truncated`` either."""
     src, tgt = tokenizer.source_ids(source, max_source_len), tokenizer.target_ids(target, max_target_len)
-    if tokenizer.decoder_start_id in src:
-        raise ValueError(f"the source holds the decoder start id {tokenizer.decoder_start_id}, which marks where "
-                         f"the target begins")
-    truncated = len(src) < len(tokenizer.source_ids(source)) or len(tgt) < len(tokenizer.target_ids(target))
-    return {"tokens": src + [tokenizer.decoder_start_id] + tgt,
-            "labels": [IGNORE_INDEX] * (len(src) + 1) + tgt, "truncated": truncated}
+    source_cut = len(src) < len(tokenizer.source_ids(source))
+    target_cut = len(tgt) < len(tokenizer.target_ids(target))
+    return {"tokens": src + [BOUNDARY_ID] + tgt, "labels": [IGNORE_INDEX] * (len(src) + 1) + tgt,
+            "truncated": source_cut or target_cut, "source_truncated": source_cut, "target_truncated": target_cut}
 
 
 class Seq2SeqLM(nn.Module):
@@ -101,24 +102,32 @@ class Seq2SeqLM(nn.Module):
         if encoder_input is not None:
             raise ValueError("an encoder-decoder text LM takes no images (encoder_input must be None)")
         with autocast_to(self.compute_dtype, tokens.device):
-            logits = self._packed_logits(tokens)
-        return logits if output_at is None else logits[output_at]
+            return self._packed_logits(tokens, output_at)
 
-    def _packed_logits(self, tokens: Tensor) -> Tensor:
-        is_start = tokens == self.decoder_start_id
-        if not bool(is_start.any(dim=1).all()):
-            raise ValueError(f"every row must hold the decoder start id {self.decoder_start_id} between its source "
-                             f"and its target (see medcap.seq2seq.seq2seq_sample)")
-        split = is_start.int().argmax(dim=1)  # the first start id of each row
+    def _packed_logits(self, tokens: Tensor, output_at: Tensor | None) -> Tensor:
+        is_boundary = tokens == BOUNDARY_ID
+        if not bool((is_boundary.sum(dim=1) == 1).all()):
+            raise ValueError(f"every row must hold the boundary id {BOUNDARY_ID} once, between its source and its "
+                             f"target (see medcap.seq2seq.seq2seq_sample)")
+        split = is_boundary.int().argmax(dim=1)  # each row's source length
         batch, length = tokens.shape
         positions = torch.arange(length, device=tokens.device)
-        source_len = int(split.max())
-        source_mask = positions[None, :source_len] < split[:, None]
-        sources = torch.where(source_mask, tokens[:, :source_len], self.pad_id)
-        targets = torch.full_like(tokens, self.pad_id)
-        for row, start in enumerate(split.tolist()):
-            targets[row, :length - start] = tokens[row, start:]
+        source_mask = positions[None, :int(split.max())] < split[:, None]
+        sources = torch.where(source_mask, tokens[:, :source_mask.shape[1]], self.pad_id)
+        if output_at is None:
+            width = length - int(split.min())
+        else:
+            rows, cols = output_at.nonzero(as_tuple=True)
+            if bool((cols < split[rows]).any()):
+                raise ValueError("output_at asks for source positions, which have no logits")
+            # the decoder is causal: positions after the last one asked for change nothing
+            width = int((cols - split[rows]).max()) + 1 if len(cols) else 1
+        offsets = split[:, None] + positions[None, :width]
+        targets = torch.where(offsets < length, tokens.gather(1, offsets.clamp(max=length - 1)), self.pad_id)
+        targets[:, 0] = self.decoder_start_id
         out = self.model(input_ids=sources, attention_mask=source_mask.long(), decoder_input_ids=targets).logits
+        if output_at is not None:
+            return out[rows, cols - split[rows]]
         logits = out.new_zeros(batch, length, out.shape[-1])  # source positions carry no labels
         for row, start in enumerate(split.tolist()):
             logits[row, start:] = out[row, :length - start]
@@ -128,11 +137,21 @@ class Seq2SeqLM(nn.Module):
     def generate(self, sources: list[list[int]], *, max_new_tokens: int, num_beams: int = 1,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  length_penalty: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                 min_new_tokens: int = 0, early_stopping: bool = False, generator: torch.Generator | None = None,
-                 **unused) -> list[list[int]]:
+                 min_new_tokens: int = 0, early_stopping: bool = False, use_cache: bool = True,
+                 penalize_prompt: bool = True, length_normalization: str = "with_end_token",
+                 generator: torch.Generator | None = None) -> list[list[int]]:
         """Target ids per source (without the decoder start and ``</s>``) by transformers' ``generate``: beam
-        search (``early_stopping`` as transformers defines it), greedy or sampling. ``unused``: decoding keys of
-        the decoder-only path that do not apply here (checked by the caller)."""
+        search (``early_stopping`` as transformers defines it), greedy or sampling. The keys of
+        ``medcap.generation.generate`` that transformers cannot follow are refused, naming the key."""
+        if num_beams > 1 and temperature > 0:
+            raise ValueError(f"beam search is deterministic: set temperature to 0 (got {temperature}) or num_beams "
+                             f"to 1")
+        if length_normalization != "with_end_token":
+            raise ValueError(f"length_normalization={length_normalization!r}: the encoder-decoder's beam search is "
+                             f"transformers' own, which counts the end token (with_end_token)")
+        if repetition_penalty != 1.0 and penalize_prompt:
+            raise ValueError("an encoder-decoder's repetition penalty counts the generated tokens only: set "
+                             "penalize_prompt to false")
         device = next(self.parameters()).device
         length = max(len(s) for s in sources)
         ids = torch.full((len(sources), length), self.pad_id, dtype=torch.long)
@@ -140,14 +159,14 @@ class Seq2SeqLM(nn.Module):
         for row, source in enumerate(sources):
             ids[row, :len(source)], mask[row, :len(source)] = torch.tensor(source), 1
         sampling = temperature > 0
-        if generator is not None and sampling:
-            torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        if generator is not None and sampling:  # transformers samples from the global generators
+            torch.manual_seed(torch.randint(2**31, (1,), generator=generator, device=generator.device).item())
         out = self.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             num_beams=num_beams, do_sample=sampling, temperature=temperature if sampling else None,
             top_k=top_k if sampling else None, top_p=top_p if sampling else None, length_penalty=length_penalty,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            min_new_tokens=min_new_tokens, early_stopping=early_stopping)
+            min_new_tokens=min_new_tokens, early_stopping=early_stopping, use_cache=use_cache)
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         results = []

@@ -3,7 +3,8 @@ image. ``candidates`` lists the runs' ``ID,caption`` CSVs on the validation spli
 order of the list is the order of the captions in the prompt, and ``fuse`` must list the test runs in the same
 order); ``references`` holds the gold captions (CSV or JSONL manifest). The loss covers the target caption only.
 The LM is a decoder (``medcap.fuser.TextLM``: ``max_seq_len`` bounds prompt + caption) or an encoder-decoder
-(``medcap.seq2seq.hf_seq2seq_lm``, Flan-T5 as AUEB: ``max_seq_len`` bounds the source and the target each).
+(``medcap.seq2seq.hf_seq2seq_lm``, Flan-T5 as AUEB: ``max_seq_len`` bounds the source and the target each);
+the samples it cut are logged as a warning.
 
     medcap run train_fuser --config demo/train_fuser [key=value ...]
     medcap run train_fuser --config aueb/train_fuser fuser_dir=DIR data_dir=DIR candidates=[A.csv,B.csv,C.csv]
@@ -22,7 +23,8 @@ from omegaconf import DictConfig
 from torchtune import config, training
 
 from medcap import runs
-from medcap.fuser import FuserDataset, merge_runs, prompt_settings, split_ids, text_lm_and_tokenizer
+from medcap.fuser import (FuserDataset, merge_runs, prompt_settings, split_ids, text_lm_and_tokenizer,
+                          truncation_warnings)
 from medcap.metrics import read_references
 from medcap.precision import check_training_dtype, keep_trained_parts_in, master_dtype
 from medcap.runtime import caption_loader, device_and_dtype, log
@@ -54,9 +56,13 @@ def main(cfg: DictConfig) -> None:
                    instruction=prompt["instruction"], system=prompt["system"], references_file=cfg.references,
                    template=prompt["template"], candidate_line=prompt["candidate_line"], separator=prompt["separator"])
     train_set = data(ids=train_ids)
+    held_set = data(ids=held_ids) if held_ids else None
+    samples = train_set.samples + (held_set.samples if held_set is not None else [])
+    for line in truncation_warnings(samples, cfg.max_seq_len):  # fuse reads every candidate: say what was cut
+        log.warning(line)
     evaluate = None
-    if held_ids:
-        val_loader = caption_loader(data(ids=held_ids), tokenizer, cfg.batch_size)
+    if held_set is not None:
+        val_loader = caption_loader(held_set, tokenizer, cfg.batch_size)
         evaluate = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype)}  # noqa: E731
 
     params = [p for p in model.parameters() if p.requires_grad]

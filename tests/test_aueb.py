@@ -22,7 +22,7 @@ from medcap.data.dataset import collate_captions
 from medcap.fuser import fuser_prompt, prompt_settings
 from medcap.metrics import read_predictions
 from medcap.retrieval import aueb_caption_cleanup
-from medcap.seq2seq import Seq2SeqLM, hf_seq2seq_lm, hf_seq2seq_tokenizer, seq2seq_sample
+from medcap.seq2seq import BOUNDARY_ID, Seq2SeqLM, hf_seq2seq_lm, hf_seq2seq_tokenizer, seq2seq_sample
 from medcap.synthesis import synthesis_prompt, synthesis_prompt_ids
 from medcap.text import llama3_tokenizer
 from medcap.text.vicuna import VicunaTokenizer
@@ -220,7 +220,7 @@ def test_packed_rows_give_transformers_encoder_decoder_loss(t5_dir):
         expected = model.model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
     cut = seq2seq_sample(tokenizer, "chest " * 50, "lung " * 50, 20, 8)
-    assert cut["truncated"] and cut["tokens"].index(0) == 20 and len(cut["tokens"]) == 29
+    assert cut["truncated"] and cut["tokens"].index(BOUNDARY_ID) == 20 and len(cut["tokens"]) == 29
     assert cut["tokens"][19] == tokenizer.eos_id and cut["tokens"][-1] == tokenizer.eos_id
 
 

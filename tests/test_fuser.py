@@ -14,8 +14,8 @@ import medcap.fuser
 import medcap.training
 from medcap import cli
 from medcap.data.dataset import collate_captions
-from medcap.fuser import (FuserDataset, TextLM, fuser_prompt, fuser_prompt_ids, fuser_sample, merge_runs, split_ids,
-                          text_lm_and_tokenizer, tiny_smollm2_lm)
+from medcap.fuser import (FuserDataset, TextLM, fuser_prompt, fuser_prompt_ids, fuser_sample, generate_texts,
+                          merge_runs, prompt_settings, split_ids, text_lm_and_tokenizer, tiny_smollm2_lm)
 from medcap.generation import generate
 from medcap.metrics import read_predictions
 from medcap.text import IGNORE_INDEX, smollm2_tokenizer
@@ -305,3 +305,220 @@ def test_aueb_configs_run_on_a_tiny_llama_folder(runs, tmp_path_factory):
                                         neighbours=str(neighbours), index_dir=None, output_dir=str(out / "synth"),
                                         batch_size=6, max_new_tokens=3), [])
     assert list(read_predictions(out / "synth" / "predictions.csv")) == IDS
+
+
+# --- the encoder-decoder fuser (tiny random T5 and BART folders written by transformers) ---
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    from tests.test_aueb import write_t5_folder  # imported here: test_aueb imports this module
+
+    folder = tmp_path_factory.mktemp("t5")
+    write_t5_folder(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bart_dir(tmp_path_factory):
+    """A tiny BART: byte-level BPE with <s> 0, <pad> 1, </s> 2; the decoder starts with </s> (2), as
+    facebook/bart-* does, and sources and targets end with it."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+
+    folder = tmp_path_factory.mktemp("bart")
+    words = "chest x ray ct scan shows a small nodule in the left lung liver cyst caption".split()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", pad_token="<pad>",
+                                                     eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    config = transformers.BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=256, dropout=0.0)
+    assert (config.decoder_start_token_id, config.eos_token_id, config.pad_token_id) == (2, 2, 1)
+    torch.manual_seed(0)
+    transformers.BartForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def seq2seq_lm(folder: Path, spread: float | None = None):
+    """The folder's LM and tokenizer; ``spread``: weights redrawn with that std, so that a random model writes
+    varied words (as initialised, the tiny T5 writes only pad tokens)."""
+    from medcap.seq2seq import hf_seq2seq_lm, hf_seq2seq_tokenizer
+
+    model = hf_seq2seq_lm(str(folder)).eval()
+    if spread:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, spread)
+    return model, hf_seq2seq_tokenizer(str(folder))
+
+
+def transformers_loss(model, tokenizer, sources: list[str], targets: list[str]) -> torch.Tensor:
+    """transformers' own loss from ``labels`` (it shifts them behind the decoder start id itself)."""
+    source_ids = [tokenizer.source_ids(s) for s in sources]
+    target_ids = [tokenizer.target_ids(t) for t in targets]
+    ids = torch.full((len(sources), max(map(len, source_ids))), tokenizer.pad_id)
+    mask, labels = torch.zeros_like(ids), torch.full((len(sources), max(map(len, target_ids))), IGNORE_INDEX)
+    for row, (s, t) in enumerate(zip(source_ids, target_ids)):
+        ids[row, :len(s)], mask[row, :len(s)], labels[row, :len(t)] = torch.tensor(s), 1, torch.tensor(t)
+    return model.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def packed_loss(model, tokenizer, sources: list[str], targets: list[str], max_len: int = 300) -> torch.Tensor:
+    from medcap.seq2seq import seq2seq_sample
+
+    samples = [{"id": str(i), **seq2seq_sample(tokenizer, s, t, max_len, max_len)}
+               for i, (s, t) in enumerate(zip(sources, targets))]
+    batch = collate_captions(samples, pad_id=tokenizer.pad_id)
+    return caption_loss(model, {"tokens": batch["tokens"]}, batch["labels"])
+
+
+def test_a_bart_fuser_whose_decoder_starts_with_eos_trains_with_transformers_loss(bart_dir):
+    model, tokenizer = seq2seq_lm(bart_dir)
+    assert tokenizer.decoder_start_id == tokenizer.eos_id == 2
+    assert tokenizer.source_ids("chest x ray")[-1] == 2  # the source itself ends with the start id
+    data = FuserDataset(tokenizer, {"img1": ["chest x ray", "left lung", "a nodule"]},
+                        {"img1": ["chest x ray shows a nodule", "ct scan"]}, 300)
+    assert len(data) == 2
+    sources = [fuser_prompt(["chest x ray", "left lung", "a nodule"])] * 2
+    targets = ["chest x ray shows a nodule", "ct scan"]
+    batch = collate_captions(data.samples, pad_id=tokenizer.pad_id)
+    ours = caption_loss(model, {"tokens": batch["tokens"]}, batch["labels"])
+    with torch.no_grad():
+        expected = transformers_loss(model, tokenizer, sources, targets)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+    ours.backward()
+    assert model.model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_packed_rows_run_the_decoder_over_the_targets_only(t5_dir, monkeypatch):
+    model, tokenizer = seq2seq_lm(t5_dir)
+    sources = ["chest x ray of the left lung " * 12, "ct scan"]  # very different source lengths
+    targets = ["a small nodule", "liver cyst on ultrasound of the abdomen with a lesion"]
+    with torch.no_grad():
+        expected = transformers_loss(model, tokenizer, sources, targets)
+    widths = []
+    real_forward = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda **kw: widths.append(
+        (kw["input_ids"].shape[1], kw["decoder_input_ids"].shape[1])) or real_forward(**kw))
+    with torch.no_grad():
+        ours = packed_loss(model, tokenizer, sources, targets)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+    longest_source = max(len(tokenizer.source_ids(s)) for s in sources)
+    longest_target = max(len(tokenizer.target_ids(t)) for t in targets)
+    assert longest_source > 3 * longest_target
+    # the decoder reads [start, target...] without the target's last token, which predicts nothing
+    assert widths[0] == (longest_source, longest_target)
+
+
+def test_train_fuser_warns_of_cut_sources_and_targets(t5_dir, tmp_path, caplog):
+    ids = [f"id{i}" for i in range(6)]
+    long = "chest x ray shows a small nodule in the left lung " * 4
+    files = [write_run(tmp_path / "a.csv", [(k, long if k in ("id1", "id4") else "ct scan") for k in ids]),
+             write_run(tmp_path / "b.csv", [(k, "liver cyst") for k in ids]),
+             write_run(tmp_path / "c.csv", [(k, "mri brain lesion") for k in ids])]
+    write_run(tmp_path / "data" / "valid_captions.csv", [(k, long * 3 if k == "id2" else "ct scan") for k in ids])
+    with caplog.at_level("WARNING"):
+        cli.run_recipe("train_fuser", "aueb/train_fuser", [
+            f"fuser_dir={t5_dir}", f"data_dir={tmp_path / 'data'}", f"candidates=[{','.join(map(str, files))}]",
+            f"output_dir={tmp_path / 'fuser'}", "device=cpu", "epochs=null", "max_steps=1", "batch_size=2",
+            "holdout=1", "max_seq_len=100", "save_every=null", "metric_logger=null"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "max_seq_len" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("2 of 6 samples have their source (the candidates) cut to max_seq_len=100 tokens")
+    assert "IDs " in warnings[0] and "'id1'" in warnings[0] and "'id4'" in warnings[0]
+    assert warnings[0].endswith("fuse does not truncate, so at test time the model sees all candidates")
+    assert warnings[1].startswith("1 of 6 samples have their target caption cut to max_seq_len=100 tokens")
+    assert "ID 'id2'" in warnings[1]
+
+
+def test_seq2seq_sampling_is_reproducible_with_a_seed(t5_dir):
+    model, tokenizer = seq2seq_lm(t5_dir, spread=0.3)
+    prompts = [fuser_prompt_ids(tokenizer, ["chest x ray", "ct scan"], "Fuse."), tokenizer.source_ids("liver cyst")]
+    settings = dict(batch_size=2, max_new_tokens=8, temperature=1.0)
+    first = generate_texts(model, tokenizer, prompts, seed=3, **settings)
+    assert generate_texts(model, tokenizer, prompts, seed=3, **settings) == first
+    assert generate_texts(model, tokenizer, prompts, seed=4, **settings) != first
+    assert generate_texts(model, tokenizer, prompts, seed=3, batch_size=2, max_new_tokens=8) != first  # greedy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seq2seq_sampling_on_cuda_is_reproducible_with_a_seed(t5_dir):
+    model, tokenizer = seq2seq_lm(t5_dir, spread=0.3)
+    model.cuda()
+    prompts = [fuser_prompt_ids(tokenizer, ["chest x ray", "ct scan"], "Fuse.")]
+    settings = dict(batch_size=1, max_new_tokens=8, temperature=1.0, seed=3)
+    assert generate_texts(model, tokenizer, prompts, **settings) == generate_texts(model, tokenizer, prompts,
+                                                                                    **settings)
+
+
+def test_seq2seq_generation_refuses_or_passes_on_every_decoding_key(t5_dir, monkeypatch):
+    model, tokenizer = seq2seq_lm(t5_dir, spread=0.3)
+    prompts = [tokenizer.source_ids("chest x ray")]
+    with pytest.raises(ValueError, match=r"beam search is deterministic: set temperature to 0 \(got 0.7\) or "
+                                         r"num_beams to 1"):
+        generate_texts(model, tokenizer, prompts, batch_size=1, max_new_tokens=4, num_beams=2, temperature=0.7)
+    with pytest.raises(ValueError, match=r"length_normalization='hf_4_30': the encoder-decoder's beam search is "
+                                         r"transformers' own"):
+        generate_texts(model, tokenizer, prompts, batch_size=1, max_new_tokens=4, num_beams=2,
+                       length_normalization="hf_4_30")
+    with pytest.raises(ValueError, match="repetition penalty counts the generated tokens only: set penalize_prompt "
+                                         "to false"):
+        generate_texts(model, tokenizer, prompts, batch_size=1, max_new_tokens=4, repetition_penalty=1.2)
+    seen = []
+    real_generate = model.model.generate
+    monkeypatch.setattr(model.model, "generate", lambda **kw: seen.append(kw["use_cache"]) or real_generate(**kw))
+    settings = dict(batch_size=1, max_new_tokens=4, num_beams=2, length_normalization="with_end_token")
+    cached = generate_texts(model, tokenizer, prompts, use_cache=True, **settings)
+    assert generate_texts(model, tokenizer, prompts, use_cache=False, **settings) == cached
+    assert seen == [True, False]
+
+
+# --- prompt strings and prompts too long for the decoder ---
+
+@pytest.mark.parametrize("key, value, message", [
+    ("template", "Using the descriptions: {candidates} (from {models})",
+     r"prompt.template has the placeholder \{models\}; it takes \{instruction\} and \{candidates\}"),
+    ("template", "{instruction}: {}", r"prompt.template has the placeholder \{\}; it takes"),
+    ("template", "{instruction} only", r"prompt.template must contain \{candidates\}"),
+    ("candidate_line", "{n}. {caption}",
+     r"prompt.candidate_line has the placeholder \{n\}; it takes \{rank\} and \{caption\}"),
+    ("candidate_line", "{caption.upper}", r"prompt.candidate_line has the placeholder \{caption.upper\}"),
+    ("candidate_line", "{rank}. {caption", r"prompt.candidate_line is not a format string \(.*\)"),
+    ("candidate_line", "{rank}. {caption:d}", r"prompt.candidate_line is not a format string \(.*'d'.*\)"),
+])
+def test_prompt_placeholders_are_checked_naming_the_key_and_the_source(key, value, message):
+    with pytest.raises(ValueError, match=r"^train_fuser config: " + message):
+        prompt_settings({key: value}, "train_fuser config")
+
+
+def test_prompt_settings_keep_every_placeholder_the_prompt_uses():
+    settings = prompt_settings({"template": "{candidates}\n{instruction}", "candidate_line": "{rank:>2}) {caption!r}"},
+                               "fuse config")
+    layout = {k: settings[k] for k in ("template", "candidate_line", "separator")}
+    assert fuser_prompt(["a b", "c"], "Fuse.", **layout) == " 1) 'a b'\n 2) 'c'\nFuse."
+
+
+def test_fuse_names_the_id_and_the_files_of_a_prompt_too_long_for_the_decoder(tokenizer, tmp_path):
+    ids = ["x", "y", "z"]
+    files = [write_run(tmp_path / "a.csv", [(k, "word " * 300 if k == "y" else "a") for k in ids]),
+             write_run(tmp_path / "b.csv", [(k, "b") for k in ids])]
+    config = tiny_config(tmp_path, "fuse", output_dir=str(tmp_path / "fused"), checkpoint=None,
+                         candidates=[str(f) for f in files], max_new_tokens=4, batch_size=3)
+    with pytest.raises(ValueError, match=r"ID 'y': the prompt built from the candidates in .*a\.csv, .*b\.csv is "
+                                         r"\d+ tokens, and with max_new_tokens=4 needs \d+, more than the decoder's "
+                                         r"max_seq_len 256$"):
+        cli.run_recipe("fuse", str(config), [])
+    # a prompt that fits, but not with the tokens to generate
+    prompt = fuser_prompt_ids(tokenizer, ["b", "b"])
+    config = tiny_config(tmp_path, "fuse", output_dir=str(tmp_path / "fused"), checkpoint=None,
+                         candidates=[str(f) for f in files[1:]] * 2, max_new_tokens=257 - len(prompt), batch_size=3)
+    with pytest.raises(ValueError, match=rf"ID 'x': .* is {len(prompt)} tokens, and with max_new_tokens="
+                                         rf"{257 - len(prompt)} needs 257, more than the decoder's max_seq_len 256, "
+                                         rf"and 2 more IDs$"):
+        cli.run_recipe("fuse", str(config), [])
