@@ -7,7 +7,8 @@
   embeddings (``flat``: exact inner product; ``ivf`` and ``hnsw``: approximate, for large sets), saved to and
   loaded from a folder. ``search`` returns each query's k neighbours, leaving out the query image itself (same
   id, a shared image file, or an embedding identical to 1e-6), repeated captions and those under a similarity
-  threshold.
+  threshold. ``index_embedder`` rebuilds the index's encoder for the queries, in the dtype the index was embedded
+  in (meta.json's ``dtype``), so that the query's own indexed copy comes out identical.
 - ``fewshot_prompt``: a query's prompt with its neighbours as in-context examples, as earlier chat turns with
   their images (``turns``) or as a list of captions in the prompt text (``captions``).
 - ``CaptionSets``: several caption data sets as one (AUEB searched train + valid); ``aueb_caption_cleanup``: the
@@ -18,6 +19,7 @@ import csv
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ log = utils.get_logger("INFO")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE, EMBEDDINGS_FILE = "index.faiss", "embeddings.safetensors"
 ENTRIES_FILE, META_FILE = "entries.jsonl", "meta.json"
+EMBEDDING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                    "float64": torch.float64}  # meta.json's "dtype": what the index's encoder ran in
 IDENTICAL_TOLERANCE = 1e-6  # largest coordinate difference of two embeddings taken for the same image
 MODES = ("turns", "captions")
 CAPTIONS_TEMPLATE = "Similar images were described as:\n{captions}\n{prompt}"
@@ -218,11 +222,16 @@ class CaptionIndex:
         if embeddings.ndim != 2 or not (len(embeddings) == len(ids) == len(captions)):
             raise ValueError(f"embeddings {embeddings.shape}, {len(ids)} ids and {len(captions)} captions do not match")
         if len(set(ids)) != len(ids):
-            raise ValueError("index ids must be unique")
+            counts = Counter(ids)
+            duplicate = next(i for i in ids if counts[i] > 1)
+            raise ValueError(f"index ids must be unique: {duplicate!r} appears twice")
         if not len(ids):
             raise ValueError("an index needs at least one entry")
-        if not np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4):
-            raise ValueError("index embeddings must be L2-normalised (l2_normalize) so that inner product is cosine")
+        norms = np.linalg.norm(embeddings, axis=1)
+        bad = np.flatnonzero(~np.isclose(norms, 1.0, atol=1e-4))
+        if len(bad):
+            raise ValueError(f"index embeddings must be L2-normalised (l2_normalize) so that inner product is cosine: "
+                             f"row {bad[0]} (ID {ids[bad[0]]!r}) has norm {norms[bad[0]]:.4f}")
         self.embeddings, self.ids, self.captions = embeddings, list(ids), list(captions)
         self.images = [list(x) for x in images] if images is not None else [[] for _ in ids]
         self.settings = {"kind": "flat", **(settings or {})}
@@ -264,7 +273,7 @@ class CaptionIndex:
                                         f"(build one with `medcap run build_index`)")
         meta = json.loads((folder / META_FILE).read_text())
         embeddings = load_numpy(str(folder / EMBEDDINGS_FILE))["embeddings"]
-        ids, captions, images = [], [], []
+        ids, captions, images, lines = [], [], [], {}
         with (folder / ENTRIES_FILE).open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 try:
@@ -275,6 +284,10 @@ class CaptionIndex:
                 except (json.JSONDecodeError, KeyError) as e:
                     raise ValueError(f"{folder / ENTRIES_FILE}: line {line_no}: expected an object with id and "
                                      f"caption ({e})") from None
+                if ids[-1] in lines:
+                    raise ValueError(f"{folder / ENTRIES_FILE}: line {line_no}: duplicate ID {ids[-1]!r} (line "
+                                     f"{lines[ids[-1]]} has it too)")
+                lines[ids[-1]] = line_no
         index = faiss.read_index(str(folder / INDEX_FILE))
         settings = meta.get("index", {"kind": "flat"})
         if settings.get("kind") == "ivf":  # the query-time options, as configured when it was built
@@ -285,7 +298,10 @@ class CaptionIndex:
             raise ValueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors, {EMBEDDINGS_FILE} "
                              f"{len(embeddings)} and {ENTRIES_FILE} {len(ids)} entries")
         meta = {k: v for k, v in meta.items() if k not in ("count", "dim", "index", "similarity")}
-        return cls(embeddings, ids, captions, images, settings, meta, index)
+        try:
+            return cls(embeddings, ids, captions, images, settings, meta, index)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
 
     # -- queries
 
@@ -356,12 +372,39 @@ class CaptionIndex:
 
 
 def write_neighbours_csv(path: str | Path, query_ids: list[str], neighbours: list[list[Neighbour]]) -> None:
-    """``ID,rank,neighbour_ID,similarity``, one row per neighbour kept (rank from 1); a query with none has no row."""
-    with Path(path).open("w", newline="", encoding="utf-8") as f:
+    """``ID,rank,neighbour_ID,similarity``, one row per neighbour kept, in ``neighbours``' order (rank from 1); a
+    query with none has one row of rank 0 with the other fields empty. Written to a temporary file renamed into
+    place."""
+    with replaced_atomically(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["ID", "rank", "neighbour_ID", "similarity"])
         for query_id, found in zip(query_ids, neighbours):
             writer.writerows([query_id, rank, n.id, f"{n.score:.6f}"] for rank, n in enumerate(found, 1))
+            if not found:
+                writer.writerow([query_id, 0, "", ""])
+
+
+def embedding_dtype(meta: dict[str, Any], default: torch.dtype, where: str | Path = META_FILE) -> torch.dtype:
+    """The dtype an index's images were embedded in (``dtype`` in its meta.json, ``where``), or ``default`` for an
+    index built before it was recorded. Queries embedded in another dtype differ from an indexed copy of the same
+    image by far more than ``IDENTICAL_TOLERANCE`` (about 1e-3 from bf16 to fp32)."""
+    name = meta.get("dtype")
+    if name is None:
+        return default
+    if not isinstance(name, str) or name not in EMBEDDING_DTYPES:
+        raise ValueError(f"{where}: field 'dtype' must be one of {sorted(EMBEDDING_DTYPES)}, found {name!r}")
+    return EMBEDDING_DTYPES[name]
+
+
+def index_embedder(index: CaptionIndex, folder: str | Path, device: torch.device, dtype: torch.dtype,
+                   trusted: list[str] | tuple = ()) -> ImageEmbedder:
+    """The encoder that embedded ``index`` (loaded from ``folder``), rebuilt for its queries in the dtype the index
+    was embedded in (``dtype`` when its meta.json does not say)."""
+    meta_file = Path(folder) / META_FILE
+    if index.meta.get("source") is None:
+        raise ValueError(f"{folder}: meta.json names no source encoder; rebuild it with medcap run build_index")
+    return embedder_from_source(index.meta["source"], device, embedding_dtype(index.meta, dtype, meta_file),
+                                read_from=meta_file, trusted=trusted)
 
 
 def search_options(cfg) -> dict[str, Any]:

@@ -8,14 +8,15 @@ file with one entry per query image, nearest first:
   caption string or an object with ``caption`` (``id`` and ``score`` may be there too), or with ``id`` only when
   the captions come from the index (``index_dir``). The synthesize recipe writes this file (neighbours.jsonl).
 - CSV, one row per neighbour, ``rank`` 1 = nearest: ``ID,rank,caption``, or ``ID,rank,neighbour_ID`` with the
-  captions from the index (the ``neighbours.csv`` that ``knn_fewshot`` writes). Extra columns are ignored.
+  captions from the index (the ``neighbours.csv`` that ``knn_fewshot`` writes). A query without neighbours has one
+  row of rank 0 with an empty caption / neighbour_ID. Extra columns are ignored; every row has the header's
+  number of fields (quote a caption holding a comma).
 """
 
-import csv
 import json
 from pathlib import Path
 
-from medcap.metrics.io import iter_jsonl
+from medcap.metrics.io import csv_rows, field_count_error, iter_jsonl, read_text
 
 DEFAULT_INSTRUCTION = ("Improve the draft caption of a medical image. Reply with one short sentence that names "
                        "the imaging modality, the body part and the significant findings. The captions of "
@@ -71,27 +72,41 @@ def _read_jsonl(path: Path, captions: _Captions) -> dict[str, list[str]]:
 
 
 def _read_csv(path: Path, captions: _Captions) -> dict[str, list[str]]:
-    reader = csv.DictReader(path.read_text(encoding="utf-8").splitlines())
-    fields = reader.fieldnames or []
+    rows = csv_rows(path, read_text(path))
+    _, header = next(rows, (1, []))
+    fields = [name.strip() for name in header]
     text_column = "caption" if "caption" in fields else "neighbour_ID" if "neighbour_ID" in fields else None
     if "ID" not in fields or "rank" not in fields or text_column is None:
         raise ValueError(f"{path}: line 1: expected columns ID,rank,caption or ID,rank,neighbour_ID, found {fields}")
-    ranked: dict[str, dict[int, str]] = {}
-    for row in reader:
-        line, sample_id = reader.line_num, (row["ID"] or "").strip()
+    ranked: dict[str, dict[int, str | None]] = {}
+    for line, values in rows:
+        if len(values) != len(header):
+            raise ValueError(field_count_error(path, line, values, header))
+        row = dict(zip(fields, values))
+        sample_id = row["ID"].strip()
         if not sample_id:
             raise ValueError(f"{path}: line {line}: field 'ID' is empty")
+        where = f"{path}: line {line}: sample {sample_id!r}"
         try:
             rank = int(row["rank"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: line {line}: sample {sample_id!r}: field 'rank' must be an integer, "
-                             f"found {row['rank']!r}") from None
-        if rank in ranked.setdefault(sample_id, {}):
-            raise ValueError(f"{path}: line {line}: sample {sample_id!r}: rank {rank} appears twice")
-        value = row[text_column] or ""
-        ranked[sample_id][rank] = value if text_column == "caption" else \
-            captions(value.strip(), f"line {line}: sample {sample_id!r}")
-    return {i: [by_rank[r] for r in sorted(by_rank)] for i, by_rank in ranked.items()}
+        except ValueError:
+            rank = None
+        if rank is None or rank < 0:
+            raise ValueError(f"{where}: field 'rank' must be an integer >= 0, found {row['rank']!r}")
+        by_rank = ranked.setdefault(sample_id, {})
+        if rank in by_rank:
+            raise ValueError(f"{where}: rank {rank} appears twice")
+        if 0 in by_rank or (rank == 0 and by_rank):
+            raise ValueError(f"{where}: rank 0 (no neighbours) and rank {rank or max(by_rank)} for the same ID")
+        value = row[text_column]
+        if rank == 0:  # a query without neighbours, as write_neighbours_csv records it
+            if value.strip():
+                raise ValueError(f"{where}: rank 0 (no neighbours) with {text_column} {value!r}")
+            by_rank[0] = None
+        else:
+            by_rank[rank] = value if text_column == "caption" else \
+                captions(value.strip(), f"line {line}: sample {sample_id!r}")
+    return {i: [by_rank[r] for r in sorted(by_rank) if r] for i, by_rank in ranked.items()}
 
 
 def read_neighbours(path: str | Path, index_dir: str | Path | None = None) -> dict[str, list[str]]:
@@ -113,11 +128,10 @@ def search_neighbours(index_dir: str | Path, samples: list[dict], k: int, device
     """{query ID: up to ``k`` neighbours as ``{"id", "caption", "score"}``, nearest first}: the query samples'
     images (``samples`` of a CaptionDataset) embedded with the encoder the index names, then searched;
     ``options``: ``CaptionIndex.search``'s (exclude_self, exclude_identical, dedupe_captions, threshold)."""
-    from medcap.retrieval import META_FILE, CaptionIndex, embedder_from_source
+    from medcap.retrieval import CaptionIndex, index_embedder
 
     index = CaptionIndex.load(index_dir)
-    embedder = embedder_from_source(index.meta["source"], device, dtype, read_from=Path(index_dir) / META_FILE,
-                                    trusted=trusted_components)
+    embedder = index_embedder(index, index_dir, device, dtype, trusted_components)
     found = index.search_samples(embedder, samples, k, batch_size, **options)
     return {s["id"]: [{"id": n.id, "caption": n.caption, "score": round(n.score, 6)} for n in row]
             for s, row in zip(samples, found)}

@@ -1,8 +1,8 @@
 """Retrieval index over a caption set: every image of ``dataset`` is embedded (the encoder's tokens mean-pooled,
 averaged over a sample's images, L2-normalised) and saved with its id, caption and image paths, plus a faiss
 index (``index.kind``: ``flat`` exact inner product = cosine; ``ivf`` or ``hnsw`` for large sets) and a
-meta.json naming the encoder that produced it. The nearest-caption baseline, kNN few-shot and the synthesizer
-read it; they embed their queries with the same encoder.
+meta.json naming the encoder that produced it and the dtype it ran in. The nearest-caption baseline, kNN few-shot
+and the synthesizer read it; they embed their queries with the same encoder in the same dtype.
 
     medcap run build_index --config demo/build_index
     medcap run build_index --config demo/build_index encoder._component_=medcap.models.encoders.efficientnet_lite0 \
@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
     embeddings = embedder.embed_samples(samples, cfg.get("batch_size", 32), cfg.get("num_workers", 0))
     settings = {"kind": "flat", **(dict(cfg.index) if cfg.get("index") else {})}
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta = {"source": source, "dataset": dataset.name, "created": created,
+    meta = {"source": source, "dataset": dataset.name, "created": created, "dtype": str(dtype).removeprefix("torch."),
             "pooling": "encoder tokens averaged, then a sample's images, then L2-normalised"}
     index = CaptionIndex(embeddings, [s["id"] for s in samples], [s["caption"] for s in samples],
                          [s["images"] for s in samples], settings, meta)

@@ -13,11 +13,12 @@ captions the image. Writes ``predictions.csv`` (``ID,caption``) and ``neighbours
 
 Neighbours leave out the query itself and repeated captions (``exclude_self``, ``exclude_identical``,
 ``dedupe_captions``) and those below ``threshold`` (cosine); an image left with none gets ``fallback_prompt``
-(null: the plain prompt). ``nearest_first: false`` puts the most similar example last, next to the query. The
-query images are embedded with the encoder the index names; when that is this config's model + checkpoint, its
-vision encoder is reused. ``clean_captions: aueb`` applies AUEB's clean-up to the captions
-(``medcap.retrieval.aueb_caption_cleanup``); the raw ones then go to ``raw_predictions.csv``. Decoding keys are
-those of ``generate``.
+(null: the plain prompt). ``nearest_first: false`` puts the most similar example last, next to the query
+(neighbours.csv lists them nearest first all the same, rank 0 for an image without any). The query images are
+embedded with the encoder the index names, in the dtype the index was embedded in; when that is this config's
+model + checkpoint in this run's dtype, its vision encoder is reused. ``clean_captions: aueb`` applies AUEB's
+clean-up to the captions (``medcap.retrieval.aueb_caption_cleanup``); the raw ones then go to
+``raw_predictions.csv``. Decoding keys are those of ``generate``.
 
     medcap run knn_fewshot --config aueb/knn_fewshot model_dir=DIR data_dir=DIR index_dir=INDEX
 """
@@ -38,7 +39,7 @@ from medcap.data.images import load_image
 from medcap.generation import generate_batch
 from medcap.metrics import write_csv_predictions
 from medcap.retrieval import (CAPTION_LINE, CAPTIONS_TEMPLATE, CLEANUPS, META_FILE, CaptionIndex, ImageEmbedder,
-                              embedder_from_source, fewshot_prompt, retrieval_source, search_options,
+                              embedding_dtype, fewshot_prompt, index_embedder, retrieval_source, search_options,
                               write_neighbours_csv)
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 from medcap.command import run_command
@@ -82,12 +83,10 @@ class FewShotPrompts(Dataset):
 
 def query_embedder(index: CaptionIndex, cfg: DictConfig, model, device, dtype) -> ImageEmbedder:
     source = index.meta.get("source")
-    if source is None:
-        raise ValueError(f"{cfg.index_dir}: meta.json names no source encoder; rebuild it with medcap run build_index")
-    if source == retrieval_source(cfg.model, None, cfg.get("checkpoint"), cfg.seed):
+    if (source is not None and source == retrieval_source(cfg.model, None, cfg.get("checkpoint"), cfg.seed)
+            and embedding_dtype(index.meta, dtype, Path(cfg.index_dir) / META_FILE) == dtype):
         return ImageEmbedder(model.vision.encoder, device, source)  # the captioner's own trained encoder
-    return embedder_from_source(source, device, dtype, read_from=Path(cfg.index_dir) / META_FILE,
-                                trusted=cfg.get("trusted_components") or ())
+    return index_embedder(index, cfg.index_dir, device, dtype, cfg.get("trusted_components") or ())
 
 
 @config.parse
@@ -104,8 +103,8 @@ def main(cfg: DictConfig) -> None:
     embedder = query_embedder(index, cfg, model, device, dtype)
     neighbours = index.search_samples(embedder, samples, cfg.k, cfg.batch_size, cfg.get("num_workers", 0),
                                       **search_options(cfg))
-    if not cfg.get("nearest_first", True):
-        neighbours = [found[::-1] for found in neighbours]
+    # neighbours.csv keeps the search order (rank 1 = nearest); only the prompts may show it reversed
+    examples = neighbours if cfg.get("nearest_first", True) else [found[::-1] for found in neighbours]
 
     views, per_image = model.views_per_block, model.tokens_per_image
 
@@ -118,7 +117,7 @@ def main(cfg: DictConfig) -> None:
     cleanup = cfg.get("clean_captions")
     if cleanup is not None and cleanup not in CLEANUPS:
         raise ValueError(f"clean_captions must be null or one of {sorted(CLEANUPS)}, got {cleanup!r}")
-    prompts = FewShotPrompts(samples, neighbours, tokenizer, dataset.transform, image_tokens, dataset.prompt,
+    prompts = FewShotPrompts(samples, examples, tokenizer, dataset.transform, image_tokens, dataset.prompt,
                              cfg.get("mode", "turns"), dataset.system, cfg.get("captions_template", CAPTIONS_TEMPLATE),
                              cfg.get("caption_line", CAPTION_LINE),
                              max_len=model.decoder.max_seq_len - settings["max_new_tokens"],

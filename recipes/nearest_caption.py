@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torchtune import config
 
 from medcap.metrics import write_csv_predictions
-from medcap.retrieval import META_FILE, CaptionIndex, embedder_from_source, search_options, write_neighbours_csv
+from medcap.retrieval import CaptionIndex, index_embedder, search_options, write_neighbours_csv
 from medcap.runtime import device_and_dtype, log
 from medcap.command import run_command
 
@@ -26,8 +26,7 @@ def main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="nearest_caption", cfg=cfg)
     device, dtype = device_and_dtype(cfg)
     index = CaptionIndex.load(cfg.index_dir)
-    embedder = embedder_from_source(index.meta["source"], device, dtype, read_from=Path(cfg.index_dir) / META_FILE,
-                                    trusted=cfg.get("trusted_components") or ())
+    embedder = index_embedder(index, cfg.index_dir, device, dtype, cfg.get("trusted_components") or ())
     samples = config.instantiate(cfg.dataset, with_captions=False).samples
     neighbours = index.search_samples(embedder, samples, 1, cfg.get("batch_size", 32), cfg.get("num_workers", 0),
                                       **search_options(cfg))
@@ -37,7 +36,7 @@ def main(cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv_predictions(out / "predictions.csv",
                           {s["id"]: found[0].caption if found else fallback for s, found in zip(samples, neighbours)})
-    write_neighbours_csv(out / "neighbours.csv", [s["id"] for s in samples], neighbours)  # none for a fallback
+    write_neighbours_csv(out / "neighbours.csv", [s["id"] for s in samples], neighbours)  # rank 0 for a fallback
     missing = sum(not found for found in neighbours)
     if missing:
         log.warning(f"{missing} image(s) had no neighbour at or above threshold={cfg.get('threshold')}: they got "

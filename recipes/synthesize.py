@@ -1,7 +1,8 @@
 """Synthesizer: a text LLM rewrites each draft caption of one run (``drafts``, an ``ID,caption`` CSV) with the
 captions of the image's nearest training neighbours in the prompt. The neighbours are searched in the retrieval
 index ``index_dir`` (``medcap run build_index``) for the images of ``dataset``, or read from ``neighbours`` (JSONL
-or CSV: see medcap/synthesis.py; ``knn_fewshot``'s neighbours.csv works, its captions taken from ``index_dir``).
+or CSV: see medcap/synthesis.py; ``knn_fewshot``'s neighbours.csv works, its captions taken from ``index_dir``, its
+rank-0 rows meaning an image without neighbours). A draft ID the file does not list at all is an error.
 
 Writes ``output_dir/predictions.csv`` (every draft ID once, in the drafts' order), ``output_dir/synthesis.jsonl``
 (per ID: the draft, the neighbour captions shown, the LLM's reply, the caption kept) and, when searched,
@@ -27,6 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torchtune import config, training
 
+from medcap.atomic import write_text
 from medcap.command import run_command
 from medcap.fuser import generate_texts, text_lm_and_tokenizer
 from medcap.metrics import read_predictions, write_csv_predictions
@@ -67,8 +69,8 @@ def main(cfg: DictConfig) -> None:
 
         found = search_neighbours(cfg.index_dir, samples, k, device, dtype, cfg.get("embed_batch_size", 32),
                                   cfg.get("trusted_components") or (), **search_options(cfg))
-        with (out / "neighbours.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"id": i, "neighbours": row}) + "\n" for i, row in found.items())
+        write_text(out / "neighbours.jsonl", "".join(json.dumps({"id": i, "neighbours": row}) + "\n"
+                                                     for i, row in found.items()))
         neighbours = {i: [n["caption"] for n in row] for i, row in found.items()}
     missing = [i for i in drafts if i not in neighbours]
     if missing:
@@ -94,15 +96,15 @@ def main(cfg: DictConfig) -> None:
                              progress="synthesize", **decoding_settings(cfg))
     seconds = time.perf_counter() - t0
 
-    predictions, kept_draft = {}, 0
-    with (out / "synthesis.jsonl").open("w", encoding="utf-8") as f:
-        for sample_id, text, reply in zip(ids, texts, replies):
-            caption = clean_output(reply, cfg.get("first_line_only", True))
-            if not caption:
-                caption, kept_draft = drafts[sample_id], kept_draft + 1
-            predictions[sample_id] = caption
-            f.write(json.dumps({"id": sample_id, "draft": drafts[sample_id], "neighbours": neighbours[sample_id][:k],
-                                "prompt": text, "reply": reply, "caption": caption}) + "\n")
+    predictions, lines, kept_draft = {}, [], 0
+    for sample_id, text, reply in zip(ids, texts, replies):
+        caption = clean_output(reply, cfg.get("first_line_only", True))
+        if not caption:
+            caption, kept_draft = drafts[sample_id], kept_draft + 1
+        predictions[sample_id] = caption
+        lines.append(json.dumps({"id": sample_id, "draft": drafts[sample_id], "neighbours": neighbours[sample_id][:k],
+                                 "prompt": text, "reply": reply, "caption": caption}) + "\n")
+    write_text(out / "synthesis.jsonl", "".join(lines))
     write_csv_predictions(out / "predictions.csv", predictions)
     log.info(f"{len(predictions)} captions in {seconds:.1f} s ({kept_draft} empty replies kept their draft) "
              f"-> {out / 'predictions.csv'}")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import medcap.generation
 import medcap.retrieval
@@ -14,9 +15,11 @@ from medcap.data.dataset import image_transform
 from medcap.data.images import load_image
 from medcap.models.encoders import tiny_efficientnet
 from medcap.retrieval import CaptionIndex, fewshot_prompt
+from medcap.synthesis import read_neighbours
 from medcap.text import IMAGE_PLACEHOLDER as IMG
 from medcap.text import llama3_tokenizer, smollm2_tokenizer
-from tests.test_retrieval import demo_data, tiny_build_index  # noqa: F401 (a fixture)
+from tests.test_retrieval import demo_data, tiny_build_index, trained_tiny_checkpoint  # noqa: F401 (demo_data)
+from tests.test_synthesize import tiny_config
 from tests.test_tokenizers import LLAMA3_MODEL
 
 USER, END, ASSISTANT = "<|im_start|>user\n", "<|im_end|>", "<|im_start|>assistant\n"
@@ -152,3 +155,84 @@ def test_knn_fewshot_recipe_feeds_neighbour_images_in_prompt_order(demo_data, tm
     with pytest.raises(ValueError, match=r"demo_test_0000'.*lower k"):
         cli.run_recipe("knn_fewshot", "demo/knn_fewshot", common + [f"output_dir={tmp_path / 'long'}", "k=3",
                                                                      "max_new_tokens=500"])
+
+
+def knn_overrides(data, index_dir, split="test", checkpoint=None):
+    return [f"index_dir={index_dir}", f"checkpoint={checkpoint or 'null'}",
+            "model._component_=medcap.models.builders.tiny_demo",
+            "~model.max_seq_len", "~model.image_grid", f"dataset.manifest={data / f'{split}.jsonl'}",
+            "max_new_tokens=2", "temperature=0.0"]
+
+
+def test_nearest_first_false_reverses_the_examples_not_neighbours_csv(demo_data, tmp_path, monkeypatch):  # noqa: F811
+    tiny_build_index(demo_data, tmp_path / "index")
+    index = CaptionIndex.load(tmp_path / "index")
+    captions = dict(zip(index.ids, index.captions))
+    prompts = []
+    real_generate = medcap.generation.generate
+
+    def spy(model, batch_prompts, images, **kwargs):
+        prompts.extend(batch_prompts)
+        return real_generate(model, batch_prompts, images, **kwargs)
+
+    monkeypatch.setattr(medcap.generation, "generate", spy)
+    out = tmp_path / "knn"
+    cli.run_recipe("knn_fewshot", "demo/knn_fewshot", knn_overrides(demo_data, tmp_path / "index") + [
+        f"output_dir={out}", "max_samples=3", "k=2", "mode=captions", "nearest_first=false"])
+    with (out / "neighbours.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    ids = list(dict.fromkeys(r["ID"] for r in rows))
+    assert len(ids) == len(prompts) == 3
+    tok = smollm2_tokenizer()
+    for sample_id, prompt in zip(ids, prompts):
+        nearest, second = [r for r in rows if r["ID"] == sample_id]
+        assert (nearest["rank"], second["rank"]) == ("1", "2")
+        assert float(nearest["similarity"]) >= float(second["similarity"])
+        # the prompt lists the nearest last, next to the query
+        assert (f"1. {captions[second['neighbour_ID']]}\n2. {captions[nearest['neighbour_ID']]}\n"
+                in tok.decode(prompt, skip_special_tokens=False))
+    # and synthesize reads the file nearest first
+    assert read_neighbours(out / "neighbours.csv", tmp_path / "index")[ids[0]] == [
+        captions[r["neighbour_ID"]] for r in rows[:2]]
+
+
+def test_synthesize_takes_the_fallback_for_knn_fewshot_queries_without_neighbours(demo_data, tmp_path):  # noqa: F811
+    tiny_build_index(demo_data, tmp_path / "index")
+    knn = tmp_path / "knn"
+    cli.run_recipe("knn_fewshot", "demo/knn_fewshot", knn_overrides(demo_data, tmp_path / "index") + [
+        f"output_dir={knn}", "max_samples=3", "threshold=1.01"])
+    ids = [json.loads(line)["id"] for line in (demo_data / "test.jsonl").read_text().splitlines()][:3]
+    assert (knn / "neighbours.csv").read_text().splitlines() == (
+        ["ID,rank,neighbour_ID,similarity"] + [f"{i},0,," for i in ids])
+
+    drafts = tmp_path / "drafts.csv"
+    drafts.write_text("ID,caption\n" + "".join(f"{i},Draft {n}.\n" for n, i in enumerate(ids)))
+    out = tmp_path / "synthesize"
+    config = tiny_config(tmp_path, drafts=str(drafts), neighbours=str(knn / "neighbours.csv"),
+                         index_dir=str(tmp_path / "index"), output_dir=str(out), fallback_template="Caption: {draft}")
+    cli.run_recipe("synthesize", str(config), [])
+    rows = [json.loads(line) for line in (out / "synthesis.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["neighbours"], r["prompt"]) for r in rows] == [
+        (i, [], f"Caption: Draft {n}.") for n, i in enumerate(ids)]
+
+
+def test_knn_fewshot_embeds_queries_in_the_index_dtype(demo_data, tmp_path):  # noqa: F811
+    checkpoint = trained_tiny_checkpoint(tmp_path / "ckpt")
+    tiny_build_index(demo_data, tmp_path / "index", "dtype=bf16", f"checkpoint={checkpoint}")
+    out = tmp_path / "knn"
+    # the training images against their own index, left out only as identical embeddings: the captioner's own
+    # (fp32) encoder would embed them about 1e-3 away from their bf16 entries
+    overrides = knn_overrides(demo_data, tmp_path / "index", "train", checkpoint)
+    cli.run_recipe("knn_fewshot", "demo/knn_fewshot", overrides + [f"output_dir={out}", "k=1", "exclude_self=false",
+                                                                   "dtype=fp32"])
+    with (out / "neighbours.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16 and [r["ID"] for r in rows if r["ID"] == r["neighbour_ID"]] == []
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny"])
+def test_configs_take_fallback_prompt_and_clean_captions(name):
+    path = cli.find_config(f"{name}/knn_fewshot")
+    cli.check_override_keys(path, ["fallback_prompt=Describe the image.", "clean_captions=aueb"])
+    cfg = OmegaConf.load(path)
+    assert (cfg.fallback_prompt, cfg.clean_captions) == (None, None)  # the recipe's defaults

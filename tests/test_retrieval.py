@@ -10,14 +10,15 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
+from safetensors.numpy import save_file as save_numpy
 
 from medcap import cli
 from medcap.checkpoint import save_checkpoint
 from medcap.data.demo_builder import build_demo
 from medcap.models.builders import tiny_demo
 from medcap.models.encoders import efficientnet_lite0, tiny_efficientnet
-from medcap.retrieval import (CaptionIndex, ImageEmbedder, embedder_from_source, l2_normalize,
-                              retrieval_source)
+from medcap.retrieval import (CaptionIndex, ImageEmbedder, Neighbour, embedder_from_source, l2_normalize,
+                              retrieval_source, write_neighbours_csv)
 
 
 def small_index(captions=None, **settings):
@@ -225,4 +226,78 @@ def test_build_index_and_nearest_caption_recipes(demo_data, tmp_path):
         "threshold=1.01", "fallback_caption=none found"])
     with (out / "predictions.csv").open() as f:
         assert {r["caption"] for r in csv.DictReader(f)} == {"none found"}
-    assert (out / "neighbours.csv").read_text().splitlines() == ["ID,rank,neighbour_ID,similarity"]
+    test_ids = [json.loads(line)["id"] for line in (demo_data / "test.jsonl").read_text().splitlines()]
+    assert (out / "neighbours.csv").read_text().splitlines() == (
+        ["ID,rank,neighbour_ID,similarity"] + [f"{i},0,," for i in test_ids])
+
+
+def test_neighbours_csv_has_a_rank_0_row_for_a_query_without_neighbours(tmp_path):
+    path = tmp_path / "neighbours.csv"
+    found = [[Neighbour("t1", "c", [], 0.9, 0), Neighbour("t2", "c", [], 0.5, 1)], [],
+             [Neighbour("t3", "c", [], 0.25, 2)]]
+    write_neighbours_csv(path, ["q1", "q2", "q3"], found)
+    assert path.read_text().splitlines() == ["ID,rank,neighbour_ID,similarity", "q1,1,t1,0.900000",
+                                             "q1,2,t2,0.500000", "q2,0,,", "q3,1,t3,0.250000"]
+
+
+def test_a_failed_neighbours_csv_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "neighbours.csv"
+    write_neighbours_csv(path, ["q1", "q2"], [[Neighbour("t1", "c", [], 0.9, 0)], [Neighbour("t2", "c", [], 0.8, 1)]])
+    before = path.read_text()
+    broken = [[Neighbour("t1", "c", [], 0.7, 0)], [Neighbour("t2", "c", [], None, 1)]]  # fails on the second query
+    with pytest.raises(TypeError):
+        write_neighbours_csv(path, ["q1", "q2"], broken)
+    assert path.read_text() == before
+
+
+def test_index_load_errors_name_the_folder_the_id_and_the_row(tmp_path):
+    CaptionIndex(l2_normalize(np.eye(3)), ["a", "b", "c"], ["x", "y", "z"]).save(tmp_path / "dup")
+    entries = tmp_path / "dup" / "entries.jsonl"
+    entries.write_text(entries.read_text().replace('"id": "c"', '"id": "a"'))
+    with pytest.raises(ValueError, match=r"dup/entries\.jsonl: line 3: duplicate ID 'a'"):
+        CaptionIndex.load(tmp_path / "dup")
+    with pytest.raises(ValueError, match=r"index ids must be unique: 'b' appears twice"):
+        CaptionIndex(l2_normalize(np.eye(3)), ["a", "b", "b"], ["x", "y", "z"])
+
+    CaptionIndex(l2_normalize(np.eye(3)), ["a", "b", "c"], ["x", "y", "z"]).save(tmp_path / "norm")
+    embeddings = np.eye(3, dtype=np.float32)
+    embeddings[1:] *= 2
+    save_numpy({"embeddings": embeddings}, str(tmp_path / "norm" / "embeddings.safetensors"))
+    with pytest.raises(ValueError, match=r"norm: index embeddings must be L2-normalised .*: row 1 \(ID 'b'\) has "
+                                         r"norm 2\.0000"):
+        CaptionIndex.load(tmp_path / "norm")
+
+
+def trained_tiny_checkpoint(path):
+    """A tiny_demo checkpoint whose weights come from the file, not from the dtype it is built in."""
+    torch.manual_seed(3)
+    return save_checkpoint(tiny_demo(projector="mlp2"), path)
+
+
+def test_queries_are_embedded_in_the_dtype_the_index_was_built_in(demo_data, tmp_path):
+    checkpoint = trained_tiny_checkpoint(tmp_path / "ckpt")
+    tiny_build_index(demo_data, tmp_path / "index", "dtype=bf16", f"checkpoint={checkpoint}")
+    meta_file = tmp_path / "index" / "meta.json"
+
+    def self_neighbours(*overrides):
+        """IDs that are their own nearest neighbour when the training images are searched in their own index,
+        left out only as identical embeddings."""
+        out = tmp_path / "nearest"
+        cli.run_recipe("nearest_caption", "demo/nearest_caption", [
+            f"index_dir={tmp_path / 'index'}", f"output_dir={out}", f"dataset.manifest={demo_data / 'train.jsonl'}",
+            "exclude_self=false", *overrides])
+        with (out / "neighbours.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 16
+        return [r["ID"] for r in rows if r["ID"] == r["neighbour_ID"]]
+
+    # embedded in fp32 (this run's dtype) a query would differ from its bf16 entry by about 1e-3
+    assert self_neighbours("dtype=fp32") == []
+    meta = json.loads(meta_file.read_text())
+    assert (meta["dtype"], meta["source"]["checkpoint"]) == ("bfloat16", str(checkpoint.resolve()))
+    del meta["dtype"]  # an index built before the dtype was recorded: queries in the run's dtype
+    meta_file.write_text(json.dumps(meta))
+    assert self_neighbours("dtype=bf16") == []
+    meta_file.write_text(json.dumps({**meta, "dtype": "fp8"}))
+    with pytest.raises(ValueError, match=r"index/meta\.json: field 'dtype' must be one of .*, found 'fp8'"):
+        self_neighbours("dtype=fp32")

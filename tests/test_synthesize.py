@@ -4,16 +4,18 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
+import medcap.synthesis
 from medcap import cli
 from medcap.metrics import read_predictions
-from medcap.retrieval import CaptionIndex, ImageEmbedder
-from medcap.synthesis import clean_output, read_neighbours, synthesis_prompt
+from medcap.retrieval import CaptionIndex, ImageEmbedder, l2_normalize
+from medcap.synthesis import clean_output, read_neighbours, search_neighbours, synthesis_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,3 +209,121 @@ def test_synthesize_names_an_id_without_neighbours(tmp_path, inputs):
     config = tiny_config(tmp_path, drafts=str(drafts), neighbours=str(partial), output_dir=str(tmp_path / "o"))
     with pytest.raises(ValueError, match=r"partial\.jsonl: no neighbours for ID 'c3' \(in .*drafts\.csv\)"):
         cli.run_recipe("synthesize", str(config), [])
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])  # utf-8-sig: a byte-order mark, as Excel saves it
+def test_csv_neighbours_keep_what_is_inside_quoted_captions(tmp_path, encoding):
+    captions = ["Chest X-ray.\nNo effusion.", "CT of the abdomen\u2028with contrast.", "MRI\x85of the brain.",
+                'A "quoted", comma.', "plain"]
+    path = tmp_path / "n.csv"
+    with path.open("w", newline="", encoding=encoding) as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "rank", "caption"])
+        writer.writerows(["q1", rank, caption] for rank, caption in enumerate(captions, 1))
+    assert read_neighbours(path) == {"q1": captions}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ID,rank,caption\nq1,1,a\nq1,2\n", r"line 3: expected 3 fields \(ID,rank,caption\), found 2"),
+    ("ID,rank,caption\nq1,1,CT scan, of the chest\n", r"line 2: expected 3 fields \(ID,rank,caption\), found 4"),
+    ('ID,rank,caption\nq1,1,"never closed\nq1,2,b\n', r"line 2: malformed CSV"),
+], ids=["short row", "unquoted comma", "unclosed quote"])
+def test_csv_neighbours_rows_must_have_the_header_s_fields(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"bad\.csv: " + message):
+        read_neighbours(path)
+
+
+def test_csv_rank_0_is_an_id_without_neighbours(tmp_path, colour_index):
+    index_dir, _ = colour_index
+    path = tmp_path / "knn.csv"  # as knn_fewshot writes a query without neighbours
+    path.write_text("ID,rank,neighbour_ID,similarity\nq1,0,,\nq2,1,t_red,0.9\n")
+    assert read_neighbours(path, index_dir) == {"q1": [], "q2": ["All red."]}
+    for text, message in (("q1,0,t_red,0.9\n", r"line 2: sample 'q1': rank 0 \(no neighbours\) with neighbour_ID"),
+                          ("q1,1,t_red,0.9\nq1,0,,\n", r"line 3: sample 'q1': rank 0 \(no neighbours\) and rank 1"),
+                          ("q1,0,,\nq1,1,t_red,0.9\n", r"line 3: sample 'q1': rank 0 \(no neighbours\) and rank 1"),
+                          ("q1,-1,t_red,0.9\n", r"line 2: sample 'q1': field 'rank' must be an integer >= 0")):
+        path.write_text("ID,rank,neighbour_ID,similarity\n" + text)
+        with pytest.raises(ValueError, match=r"knn\.csv: " + message):
+            read_neighbours(path, index_dir)
+
+
+def test_an_id_without_neighbours_gets_the_fallback_template(tmp_path, inputs):
+    drafts, _ = inputs
+    path = tmp_path / "neighbours.csv"
+    path.write_text("ID,rank,caption\n" + "".join(f"{i},0,\n" if i == "a1" else f"{i},1,near {i}\n" for i in IDS))
+    out = tmp_path / "out"
+    config = tiny_config(tmp_path, drafts=str(drafts), neighbours=str(path), output_dir=str(out), num_neighbours=2,
+                         instruction="Rewrite.", template="{instruction} {neighbours} | {draft}",
+                         fallback_template="Caption: {draft}")
+    cli.run_recipe("synthesize", str(config), [])
+    rows = {r["id"]: r for r in map(json.loads, (out / "synthesis.jsonl").read_text().splitlines())}
+    assert (rows["a1"]["neighbours"], rows["a1"]["prompt"]) == ([], "Caption: Chest radiograph 1.")
+    assert (rows["b2"]["neighbours"], rows["b2"]["prompt"]) == (["near b2"],
+                                                                "Rewrite. 1. near b2 | Chest radiograph 0.")
+    # an ID with no row at all is still an error
+    path.write_text("ID,rank,caption\n" + "".join(f"{i},0,\n" for i in IDS if i != "c3"))
+    with pytest.raises(ValueError, match=r"neighbours\.csv: no neighbours for ID 'c3' \(in .*drafts\.csv\)"):
+        cli.run_recipe("synthesize", str(config), [])
+
+
+def test_search_names_an_index_without_a_source(tmp_path):
+    CaptionIndex(l2_normalize(np.eye(3)), ["a", "b", "c"], ["x", "y", "z"]).save(tmp_path / "index")
+    with pytest.raises(ValueError, match=r"index: meta\.json names no source encoder; rebuild it with medcap run "
+                                         r"build_index"):
+        search_neighbours(tmp_path / "index", [{"id": "q", "images": []}], 1, torch.device("cpu"), torch.float32)
+
+
+def searched_run(tmp_path, colour_index):
+    """A config that searches the colour index for two queries, run once: its outputs as written."""
+    index_dir, manifest = colour_index
+    drafts = tmp_path / "drafts.csv"
+    drafts.write_text("ID,caption\nq_blue,A draft.\nq_red,Another draft.\n")
+    out = tmp_path / "out"
+    config = tiny_config(tmp_path, drafts=str(drafts), index_dir=str(index_dir), output_dir=str(out), num_neighbours=2,
+                         trusted_components=["tests.test_synthesize.MeanColour"],
+                         **{"dataset.manifest": str(manifest)})
+    cli.run_recipe("synthesize", str(config), [])
+    written = {name: (out / name).read_text() for name in ("neighbours.jsonl", "synthesis.jsonl")}
+    assert all(text.count("\n") == 2 for text in written.values())
+    return config, out, written
+
+
+def test_a_run_failing_while_writing_neighbours_keeps_the_previous_files(tmp_path, colour_index, monkeypatch):
+    config, out, before = searched_run(tmp_path, colour_index)
+    search = medcap.synthesis.search_neighbours
+
+    def unwritable_second_query(*args, **kwargs):
+        found = search(*args, **kwargs)
+        found["q_blue"][0]["score"] = object()  # the manifest's second query
+        return found
+
+    monkeypatch.setattr(medcap.synthesis, "search_neighbours", unwritable_second_query)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        cli.run_recipe("synthesize", str(config), [])
+    assert {name: (out / name).read_text() for name in before} == before
+
+
+def test_a_run_failing_while_writing_replies_keeps_the_previous_files(tmp_path, colour_index, monkeypatch):
+    config, out, before = searched_run(tmp_path, colour_index)
+    cleaned = []
+
+    def interrupted_at_the_second_reply(reply, first_line_only=True):
+        cleaned.append(reply)
+        if len(cleaned) == 2:
+            raise RuntimeError("interrupted")
+        return clean_output(reply, first_line_only)
+
+    monkeypatch.setattr(medcap.synthesis, "clean_output", interrupted_at_the_second_reply)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cli.run_recipe("synthesize", str(config), [])
+    assert {name: (out / name).read_text() for name in before} == before
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny"])
+def test_configs_take_the_documented_prompt_keys(name):
+    path = cli.find_config(f"{name}/synthesize")
+    cli.check_override_keys(path, ["fallback_template=Caption: {draft}", "draft_turn=true", "neighbour_line={caption}"])
+    cfg = OmegaConf.load(path)
+    assert (cfg.fallback_template, cfg.draft_turn, cfg.neighbour_line) == (None, False, None)  # the recipe's defaults
