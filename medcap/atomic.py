@@ -1,5 +1,6 @@
-"""Atomic writes: a file or folder is written under a temporary sibling name (``<name>.tmp``) and renamed into
-place, so a reader never sees half of it and an interrupted write leaves the old one."""
+"""Atomic writes: a file or folder is written under a temporary sibling name (``<name>.tmp``), flushed to disk and
+renamed into place, so a reader never sees half of it and an interrupted write (or a power failure) leaves the old
+one."""
 
 import json
 import os
@@ -9,6 +10,39 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def aside_name(path: Path) -> Path:
+    """Where a folder's old copy waits while its new one is renamed in (not a ``step_*`` name)."""
+    return path.with_name(f".{path.name}.old")
+
+
+def restore_interrupted(path: str | Path) -> None:
+    """Puts the old copy of a folder back under its name when a swap was stopped between its two renames (then
+    nothing is at ``path``; its half-swapped new copy is given up)."""
+    path = Path(path)
+    aside = aside_name(path)
+    if not path.exists() and aside.is_dir():
+        try:
+            os.replace(aside, path)
+        except FileNotFoundError:  # another process restored it first
+            pass
+
+
+def fsync(path: Path) -> None:
+    """Flushes a file's contents, or a folder's list of names, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    for item in folder.rglob("*"):
+        if not item.is_symlink():
+            fsync(item)
+    fsync(folder)
+
+
 @contextmanager
 def replaced_atomically(path: str | Path, folder: bool = False) -> Iterator[Path]:
     """Yields the temporary path to write (with ``folder``, an empty folder made here); when the block ends
@@ -16,16 +50,22 @@ def replaced_atomically(path: str | Path, folder: bool = False) -> Iterator[Path
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if folder:
+        restore_interrupted(path)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     yield tmp
+    if folder:
+        fsync_tree(tmp)
+    else:
+        fsync(tmp)
     # a folder cannot be renamed over another: the old one is moved aside first, whole, and deleted only once the
-    # new one is in place (a swap interrupted in between leaves both on disk; the next write tidies up)
-    aside = path.with_name(f".{path.name}.old")
+    # new one is in place on disk (a swap interrupted in between leaves the old one aside: see restore_interrupted)
+    aside = aside_name(path)
     if folder and path.exists():
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(path, aside)
     os.replace(tmp, path)
+    fsync(path.parent)
     if folder:
         shutil.rmtree(aside, ignore_errors=True)
 

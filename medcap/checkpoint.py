@@ -13,6 +13,7 @@ safetensors, with the config that produced them and, for resuming, the optimizer
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torchtune.modules.peft import get_adapter_state_dict
+from torchtune.utils import get_logger
 
 from medcap import distributed
-from medcap.atomic import replaced_atomically
+from medcap.atomic import replaced_atomically, restore_interrupted
 from medcap.distributed import full_tensor, is_rank_zero
 from medcap.models import import_medcap, import_r2gengpt
 
@@ -32,6 +34,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 STATE = "training_state.pt"
 ADAPTER_MODES = ("lora", "qlora")
+
+log = get_logger("INFO")
 
 
 class CheckpointError(ValueError):
@@ -98,6 +102,17 @@ def save_checkpoint(model, out_dir: str | Path, cfg: DictConfig | None = None,
     return out_dir
 
 
+def _json_field(raw: dict[str, str], key: str, weights: Path, values: type, what: str) -> dict:
+    try:
+        value = json.loads(raw.get(key, "{}"))
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{weights}: metadata field {key!r} is not valid JSON ({error})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, values) for v in value.values()):
+        raise CheckpointError(f"{weights}: metadata field {key!r} must map each part to its {what}, found "
+                              f"{raw[key][:200]!r}")
+    return value
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata a checkpoint's weights file records: trainable, lora (as data), run_id, step."""
     path = Path(path)
@@ -107,28 +122,78 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             raw = f.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({error})") from None
-    meta = {"trainable": json.loads(raw.get("trainable", "{}")), "lora": json.loads(raw.get("lora", "{}")),
-            "run_id": raw.get("run_id"), "step": int(raw["step"]) if raw.get("step") else None}
-    return meta
+    step = raw.get("step")
+    if step and not re.fullmatch(r"[0-9]+", step):
+        raise CheckpointError(f"{weights}: metadata field 'step' is not an integer: {step[:50]!r}")
+    return {"trainable": _json_field(raw, "trainable", weights, str, "mode"),
+            "lora": _json_field(raw, "lora", weights, dict, "settings"),
+            "run_id": raw.get("run_id"), "step": int(step) if step else None}
 
 
-def step_folders(folder: str | Path) -> list[Path]:
-    """``step_*`` checkpoint folders in ``folder``, oldest first; ``.tmp`` leftovers of interrupted saves are not
-    checkpoints."""
-    return sorted(p for p in Path(folder).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+def weights_intact(path: Path) -> str | None:
+    """None when ``path`` (a safetensors file) is whole, else what is wrong: a truncated or damaged file is
+    caught from its header and its size without reading the tensors."""
+    try:
+        actual = path.stat().st_size
+        if actual < 8:
+            return f"{actual} bytes, too short for a safetensors file"
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > actual - 8:  # read before json.loads: damaged, it could ask for any amount of memory
+                return f"header size {size} exceeds the file ({actual} bytes)"
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, RecursionError) as error:
+        return f"unreadable header ({error})"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            return f"header entry {key!r} has no data_offsets [begin, end]"
+        ends.append(offsets[1])
+    expected = 8 + size + max(ends, default=0)
+    return None if actual == expected else f"{actual} bytes, its header describes {expected}"
+
+
+def step_folders(folder: str | Path, prefix: str = "step") -> list[Path]:
+    """``step_NNNNNN`` checkpoint folders in ``folder`` (``prefix`` ``best_step``: the best ones), lowest step
+    first. A folder whose swap into place was interrupted is put back first; ``.tmp`` leftovers of interrupted
+    saves are not checkpoints."""
+    folder = Path(folder)
+    for aside in folder.glob(".*.old"):
+        restore_interrupted(folder / aside.name[1:-len(".old")])
+    steps = {}
+    for p in folder.glob(f"{prefix}_*"):
+        match = re.fullmatch(rf"{prefix}_([0-9]+)", p.name)
+        if match and p.is_dir():
+            steps[p] = int(match[1])
+    return sorted(steps, key=steps.get)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a folder of ``step_*`` checkpoints (the newest complete one is taken)."""
+    """A checkpoint folder, or a folder of ``step_*`` checkpoints (the newest complete one is taken, and each newer
+    one that is not is reported with why)."""
     path = Path(path)
+    restore_interrupted(path)
     if (path / WEIGHTS).is_file():
         return path
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    steps = [p for p in step_folders(path) if (p / WEIGHTS).is_file()]
+    steps = step_folders(path)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {path}: expected {WEIGHTS} there or step_* folders holding it")
-    return steps[-1]
+    problems = []
+    for folder in reversed(steps):
+        problem = weights_intact(folder / WEIGHTS) if (folder / WEIGHTS).is_file() else "missing"
+        if problem is None:
+            return folder
+        log.warning(f"skipping {folder}: {WEIGHTS}: {problem}")
+        problems.append(f"{folder.name}: {WEIGHTS}: {problem}")
+    more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+    raise CheckpointError(f"no complete checkpoint in {path}: {'; '.join(problems[:5])}{more}")
 
 
 def describe(path: Path) -> str:

@@ -13,8 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medcap import distributed
+from medcap.atomic import restore_interrupted
 from medcap.checkpoint import (CONFIG, STATE, WEIGHTS, CheckpointError, read_metadata, set_rng_state,
-                               step_folders)
+                               step_folders, weights_intact)
 from medcap.runtime import log
 
 # What the data order and the model depend on: a resumed run must keep these (paths may move between machines).
@@ -26,21 +27,6 @@ PATH_KEYS = ("data_dir", "llm_dir", "vision_dir", "vision_checkpoint", "model_di
 def new_run_id() -> str:
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     return distributed.broadcast_object(run_id)  # every rank records rank 0's
-
-
-def weights_intact(path: Path) -> str | None:
-    """None when ``path`` (a safetensors file) is whole, else what is wrong: a truncated or damaged file is
-    caught from its header and its size without reading the tensors."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        return f"unreadable header ({error})"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    expected = 8 + size + max(ends, default=0)
-    actual = path.stat().st_size
-    return None if actual == expected else f"{actual} bytes, its header describes {expected}"
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -75,22 +61,36 @@ def newest_complete(checkpoints: Path) -> Path | None:
     return None
 
 
+def best_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete ``best_step_*`` checkpoint (``resume_from=auto`` takes only ``step_*`` ones)."""
+    return next((f for f in reversed(step_folders(checkpoints, "best_step")) if checkpoint_problem(f) is None), None)
+
+
+def _resume_best(checkpoints: Path) -> str:
+    best = best_checkpoint(checkpoints)
+    return f"resume_from={best} to resume from the best one, " if best else ""
+
+
 def start(cfg: DictConfig, output_dir: Path) -> tuple[str, Path | None]:
     """(run id, checkpoint to resume from or None) for a training run into ``output_dir``.
 
-    ``resume_from=auto`` resumes from the newest complete checkpoint in ``output_dir/checkpoints`` (none: a new
-    run); ``resume_from=DIR`` from the newest complete one there. A new run refuses a folder that holds another
-    run's checkpoints unless ``overwrite=true``, which deletes them first."""
+    ``resume_from=auto`` resumes from the newest complete ``step_*`` checkpoint in ``output_dir/checkpoints``
+    (none: a new run); ``resume_from=DIR`` from the newest complete one there. A new run refuses a folder that holds
+    another run's checkpoints unless ``overwrite=true``, which deletes them first (with ``resume_from=auto`` too, when
+    none of them is complete)."""
     checkpoints = output_dir / "checkpoints"
     resume_from = cfg.get("resume_from")
+    overwrite = cfg.get("overwrite", False)
     resume = None
     if resume_from == "auto":
         resume = newest_complete(checkpoints)
-        if resume is None and any(p.name.startswith("step_") for p in existing_checkpoints(checkpoints)):
-            raise CheckpointError(f"resume_from=auto: no complete checkpoint in {checkpoints} (see the warnings); "
-                                  f"fix or remove them, or pass overwrite=true to start a new run there")
+        if resume is None and step_folders(checkpoints) and not overwrite:
+            raise CheckpointError(f"resume_from=auto: no complete checkpoint in {checkpoints} (see the "
+                                  f"warnings); pass {_resume_best(checkpoints)}overwrite=true to start a new run "
+                                  f"there, or fix or remove them")
     elif resume_from:
         folder = Path(resume_from)
+        restore_interrupted(folder)
         resume = folder if checkpoint_problem(folder) is None else newest_complete(folder)
         if resume is None:
             raise CheckpointError(f"resume_from={resume_from}: no complete checkpoint there "
@@ -102,8 +102,12 @@ def start(cfg: DictConfig, output_dir: Path) -> tuple[str, Path | None]:
         return meta["run_id"] or new_run_id(), resume
     old = existing_checkpoints(checkpoints)
     if old:
-        if not cfg.get("overwrite", False):
+        if not overwrite:
             names = ", ".join(p.name for p in old[:5]) + (f" and {len(old) - 5} more" if len(old) > 5 else "")
+            if resume_from == "auto":
+                raise CheckpointError(f"resume_from=auto: {checkpoints} holds no step_* checkpoint to resume (it "
+                                      f"holds {names}); pass {_resume_best(checkpoints)}overwrite=true to replace "
+                                      f"them, or choose another output_dir")
             raise CheckpointError(f"{checkpoints} holds another run's checkpoints ({names}); a new run would mix "
                                   f"with them: pass resume_from=auto to continue it, overwrite=true to replace it, "
                                   f"or choose another output_dir")

@@ -2,7 +2,9 @@
 checkpoint and says why it skipped others, a changed config is refused, `best` never disappears, CUDA asked for
 and missing is an error, and errors stop in one line."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from medcap import cli, runs
-from medcap.checkpoint import CheckpointError, describe, read_metadata, save_checkpoint
+from medcap.checkpoint import (CheckpointError, describe, read_metadata, resolve_checkpoint, save_checkpoint,
+                               step_folders)
 from medcap.command import check_override_types
 from medcap.runtime import device_and_dtype
 from medcap.training import save_best
@@ -27,11 +31,11 @@ def cfg(**extra):
                              "dataset": {"manifest": "/data/train.jsonl"}, **extra})
 
 
-def write(folder: Path, step: int, config, run_id="run-a", world=1):
+def write(folder: Path, step: int, config, run_id="run-a", world=1, prefix="step"):
     model = tiny_vlm()
     state = {"step": step, "optimizer": {}, "scheduler": {}, "rng": [{}], "history": "[]", "world_size": world}
-    save_checkpoint(model, folder / f"step_{step:06d}", config, state, run_id=run_id, step=step)
-    return folder / f"step_{step:06d}"
+    save_checkpoint(model, folder / f"{prefix}_{step:06d}", config, state, run_id=run_id, step=step)
+    return folder / f"{prefix}_{step:06d}"
 
 
 def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
@@ -191,3 +195,95 @@ def test_generate_loads_a_lora_run_without_overrides(tmp_path):
     cfg.model.trainable = {"decoder": "full"}
     with pytest.raises(ValueError, match=r"model.trainable.decoder=lora model.lora.decoder.rank=4"):
         setup_model_and_tokenizer(cfg, torch.device("cpu"), torch.float32, checkpoint=tmp_path / "ck")
+
+
+def header_only(header) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda b: b"\xff" * 8 + b[8:], r"header size 18446744073709551615 exceeds the file \(\d+ bytes\)"),
+    (lambda b: b[:5], r"5 bytes, too short for a safetensors file"),
+    (lambda b: header_only([1, 2]), r"the header is not a JSON object"),
+    (lambda b: header_only({"x": [1, 2]}), r"header entry 'x' has no data_offsets \[begin, end\]"),
+    (lambda b: header_only({"x": {"dtype": "F32", "data_offsets": [0, "8"]}}), r"header entry 'x' has no data_"),
+    (lambda b: header_only({"x": {"dtype": "F32", "data_offsets": [0, 8, 9]}}), r"header entry 'x' has no data_"),
+])
+def test_resume_skips_a_checkpoint_whose_weights_header_is_damaged(tmp_path, caplog, damage, problem):
+    ck = tmp_path / "checkpoints"
+    write(ck, 2, cfg())
+    weights = write(ck, 4, cfg()) / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    _, resume = runs.start(cfg(resume_from="auto"), tmp_path)
+    assert resume == ck / "step_000002"
+    assert re.search(rf"skipping {re.escape(str(ck))}/step_000004: model.safetensors: {problem}", caplog.text)
+
+
+def test_resume_auto_with_only_a_best_checkpoint_names_the_override_that_resumes_it(tmp_path):
+    ck = tmp_path / "checkpoints"
+    best = write(ck, 50, cfg(), prefix="best_step")
+    (ck / "best").symlink_to(best.name)
+    with pytest.raises(CheckpointError) as refused:
+        runs.start(cfg(resume_from="auto"), tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"resume_from=auto: {ck} holds no step_* checkpoint to resume (it holds best, "
+                              f"best_step_000050)")
+    assert f"pass resume_from={best} to resume from the best one" in message and "resume_from=auto to" not in message
+    run_id, resume = runs.start(cfg(resume_from=str(best)), tmp_path)  # the advice works
+    assert resume == best and run_id == "run-a"
+    run_id, resume = runs.start(cfg(resume_from="auto", overwrite=True), tmp_path)  # and so does the other one
+    assert resume is None and run_id != "run-a" and not ck.exists()
+
+
+def test_resume_auto_with_only_incomplete_checkpoints_honours_overwrite(tmp_path):
+    ck = tmp_path / "checkpoints"
+    (ck / "step_000100").mkdir(parents=True)
+    best = write(ck, 50, cfg(), prefix="best_step")
+    with pytest.raises(CheckpointError, match=rf"resume_from=auto: no complete checkpoint in {ck} \(see the "
+                                              rf"warnings\); pass resume_from={best} to resume from the best one, "
+                                              rf"overwrite=true to start a new run there"):
+        runs.start(cfg(resume_from="auto"), tmp_path)
+    assert (ck / "step_000100").is_dir()
+    run_id, resume = runs.start(cfg(resume_from="auto", overwrite=True), tmp_path)
+    assert resume is None and run_id != "run-a" and not ck.exists()
+
+
+def test_checkpoints_are_ordered_by_step_past_999999(tmp_path):
+    ck = tmp_path / "checkpoints"
+    write(ck, 999999, cfg())
+    write(ck, 1000000, cfg())
+    (ck / "step_latest").mkdir()  # not a step number: not a checkpoint of a run
+    assert [p.name for p in step_folders(ck)] == ["step_999999", "step_1000000"]
+    assert runs.start(cfg(resume_from="auto"), tmp_path)[1] == ck / "step_1000000"
+    assert resolve_checkpoint(ck) == ck / "step_1000000"
+
+
+@pytest.mark.parametrize("meta, field, problem", [
+    ({"step": "12a"}, "step", "is not an integer: '12a'"),
+    ({"trainable": "{encoder: full"}, "trainable", "is not valid JSON"),
+    ({"trainable": '["encoder"]'}, "trainable", "must map each part to its mode"),
+    ({"trainable": '{"encoder": 1}'}, "trainable", "must map each part to its mode"),
+    ({"lora": "nope"}, "lora", "is not valid JSON"),
+    ({"lora": '{"decoder": 4}'}, "lora", "must map each part to its settings"),
+])
+def test_bad_checkpoint_metadata_is_an_error_naming_the_file_and_the_field(tmp_path, meta, field, problem):
+    weights = tmp_path / "model.safetensors"
+    save_file({"encoder.w": torch.zeros(1)}, weights, metadata=meta)
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: metadata field {field!r} {problem}")):
+        read_metadata(tmp_path)
+    assert describe(tmp_path) == str(tmp_path)
+
+
+def test_resolve_checkpoint_skips_a_truncated_newest_checkpoint(tmp_path, caplog):
+    oldest = write(tmp_path, 100, cfg())
+    newest = write(tmp_path, 200, cfg())
+    for folder in (newest, oldest):
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])  # lost on a power failure
+        if folder == newest:
+            assert resolve_checkpoint(tmp_path) == oldest
+            assert f"skipping {newest}: model.safetensors: " in caplog.text and "header describes" in caplog.text
+    with pytest.raises(CheckpointError, match=rf"no complete checkpoint in {tmp_path}: step_000200: model.safetensors: "
+                                              rf"\d+ bytes, its header describes \d+; step_000100: "):
+        resolve_checkpoint(tmp_path)

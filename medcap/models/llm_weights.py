@@ -123,6 +123,22 @@ def read_weight_file(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+def index_shards(index: Path) -> list[str]:
+    """The shard file names a ``*.index.json`` maps weights to: plain names of files beside it, never a path that
+    leaves its folder."""
+    try:
+        data = json.loads(index.read_text())
+    except ValueError as error:
+        raise ValueError(f"{index}: not valid JSON ({error})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no weight_map (an object from weight names to shard files)")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise ValueError(f"{index}: weight_map[{key!r}] = {json.dumps(name)} is not a file name in its folder")
+    return sorted(set(weight_map.values()))
+
+
 def hf_weight_files(folder: str | Path) -> list[Path]:
     """The weight files of a Hugging Face folder: the shards that ``model.safetensors.index.json`` (or
     ``pytorch_model.bin.index.json``) names, all present, or the single ``model.safetensors`` /
@@ -134,7 +150,7 @@ def hf_weight_files(folder: str | Path) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = index_shards(index)
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
                 raise FileNotFoundError(f"{folder}: shard(s) listed in {index_name} are missing: {missing}")

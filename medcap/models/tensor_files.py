@@ -24,6 +24,10 @@ def load_weights_only(path: str | Path, holds: str, hint: str = "", safe_globals
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path}: refused: the file holds more than {holds} (torch.load(weights_only=True) "
                          f"stopped at: {reason}){hint}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:  # a damaged file, or another format
+        reason = " ".join(str(error).split())[:200]
+        cause = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        raise ValueError(f"{path}: not a readable torch.save file ({cause})") from None
 
 
 def not_tensors(state: Any, name: str) -> list[str]:
