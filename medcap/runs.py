@@ -71,8 +71,9 @@ def _resume_best(checkpoints: Path) -> str:
     return f"resume_from={best} to resume from the best one, " if best else ""
 
 
-def start(cfg: DictConfig, output_dir: Path) -> tuple[str, Path | None]:
-    """(run id, checkpoint to resume from or None) for a training run into ``output_dir``.
+def start(cfg: DictConfig, output_dir: Path, data_keys: tuple[str, ...] = ()) -> tuple[str, Path | None]:
+    """(run id, checkpoint to resume from or None) for a training run into ``output_dir``. ``data_keys``: the
+    recipe's own keys that, besides ``RESUME_KEYS``, decide its samples or their order (see ``check_resumable``).
 
     ``resume_from=auto`` resumes from the newest complete ``step_*`` checkpoint in ``output_dir/checkpoints``
     (none: a new run); ``resume_from=DIR`` from the newest complete one there. A new run refuses a folder that holds
@@ -96,7 +97,7 @@ def start(cfg: DictConfig, output_dir: Path) -> tuple[str, Path | None]:
             raise CheckpointError(f"resume_from={resume_from}: no complete checkpoint there "
                                   f"({checkpoint_problem(folder)})")
     if resume is not None:
-        check_resumable(cfg, resume)
+        check_resumable(cfg, resume, data_keys)
         meta = read_metadata(resume)
         log.info(f"resuming run {meta['run_id']} from {resume} (step {meta['step']})")
         return meta["run_id"] or new_run_id(), resume
@@ -132,12 +133,22 @@ def _differences(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
-def check_resumable(cfg: DictConfig, checkpoint: Path) -> None:
-    """Refuse to resume with a config whose data order or model differs from the checkpoint's (paths aside)."""
+def _file_names(node: Any) -> Any:
+    """A list of file paths (the fuser's ``candidates``) compared by the last three parts of each path, in order
+    (``greedy/val/predictions.csv``: the folders above may differ between machines)."""
+    if isinstance(node, list) and all(isinstance(v, str) for v in node):
+        return [Path(*Path(v).parts[-3:]).as_posix() for v in node]
+    return node
+
+
+def check_resumable(cfg: DictConfig, checkpoint: Path, data_keys: tuple[str, ...] = ()) -> None:
+    """Refuse to resume with a config whose data order or model differs from the checkpoint's (paths aside; a
+    list of files in ``data_keys`` is compared by ``_file_names``)."""
     saved = OmegaConf.to_container(OmegaConf.load(checkpoint / CONFIG), resolve=True)
     current = OmegaConf.to_container(cfg, resolve=True)
-    changed = [d for key in RESUME_KEYS
-               for d in _differences(_without_paths(saved.get(key)), _without_paths(current.get(key)), key)]
+    changed = [d for key in (*RESUME_KEYS, *data_keys)
+               for d in _differences(_file_names(_without_paths(saved.get(key))),
+                                     _file_names(_without_paths(current.get(key))), key)]
     saved_world = torch.load(checkpoint / STATE, weights_only=True, mmap=True).get("world_size", 1)
     if saved_world != distributed.world_size():
         changed.append(f"world size: {saved_world} -> {distributed.world_size()} processes")

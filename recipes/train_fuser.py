@@ -45,7 +45,8 @@ def main(cfg: DictConfig) -> None:
     cfg.prompt = prompt
 
     check_training_dtype(dtype)
-    run_id, resume = runs.start(cfg, output_dir)
+    # what decides the samples and their order besides runs.RESUME_KEYS: a resumed run's batches must be the same
+    run_id, resume = runs.start(cfg, output_dir, data_keys=("candidates", "holdout", "max_seq_len", "prompt"))
     model, tokenizer = text_lm_and_tokenizer(cfg, device, dtype, checkpoint=resume or cfg.get("init_from"))
     keep_trained_parts_in(model, master_dtype(cfg.get("master_dtype")), dtype)
 

@@ -3,6 +3,7 @@ the shared core, checkpoints that reload exactly, and the text-only LM under med
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -522,3 +523,32 @@ def test_fuse_names_the_id_and_the_files_of_a_prompt_too_long_for_the_decoder(to
                                          rf"{257 - len(prompt)} needs 257, more than the decoder's max_seq_len 256, "
                                          rf"and 2 more IDs$"):
         cli.run_recipe("fuse", str(config), [])
+
+
+@pytest.mark.parametrize("override, refused", [
+    ({}, None),
+    ({"holdout": 100}, "holdout: 8 -> 100"),
+    ({"max_seq_len": 64}, "max_seq_len: 256 -> 64"),
+    ({"prompt": {"instruction": "Fuse."}}, "prompt.instruction: 'Write the caption.' -> 'Fuse.'"),
+    ({"candidates": ["/elsewhere/greedy/val/predictions.csv", "/elsewhere/beam/val/predictions.csv"]}, None),
+    ({"candidates": ["runs/beam/val/predictions.csv", "runs/greedy/val/predictions.csv"]},
+     "candidates: ['greedy/val/predictions.csv', 'beam/val/predictions.csv'] -> ['beam/val/predictions.csv', "
+     "'greedy/val/predictions.csv']"),
+])
+def test_a_fuser_run_resumes_only_with_the_same_samples_in_the_same_order(tmp_path, override, refused):
+    from medcap.checkpoint import CONFIG, STATE, CheckpointError
+    from medcap.runs import check_resumable
+
+    saved = {"seed": 0, "batch_size": 2, "holdout": 8, "max_seq_len": 256,
+             "prompt": {"instruction": "Write the caption."},
+             "candidates": ["runs/greedy/val/predictions.csv", "runs/beam/val/predictions.csv"]}
+    (tmp_path / CONFIG).write_text(OmegaConf.to_yaml(saved))
+    torch.save({"world_size": 1}, tmp_path / STATE)
+    current = OmegaConf.create({**saved, **override})
+    keys = ("candidates", "holdout", "max_seq_len", "prompt")
+    if refused is None:
+        check_resumable(current, tmp_path, keys)
+    else:
+        with pytest.raises(CheckpointError, match=re.escape(refused)):
+            check_resumable(current, tmp_path, keys)
+    check_resumable(current, tmp_path)  # the finetune recipes' keys alone do not look at these
