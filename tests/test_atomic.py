@@ -30,24 +30,10 @@ def test_write_json_replaces_a_file(tmp_path):
 
 
 def test_a_swap_interrupted_between_its_two_renames_keeps_the_old_folder_on_disk(tmp_path, monkeypatch):
-    import os
-
     out = tmp_path / "step_000006"
-    with replaced_atomically(out, folder=True) as tmp:
-        (tmp / "model.safetensors").write_text("old")
-    real_replace, calls = os.replace, []
-
-    def killed_before_the_second_rename(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed_before_the_second_rename)
-    with pytest.raises(KeyboardInterrupt), replaced_atomically(out, folder=True) as tmp:
-        (tmp / "model.safetensors").write_text("new")
-    monkeypatch.undo()
+    interrupt_a_swap(out, monkeypatch)
     aside = tmp_path / ".step_000006.old"  # not a step_* name: never taken for a checkpoint
+    tmp = tmp_path / "step_000006.tmp"
     assert (aside / "model.safetensors").read_text() == "old" and (tmp / "model.safetensors").read_text() == "new"
     with replaced_atomically(out, folder=True) as tmp:  # the next write puts a folder in place and tidies up
         (tmp / "model.safetensors").write_text("newer")

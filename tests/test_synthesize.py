@@ -180,13 +180,18 @@ def test_synthesize_recipe_writes_every_id_once(tmp_path, inputs):
         assert predictions[row["id"]]
 
 
-def test_synthesize_searches_the_index_for_the_planted_neighbours(tmp_path, colour_index):
+def colour_config(tmp_path, colour_index, **extra):
+    """(config, output folder) of a run searching the colour index for two queries' neighbours."""
     index_dir, manifest = colour_index
     drafts = tmp_path / "drafts.csv"
     drafts.write_text("ID,caption\nq_blue,A draft.\nq_red,Another draft.\n")
     out = tmp_path / "out"
-    config = tiny_config(tmp_path, drafts=str(drafts), index_dir=str(index_dir), output_dir=str(out), num_neighbours=2,
-                         **{"dataset.manifest": str(manifest)})
+    return tiny_config(tmp_path, drafts=str(drafts), index_dir=str(index_dir), output_dir=str(out), num_neighbours=2,
+                       **extra, **{"dataset.manifest": str(manifest)}), out
+
+
+def test_synthesize_searches_the_index_for_the_planted_neighbours(tmp_path, colour_index):
+    config, out = colour_config(tmp_path, colour_index)
     # the index's meta.json names an encoder outside medcap's builders: built only when the user trusts it
     with pytest.raises(ValueError, match=r"index/meta.json: encoder._component_ = 'tests.test_synthesize.MeanColour' "
                                          r"is not allowed"):
@@ -277,13 +282,7 @@ def test_search_names_an_index_without_a_source(tmp_path):
 
 def searched_run(tmp_path, colour_index):
     """A config that searches the colour index for two queries, run once: its outputs as written."""
-    index_dir, manifest = colour_index
-    drafts = tmp_path / "drafts.csv"
-    drafts.write_text("ID,caption\nq_blue,A draft.\nq_red,Another draft.\n")
-    out = tmp_path / "out"
-    config = tiny_config(tmp_path, drafts=str(drafts), index_dir=str(index_dir), output_dir=str(out), num_neighbours=2,
-                         trusted_components=["tests.test_synthesize.MeanColour"],
-                         **{"dataset.manifest": str(manifest)})
+    config, out = colour_config(tmp_path, colour_index, trusted_components=["tests.test_synthesize.MeanColour"])
     cli.run_recipe("synthesize", str(config), [])
     written = {name: (out / name).read_text() for name in ("neighbours.jsonl", "synthesis.jsonl")}
     assert all(text.count("\n") == 2 for text in written.values())
