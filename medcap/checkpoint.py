@@ -14,6 +14,7 @@ safetensors, with the config that produced them and, for resuming, the optimizer
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,19 @@ def step_folders(folder: str | Path, prefix: str = "step") -> list[Path]:
     return sorted(steps, key=steps.get)
 
 
+def newest_passing(folders: list[Path], problem: Callable[[Path], str | None]) -> tuple[Path | None, list[str]]:
+    """(the newest of ``folders``, given lowest step first, in which ``problem`` finds nothing, or None; what it
+    found in each newer one, as "name: problem"); each newer one is logged as skipped, with why."""
+    problems = []
+    for folder in reversed(folders):
+        found = problem(folder)
+        if found is None:
+            return folder, problems
+        log.warning(f"skipping {folder}: {found}")
+        problems.append(f"{folder.name}: {found}")
+    return None, problems
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a folder of ``step_*`` checkpoints (the newest complete one is taken, and each newer
     one that is not is reported with why)."""
@@ -185,13 +199,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     steps = step_folders(path)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {path}: expected {WEIGHTS} there or step_* folders holding it")
-    problems = []
-    for folder in reversed(steps):
+
+    def weights_problem(folder: Path) -> str | None:
         problem = weights_intact(folder / WEIGHTS) if (folder / WEIGHTS).is_file() else "missing"
-        if problem is None:
-            return folder
-        log.warning(f"skipping {folder}: {WEIGHTS}: {problem}")
-        problems.append(f"{folder.name}: {WEIGHTS}: {problem}")
+        return None if problem is None else f"{WEIGHTS}: {problem}"
+
+    newest, problems = newest_passing(steps, weights_problem)
+    if newest is not None:
+        return newest
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
     raise CheckpointError(f"no complete checkpoint in {path}: {'; '.join(problems[:5])}{more}")
 

@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from medcap import distributed
 from medcap.atomic import restore_interrupted
-from medcap.checkpoint import (CONFIG, STATE, WEIGHTS, CheckpointError, read_metadata, set_rng_state,
-                               step_folders, weights_intact)
+from medcap.checkpoint import (CONFIG, STATE, WEIGHTS, CheckpointError, newest_passing, read_metadata,
+                               set_rng_state, step_folders, weights_intact)
 from medcap.runtime import log
 
 # What the data order and the model depend on: a resumed run must keep these (paths may move between machines).
@@ -53,12 +53,7 @@ def existing_checkpoints(checkpoints: Path) -> list[Path]:
 
 def newest_complete(checkpoints: Path) -> Path | None:
     """The newest ``step_*`` checkpoint that is complete; each newer one that is not is reported with why."""
-    for folder in reversed(step_folders(checkpoints)):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        log.warning(f"skipping {folder}: {problem}")
-    return None
+    return newest_passing(step_folders(checkpoints), checkpoint_problem)[0]
 
 
 def best_checkpoint(checkpoints: Path) -> Path | None:
