@@ -7,6 +7,7 @@ import csv
 import io
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,17 +129,21 @@ def read_json(path: str | Path) -> Any:
         raise DataFileError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
-    """(line number, object) for every non-blank line. Only "\n" ends a line (with an optional "\r"): U+2028,
-    U+2029 and NEL may stand unescaped inside a JSON string (``json.dumps(..., ensure_ascii=False)`` writes them)."""
-    rows = []
-    for line_no, line in enumerate(read_text(path).split("\n"), 1):
+def json_values(text: str, invalid: Callable[[int, str], Exception]) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of JSONL ``text``. Only "\n" ends a line (with an optional
+    "\r"): U+2028, U+2029 and NEL may stand unescaped inside a JSON string (``json.dumps(..., ensure_ascii=False)``
+    writes them). A line that is not JSON raises ``invalid(line number, the decoder's message)``."""
+    for line_no, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
-                rows.append((line_no, json.loads(line)))
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataFileError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-    return rows
+                raise invalid(line_no, e.msg) from None
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, object) for every non-blank line (see ``json_values``)."""
+    return list(json_values(read_text(path), lambda line, why: DataFileError(f"{path}:{line}: invalid JSON ({why})")))
 
 
 def read_csv(path: str | Path, required: list[str], id_column: str,

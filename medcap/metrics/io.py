@@ -10,6 +10,7 @@ from typing import Any
 from pathlib import Path
 
 from medcap.atomic import replaced_atomically
+from medcap.data.problems import json_values
 from medcap.data.records import id_text
 
 _ID_COLUMNS = ("ID", "id", "Id")
@@ -78,14 +79,9 @@ def _read_csv_rows(path: Path, header_optional: bool = False) -> list[tuple[int,
 
 
 def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line of JSONL ``text`` read from ``path``; only "\n" ends a line
-    (JSON strings may hold U+2028 unescaped). Invalid JSON is an error naming the line."""
-    for line_no, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+    """(line number, value) for each non-blank line of JSONL ``text`` read from ``path`` (``json_values``'s lines);
+    invalid JSON is an error naming the line."""
+    return json_values(text, lambda line, why: ValueError(f"{path}: line {line}: invalid JSON ({why})"))
 
 
 def iter_jsonl(path: Path):
