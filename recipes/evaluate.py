@@ -25,6 +25,7 @@ from medcap.metrics import (bootstrap_ci, check_submission, evaluate, format_tab
 from medcap.metrics.bootstrap import p_text
 from medcap.metrics.compare import run_names
 from medcap.report import evaluation_report, report_options
+from medcap.report.thumbnails import thumbnails_folder
 from medcap.command import run_command
 
 
@@ -115,7 +116,7 @@ def main(cfg: DictConfig) -> None:
         print(f"report -> {page}")
     elif (out / "report.html").exists():  # report=false: no page of an earlier scoring beside these metrics
         (out / "report.html").unlink()
-        shutil.rmtree(out / "report_thumbs", ignore_errors=True)
+        shutil.rmtree(thumbnails_folder(out / "report.html"), ignore_errors=True)
         print(f"report=false: removed the earlier scoring's {out / 'report.html'}")
 
 

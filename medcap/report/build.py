@@ -184,9 +184,7 @@ def caption_report(path: str | Path, systems: list[System], references: dict[str
     ``resamples``, ``seed``). ``images``: {id: image paths} for thumbnails."""
     options = options or ReportOptions()
     path = Path(path)
-    names = [s.name for s in systems]
-    if len(set(names)) < len(names):
-        raise ValueError(f"report: two systems share a name in {names}; give each its own")
+    _check_names([s.name for s in systems])
     ids = systems[0].scored.ids
     for s in systems[1:]:
         if s.scored.ids != ids:
@@ -232,6 +230,11 @@ def caption_report(path: str | Path, systems: list[System], references: dict[str
     return _write(path, title or f"medcap evaluation: {systems[0].name}", lines, summary, data)
 
 
+def _check_names(names: list[str]) -> None:
+    if len(set(names)) < len(names):
+        raise ValueError(f"report: two systems share a name in {names}; give each its own")
+
+
 def _paired_summary(a: str, b: str, first: dict[str, float], paired: dict) -> str:
     metrics = paired["metrics"]
     order = sorted(metrics, key=lambda m: list(first).index(m) if m in first else len(first))  # as the table above
@@ -262,13 +265,14 @@ def vqa_report(path: str | Path, records: list[dict], corpus: dict[str, float],
                      "key": r.get("correct_option"), "answer": r.get("answer"), "raw": r.get("raw_answer", ""),
                      "parsed": r.get("parsed_option"), "ok": bool(r["correct"]), "group": r.get("modality"),
                      "desc": r.get("description"), "s": [float(r["correct"])]})
-    counts = ("n", "unparsed")
-    corpora = {name: {k: int(v) if k in counts else v for k, v in corpus.items()}}
+    def with_counts(values: dict[str, float]) -> dict[str, float]:  # n and unparsed shown as integers
+        return {k: int(v) if k in ("n", "unparsed") else v for k, v in values.items()}
+
+    corpora = {name: with_counts(corpus)}
     all_intervals = {name: intervals} if intervals else {}
     if other is not None:
-        if other[0] == name:
-            raise ValueError(f"report: two systems share the name {name!r}; give each its own")
-        corpora[other[0]] = {k: int(v) if k in counts else v for k, v in other[1].items()}
+        _check_names([name, other[0]])
+        corpora[other[0]] = with_counts(other[1])
         if other[2]:
             all_intervals[other[0]] = other[2]
     summary = metrics_table(corpora, all_intervals or None)

@@ -32,12 +32,17 @@ def relative_url(target: str | Path, page_dir: Path) -> str:
     return quote(Path(relative).as_posix())
 
 
+def thumbnails_folder(page: Path) -> Path:
+    """Where a page's thumbnails go when they are not inlined: ``<page stem>_thumbs/`` beside it."""
+    return page.with_name(f"{page.stem}_thumbs")
+
+
 def thumbnail_sources(paths: list[str], page: Path, size: int, inline_kb: float
                       ) -> tuple[dict[str, str], dict[str, str]]:
     """({image path: img src}, {image path: why it has no thumbnail}) for each distinct path. The thumbnails
     are data URIs when they total at most ``inline_kb`` KiB, else JPEG files in ``<page stem>_thumbs/`` (that
     folder is replaced; it goes away when nothing is written to it)."""
-    folder = page.with_name(f"{page.stem}_thumbs")
+    folder = thumbnails_folder(page)
     jpegs, problems = {}, {}
     for path in dict.fromkeys(paths):
         try:
