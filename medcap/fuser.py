@@ -284,6 +284,22 @@ def split_ids(ids: list[str], holdout: int, seed: int) -> tuple[list[str], list[
 
 
 
+def check_prompts_fit(model, ids: list[str], prompts: list[list[int]], max_new_tokens: int, built_from: str) -> None:
+    """A decoder reads each prompt and writes up to ``max_new_tokens`` within its ``max_seq_len``: an ID whose
+    prompt leaves no room is an error naming it and what the prompt was ``built_from`` (an encoder-decoder has no
+    such bound)."""
+    if not isinstance(model, TextLM):
+        return
+    limit = model.decoder.max_seq_len
+    over = [(i, len(p)) for i, p in zip(ids, prompts) if len(p) + max_new_tokens > limit]
+    if over:
+        (first, length), more = over[0], len(over) - 1
+        others = f", and {more} more ID{'s' if more > 1 else ''}" if more else ""
+        raise ValueError(f"ID {first!r}: the prompt {built_from} is {length} tokens, and with max_new_tokens="
+                         f"{max_new_tokens} needs {length + max_new_tokens}, more than the decoder's max_seq_len "
+                         f"{limit}{others}")
+
+
 def generate_texts(model, tokenizer, prompts: list[list[int]], *, batch_size: int, seed: int = 0,
                    progress: str | None = None, **decoding) -> list[str]:
     """Decoded text per prompt, generated in batches of ``batch_size`` in order; sampling is seeded per batch

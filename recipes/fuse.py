@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
 from medcap.checkpoint import CONFIG, resolve_checkpoint
-from medcap.fuser import TextLM, fuser_prompt_ids, generate_texts, merge_runs, prompt_settings, text_lm_and_tokenizer
+from medcap.fuser import (check_prompts_fit, fuser_prompt_ids, generate_texts, merge_runs, prompt_settings,
+                          text_lm_and_tokenizer)
 from medcap.metrics import write_csv_predictions
 from medcap.runtime import decoding_settings, device_and_dtype, log
 from medcap.command import run_command
@@ -63,22 +64,6 @@ def checked_prompt(cfg: DictConfig, checkpoint: Path | None) -> dict:
     return prompt_settings(None, "fuse config")
 
 
-def check_prompts_fit(model, ids: list[str], prompts: list[list[int]], max_new_tokens: int,
-                      files: list[str]) -> None:
-    """A decoder reads each prompt and writes up to ``max_new_tokens`` within its ``max_seq_len``: an ID whose
-    prompt leaves no room is an error naming it and the candidate files (an encoder-decoder has no such bound)."""
-    if not isinstance(model, TextLM):
-        return
-    limit = model.decoder.max_seq_len
-    over = [(i, len(p)) for i, p in zip(ids, prompts) if len(p) + max_new_tokens > limit]
-    if over:
-        (first, length), more = over[0], len(over) - 1
-        others = f", and {more} more ID{'s' if more > 1 else ''}" if more else ""
-        raise ValueError(f"ID {first!r}: the prompt built from the candidates in {', '.join(files)} is {length} "
-                         f"tokens, and with max_new_tokens={max_new_tokens} needs {length + max_new_tokens}, more "
-                         f"than the decoder's max_seq_len {limit}{others}")
-
-
 @config.parse
 def main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="fuse", cfg=cfg)
@@ -96,7 +81,8 @@ def main(cfg: DictConfig) -> None:
     prompts = [fuser_prompt_ids(tokenizer, candidates[i], prompt["instruction"], prompt["system"], **layout)
                for i in ids]
     decoding = decoding_settings(cfg)
-    check_prompts_fit(model, ids, prompts, decoding["max_new_tokens"], [str(f) for f in cfg.candidates])
+    check_prompts_fit(model, ids, prompts, decoding["max_new_tokens"],
+                      f"built from the candidates in {', '.join(str(f) for f in cfg.candidates)}")
     t0 = time.perf_counter()
     if cfg.get("early_stopping") is not None:
         decoding["early_stopping"] = cfg.early_stopping

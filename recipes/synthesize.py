@@ -30,7 +30,7 @@ from torchtune import config, training
 
 from medcap.atomic import write_text
 from medcap.command import run_command
-from medcap.fuser import generate_texts, text_lm_and_tokenizer
+from medcap.fuser import check_prompts_fit, generate_texts, text_lm_and_tokenizer
 from medcap.metrics import read_predictions, write_csv_predictions
 from medcap.runtime import decoding_settings, device_and_dtype, log
 from medcap.synthesis import (DEFAULT_INSTRUCTION, DEFAULT_NEIGHBOUR_LINE, DEFAULT_TEMPLATE, check_template,
@@ -91,9 +91,12 @@ def main(cfg: DictConfig) -> None:
                               fallback=fallback, draft_turn=draft_turn) for i in ids]
     prompts = [synthesis_prompt_ids(tokenizer, text, drafts[i], cfg.get("system"), draft_turn)
                for i, text in zip(ids, texts)]
+    decoding = decoding_settings(cfg)
+    check_prompts_fit(model, ids, prompts, decoding["max_new_tokens"],
+                      f"of the draft in {cfg.drafts} and {k} neighbours")
     t0 = time.perf_counter()
     replies = generate_texts(model, tokenizer, prompts, batch_size=cfg.batch_size, seed=cfg.seed,
-                             progress="synthesize", **decoding_settings(cfg))
+                             progress="synthesize", **decoding)
     seconds = time.perf_counter() - t0
 
     predictions, lines, kept_draft = {}, [], 0

@@ -208,6 +208,17 @@ def test_synthesize_searches_the_index_for_the_planted_neighbours(tmp_path, colo
     assert list(read_predictions(out / "predictions.csv")) == ["q_blue", "q_red"]
 
 
+def test_a_prompt_too_long_for_the_decoder_names_the_id_and_the_drafts(tmp_path, inputs):
+    drafts, neighbours = inputs
+    config = tiny_config(tmp_path, drafts=str(drafts), neighbours=str(neighbours), output_dir=str(tmp_path / "o"),
+                         max_new_tokens=250)
+    with pytest.raises(ValueError, match=rf"ID '{IDS[0]}': the prompt of the draft in .*drafts\.csv and 3 "
+                                         r"neighbours is \d+ tokens, and with max_new_tokens=250 needs \d+, more than "
+                                         rf"the decoder's max_seq_len 256, and {len(IDS) - 1} more IDs$"):
+        cli.run_recipe("synthesize", str(config), [])
+    assert not (tmp_path / "o" / "predictions.csv").exists()
+
+
 def test_synthesize_names_an_id_without_neighbours(tmp_path, inputs):
     drafts, _ = inputs
     partial = write_jsonl(tmp_path / "partial.jsonl", [{"id": i, "neighbours": ["n"]} for i in IDS if i != "c3"])
