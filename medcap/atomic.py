@@ -77,3 +77,19 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, value, indent: int = 2) -> None:
     write_text(path, json.dumps(value, indent=indent))
+
+
+def remove_earlier(paths: list[Path]) -> list[Path]:
+    """Removes the files and folders in ``paths`` that exist: outputs an earlier run left beside the ones this run
+    writes but does not write itself (an ``intervals.json`` with ``bootstrap=0``), which would read as this run's.
+    Returns those removed."""
+    removed = []
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed

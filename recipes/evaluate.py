@@ -12,14 +12,13 @@ page to browse the samples (``medcap.report``). Prints a table.
 """
 
 import csv
-import shutil
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from medcap.atomic import replaced_atomically, write_json
+from medcap.atomic import remove_earlier, replaced_atomically, write_json
 from medcap.metrics import (bootstrap_ci, check_submission, evaluate, format_table, paired_bootstrap,
                             read_predictions, read_references)
 from medcap.metrics.bootstrap import p_text
@@ -114,10 +113,11 @@ def main(cfg: DictConfig) -> None:
         page = evaluation_report(out / "report.html", report, preset, scored, name, cfg.predictions, cfg.references,
                                  references, intervals.get(name), compared, resamples, seed)
         print(f"report -> {page}")
-    elif (out / "report.html").exists():  # report=false: no page of an earlier scoring beside these metrics
-        (out / "report.html").unlink()
-        shutil.rmtree(thumbnails_folder(out / "report.html"), ignore_errors=True)
-        print(f"report=false: removed the earlier scoring's {out / 'report.html'}")
+    # the outputs of an earlier scoring that this one does not write would read as this one's
+    earlier = ([] if resamples else [out / "intervals.json"]) + ([] if cfg.get("compare_to") else [out / "paired.json"])
+    earlier += [] if report else [out / "report.html", thumbnails_folder(out / "report.html")]
+    for path in remove_earlier(earlier):
+        print(f"removed the earlier scoring's {path} (not written by this one)")
 
 
 if __name__ == "__main__":

@@ -44,12 +44,13 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from medcap.command import run_command
-from medcap.atomic import write_json, write_text
+from medcap.atomic import remove_earlier, write_json, write_text
 from medcap.data.images import load_image
 from medcap.generation import generate
 from medcap.metrics import bootstrap_ci, evaluate, format_table, write_csv_predictions
 from medcap.metrics.vqa import parse_choice
 from medcap.report import report_options, vqa_report
+from medcap.report.thumbnails import thumbnails_folder
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 from medcap.text.seed_prompts import rendered_prompt, seed_text_ids
 from medcap.vqa import (JUDGE_MISSING, NORMALIZE, answer_prompt, correct_option, description_budget, judged_option,
@@ -287,11 +288,16 @@ def main(cfg: DictConfig) -> None:
                                              "intervals": intervals[cfg.mode]})
     print(format_table({cfg.mode: scored.corpus}, intervals=intervals))
     log.info(f"{len(questions)} questions ({cfg.mode}) in {seconds:.1f} s -> {out / 'metrics.json'}")
-    if report:  # report.html beside metrics.json; report=false: none
+    if report:  # report.html beside metrics.json
         records = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
         page = vqa_report(out / "report.html", records, scored.corpus, intervals.get(cfg.mode),
                           {q["id"]: q["images"] for q in questions}, report, cfg.mode)
         log.info(f"report -> {page}")
+    # the outputs of an earlier run that this one does not write would read as this one's
+    earlier = [] if resamples else [out / "intervals.json"]
+    earlier += [] if report else [out / "report.html", thumbnails_folder(out / "report.html")]
+    for path in remove_earlier(earlier):
+        log.info(f"removed the earlier run's {path} (not written by this one)")
 
 
 if __name__ == "__main__":

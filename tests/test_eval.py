@@ -203,8 +203,11 @@ def test_check_submission(tmp_path):
         f"{bad}: line 6: expected 2 fields (ID,caption), found 3; quote fields that contain commas",
         f"{bad}: 2 test ID(s) have no caption, e.g. ['img2', 'img3']",
     ]
+    assert check_submission(tmp_path / "gone.csv", ids) == [f"file not found: {tmp_path / 'gone.csv'}"]
     (tmp_path / "latin.csv").write_bytes("img1,caf\xe9\n".encode("latin-1"))
-    assert check_submission(tmp_path / "latin.csv", ids) == [f"{tmp_path / 'latin.csv'}: not UTF-8 text (byte 8)"]
+    assert check_submission(tmp_path / "latin.csv", ids) == [f"{tmp_path / 'latin.csv'}:1: not UTF-8 text (byte 0xe9 "
+                                                            "at offset 8); re-encode the file as UTF-8, e.g. "
+                                                            "`iconv -f latin1 -t utf-8`"]
 
 
 def test_evaluate_recipe_and_compare(tmp_path, capsys):

@@ -263,9 +263,14 @@ def test_evaluate_recipe_writes_the_report_beside_metrics_json(tmp_path, capsys)
     paired = json.loads((out / "paired.json").read_text())
     assert (paired["resamples"], paired["seed"], paired["level"]) == (100, 0, 0.95)
 
-    cli.main([*args, "report=false"])  # no page of the earlier scoring is left beside the new metrics
-    assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
-    assert "report=false: removed the earlier scoring's" in capsys.readouterr().out
+    (out / "report_thumbs").mkdir()  # as a run with thumbnail files leaves it
+    # no page, intervals or comparison of the earlier scoring is left beside the new metrics
+    cli.main([*args, "bootstrap=0", "report=false"])
+    assert (out / "metrics.json").is_file() and (out / "per_sample.csv").is_file()
+    assert not any((out / name).exists() for name in ("report.html", "report_thumbs", "intervals.json", "paired.json"))
+    printed = capsys.readouterr().out
+    assert all(f"removed the earlier scoring's {out / name} (not written by this one)" in printed
+               for name in ("report.html", "report_thumbs", "intervals.json", "paired.json"))
 
     # two runs whose folders share a name are told apart by the folder above; the p-value of 20 resamples
     for run in ("a", "b"):

@@ -291,7 +291,11 @@ def test_recipe_end_to_end_likelihood(demo_vqa, tmp_path):
     assert metrics["macro_accuracy"] == pytest.approx(sum(per_group.values()) / len(per_group))
     assert {k: v for k, v in metrics.items() if k.startswith("accuracy/")} == pytest.approx(
         {f"accuracy/{m}": v for m, v in per_group.items()})
-    assert (tmp_path / "lik" / "intervals.json").is_file()
+    assert (tmp_path / "lik" / "intervals.json").is_file() and (tmp_path / "lik" / "report.html").is_file()
+
+    # a rerun without intervals or page leaves none of the earlier run's beside its metrics
+    _run(data_dir, tmp_path / "lik", "mode=likelihood", "limit=2", "bootstrap=0", "report=false")
+    assert not (tmp_path / "lik" / "intervals.json").exists() and not (tmp_path / "lik" / "report.html").exists()
 
 
 def test_recipe_packing_changes_nothing_and_two_stage_runs(demo_vqa, tmp_path):

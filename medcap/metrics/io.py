@@ -1,6 +1,5 @@
 """Reading prediction/reference files and writing prediction CSVs."""
 
-import codecs
 import csv
 import io
 import itertools
@@ -10,24 +9,12 @@ from typing import Any
 from pathlib import Path
 
 from medcap.atomic import replaced_atomically
-from medcap.data.problems import json_values
+from medcap.data.problems import json_values, read_text
 from medcap.data.records import id_text
 
 _ID_COLUMNS = ("ID", "id", "Id")
 NO_HEADER = ("ID", "caption")  # the columns of a predictions file without a header line
 _CAPTION_COLUMNS = ("caption", "Caption", "CAPTION", "answer", "prediction")
-
-
-def read_text(path: str | Path) -> str:
-    """A UTF-8 text file with a leading byte-order mark (Excel's "CSV UTF-8") dropped, as the data readers do;
-    other bytes that are not UTF-8 are an error naming the file and the offset."""
-    path = Path(path)
-    data = path.read_bytes()
-    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[bom:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start + bom})") from None
 
 
 def csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
