@@ -197,13 +197,15 @@ def test_vision_encoder_alone_reads_only_the_tower(llava_dir):
 
 def test_vicuna_template_tokenises_as_transformers_does(llava_dir):
     """The thesis' training text and a few-shot conversation, as strings and as ids, against transformers'
-    LlamaTokenizer (legacy=False, as llava-hf sets it) on the same text."""
+    LlamaTokenizer on the same text and against LLaVA's own way (each piece around an image encoded on its own).
+    llava-hf's published ids put a lone word-start piece on both sides of the image token
+    (``[1, 3148, 1001, 29901, 29871, 32000, 29871, 13, ...]``): the legacy tokenisation, not legacy=False's."""
     folder, _ = llava_dir
     hf_dir = folder.parent / "hf_tokenizer"
     hf_dir.mkdir(exist_ok=True)
     shutil.copy(SENTENCEPIECE_MODEL, hf_dir / "tokenizer.model")
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+        {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
          "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
     hf.add_tokens([transformers.AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")],
@@ -222,7 +224,17 @@ def test_vicuna_template_tokenises_as_transformers_does(llava_dir):
     assert text == (f"USER: <image>\n{ask} ASSISTANT: Chest X-ray.</s>USER: <image>\n{ask} ASSISTANT:")
     ids = vicuna.prompt_ids(ask, 1) + vicuna.answer_ids("Chest X-ray.") + vicuna.followup_ids(ask, 1)
     assert ids == hf(text).input_ids
+    spm = vicuna._spm  # LLaVA 1.5's tokenizer_image_token: the text around each image block encoded on its own
+    pieces = text.replace("</s>", "<image>").split("<image>")
+    by_piece = [vicuna.bos_id] + spm.encode(pieces[0]) + [32000] + spm.encode(pieces[1]) + [vicuna.eos_id] + \
+        spm.encode(pieces[2]) + [32000] + spm.encode(pieces[3])
+    assert ids == by_piece and ids[4:7] == [spm.piece_to_id("▁"), 32000, spm.piece_to_id("▁")]
     assert vicuna.decode(ids, skip_special_tokens=False) == "<s>" + text
+
+    # without </s> after the answer (the thesis' answers) the next turn goes straight on from the answer's text
+    text = thesis.render_prompt(ask, 1) + thesis.render_answer("Chest X-ray.") + thesis.render_prompt(ask, 1)
+    ids = thesis.prompt_ids(ask, 1) + thesis.answer_ids("Chest X-ray.") + thesis.followup_ids(ask, 1)
+    assert ids == hf(text).input_ids
     assert vicuna.decode(ids) == text.replace("<image>", "").replace("</s>", "")
 
 

@@ -54,19 +54,19 @@ class VicunaTokenizer:
         return self._sp.encode(text, add_bos=False, add_eos=False, trim_leading_whitespace=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        if skip_special_tokens:
-            return self._spm.decode([i for i in ids if i < self.vocab_size and not self._spm.is_control(i)])
+        """The text of ``ids``; each run of ordinary pieces is decoded on its own (its word-start marker after
+        ``<s>``, ``</s>`` or an image block dropped), as the prompt's texts were encoded each on its own."""
         names = {self.image_token_id: IMAGE_TEXT, **({self.pad_id: "<pad>"} if self.pad_id >= self.vocab_size else {})}
-        out = []
-        for i in ids:
-            if i >= self.vocab_size:
-                out.append(names.get(i, f"<{i}>"))
-            elif self._spm.is_control(i):
-                out.append(self._spm.id_to_piece(i))
-            else:
-                out.append(None)  # placeholder, filled from the pieces below
-        pieces = iter(self._spm.decode_ids_as_proto([i for i, o in zip(ids, out) if o is None]).pieces)
-        return "".join(o if o is not None else next(pieces).surface for o in out)
+        out, run = [], []
+        for i in [*ids, None]:
+            if i is not None and i < self.vocab_size and not self._spm.is_control(i):
+                run.append(i)
+                continue
+            out.append(self._spm.decode(run))
+            run = []
+            if i is not None and not skip_special_tokens:
+                out.append(names.get(i, f"<{i}>") if i >= self.vocab_size else self._spm.id_to_piece(i))
+        return "".join(out)
 
     # -- the chat format: each turn is a list of segments, text or an image block
 
@@ -79,16 +79,18 @@ class VicunaTokenizer:
             return [head + tail]
         return [head, num_image_tokens, "\n" + tail]
 
-    def _ids(self, segments: list, first: bool) -> list[int]:
-        """Only the first text of a conversation (``first``) gets SentencePiece's word-start marker; text after
-        ``</s>`` or an image block continues without one (as transformers' LlamaTokenizer with ``legacy=False``,
-        llava-hf's setting, tokenises the whole conversation)."""
+    def _ids(self, segments: list, after_text: bool) -> list[int]:
+        """Each text gets SentencePiece's word-start marker, as a text of its own: after ``<s>``, ``</s>`` or an
+        image block, LLaVA 1.5 tokenised each piece of a conversation separately (``tokenizer_image_token``),
+        and llava-hf's tokenizer gives the same ids (``USER: <image>\\n`` is ``[3148, 1001, 29901, 29871, 32000,
+        29871, 13]``). Only a turn that goes straight on from an answer's text (``after_text``: an answer without
+        ``</s>``) continues without one."""
         ids: list[int] = []
         for index, segment in enumerate(segments):
             if isinstance(segment, int):
                 ids += [self.image_token_id] * segment
             else:
-                ids += self.encode(segment) if first and index == 0 else self._continue(segment)
+                ids += self._continue(segment) if after_text and index == 0 else self.encode(segment)
         return ids
 
     @staticmethod
@@ -96,10 +98,10 @@ class VicunaTokenizer:
         return "".join(IMAGE_TEXT if isinstance(s, int) else s for s in segments)
 
     def prompt_ids(self, user_text: str, num_image_tokens: int = 0, system: str | None = None) -> list[int]:
-        return [self.bos_id] + self._ids(self._user_turn(user_text, num_image_tokens, system), first=True)
+        return [self.bos_id] + self._ids(self._user_turn(user_text, num_image_tokens, system), after_text=False)
 
     def followup_ids(self, user_text: str, num_image_tokens: int = 0) -> list[int]:
-        return self._ids(self._user_turn(user_text, num_image_tokens, None), first=False)
+        return self._ids(self._user_turn(user_text, num_image_tokens, None), after_text=not self.answer_eos)
 
     def answer_ids(self, text: str) -> list[int]:
         return self._continue(f" {text.strip()}") + ([self.eos_id] if self.answer_eos else [])
