@@ -11,7 +11,7 @@ from torchtune.modules import TransformerSelfAttentionLayer
 
 from medcap import distributed
 from medcap.checkpoint import describe, load_checkpoint, read_metadata, resolve_checkpoint
-from medcap.data.dataset import CaptionDataset, collate_captions, image_transform
+from medcap.data.dataset import CaptionDataset, collate_captions, count_truncated, image_transform
 from medcap.models import import_medcap, import_r2gengpt
 from medcap.models.llm_weights import check_dtype_runs, deferred_weights
 from medcap.precision import check_training_dtype, keep_trained_parts_in, master_dtype
@@ -148,6 +148,19 @@ def caption_dataset(node: DictConfig, tokenizer, model, with_captions: bool = Tr
     return config.instantiate(node, tokenizer=tokenizer, tokens_per_image=model.tokens_per_image,
                               views_per_block=model.views_per_block,
                               transform=image_transform(model.vision.encoder), with_captions=with_captions)
+
+
+def warn_truncated(dataset: CaptionDataset, what: str) -> None:
+    """Logs (on rank 0) how many of ``dataset``'s captions are cut to fit ``max_seq_len`` or ``max_answer_tokens``,
+    before training starts: a cut caption trains on its first part only."""
+    if not distributed.is_rank_zero():
+        return
+    cut = count_truncated(dataset)
+    if cut:
+        limits = f"max_seq_len={dataset.max_seq_len}" + (f" / max_answer_tokens={dataset.max_answer_tokens}"
+                                                         if dataset.max_answer_tokens else "")
+        log.warning(f"{what}: {cut} of {len(dataset.samples)} captions are cut to fit {limits} (each keeps its "
+                    f"end token; `medcap run prepare_data` shows caption lengths)")
 
 
 def caption_loader(dataset: CaptionDataset, tokenizer, batch_size: int, num_workers: int = 0,

@@ -21,7 +21,8 @@ from torchtune import config, training
 
 from medcap import distributed, prompt_clusters, runs
 from medcap.optim import OptimizerInBackward
-from medcap.runtime import caption_dataset, caption_loader, device_and_dtype, log, setup_training_model
+from medcap.runtime import (caption_dataset, caption_loader, device_and_dtype, log, setup_training_model,
+                            warn_truncated)
 from medcap.training import ResumableBatchSampler, TrainSettings, l2_regularizer, plot_loss, train
 from medcap.validation import generation_figures, rank_loader, validation_decoding, validation_loss
 from medcap.command import run_command
@@ -73,6 +74,8 @@ def main(cfg: DictConfig) -> None:
         clusters, embedder = prompt_clusters.for_training(cfg, train_set, resume, device)
         model.checkpoint_writers = [clusters.save]
 
+    warn_truncated(train_set, "training set")  # with each image's prompt
+
     cluster_of: dict[str, int] = {}  # validation sample id -> cluster: its images are embedded once
 
     def dataset(node, **kwargs):
@@ -88,7 +91,9 @@ def main(cfg: DictConfig) -> None:
     evaluations = {}
     # `val_dataset=null` on the command line sets val_dataset._component_ to null (torchtune's override rule)
     if cfg.get("val_dataset") and cfg.val_dataset.get("_component_"):
-        val_loader = rank_loader(dataset(cfg.val_dataset), tokenizer, cfg.batch_size,
+        val_set = dataset(cfg.val_dataset)
+        warn_truncated(val_set, "validation set")  # its loss is over the kept part of each caption
+        val_loader = rank_loader(val_set, tokenizer, cfg.batch_size,
                                  cfg.get("eval_max_batches"), cfg.get("num_workers", 0))
         evaluations["val_loss"] = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype)}
         gen = cfg.get("val_generation")

@@ -198,3 +198,21 @@ def test_lr_per_part_names_parts_and_optimizer_in_bwd_refuses_l2(data, tmp_path,
     assert "lr_per_part.encoder is not used: the encoder is frozen" in caplog.text
     with pytest.raises(ValueError, match="no l2_lambda"):
         cli.run_recipe("finetune", "tiny/megpt", base + ["optimizer_in_bwd=true", "clip_grad_norm=null"])  # L2 on
+
+
+def test_finetune_says_how_many_captions_are_cut_to_fit(data, tmp_path, caplog):
+    from medcap.models.builders import tiny_demo
+    from medcap.text import smollm2_tokenizer
+
+    tokenizer, per_image = smollm2_tokenizer(), tiny_demo().tokens_per_image
+    prompt = len(tokenizer.prompt_ids("Write the report for this image.", per_image))
+    lengths = {split: [len(tokenizer.answer_ids(json.loads(line)["caption"]))
+                       for line in (data / f"{split}.jsonl").read_text().splitlines()] for split in ("train", "val")}
+    room = sorted(lengths["train"])[len(lengths["train"]) // 2]  # about half the training captions are longer
+    expected = {split: sum(n > room for n in ns) for split, ns in lengths.items()}
+    assert 0 < expected["train"] < len(lengths["train"])
+    with caplog.at_level("WARNING"):
+        cli.run_recipe("finetune", "tiny/finetune", data_overrides(data) + [
+            "max_steps=1", f"dataset.max_seq_len={prompt + room}", f"output_dir={tmp_path}", "val_generation=null"])
+    assert f"training set: {expected['train']} of 16 captions are cut to fit max_seq_len={prompt + room}" in caplog.text
+    assert (f"validation set: {expected['val']} of 8 captions" in caplog.text) == (expected["val"] > 0)
