@@ -171,10 +171,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{recipe:<{width}}{', '.join(grouped.get(recipe, [])) or '-'}")
     else:
         dest = Path(args.dest)
-        if dest.suffix not in (".yaml", ".yml"):
-            dest = dest / find_config(args.config).name if dest.is_dir() else dest.with_suffix(".yaml")
+        if args.dest.endswith(("/", os.sep)) and not dest.is_dir():
+            raise SystemExit(f"medcap: {dest} is not a folder")
+        if dest.suffix not in (".yaml", ".yml"):  # `exp_0.5` -> `exp_0.5.yaml`, not `exp_0.yaml`
+            dest = dest / find_config(args.config).name if dest.is_dir() else dest.with_name(f"{dest.name}.yaml")
         if dest.exists():
             raise SystemExit(f"medcap: {dest} exists; not overwriting it")
+        if not dest.parent.is_dir():
+            raise SystemExit(f"medcap: {dest.parent} is not a folder; create it first")
         if args.data:
             write_with_data(find_config(args.config), find_config(args.data), dest)
             print(f"copied {find_config(args.config)} to {dest} with the data set of {find_config(args.data)}")

@@ -26,6 +26,13 @@ def test_cp_copies_and_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "generate.yaml").is_file()
     with pytest.raises(SystemExit, match="exists; not overwriting"):
         cli.main(["cp", "tiny/generate", str(tmp_path / "mine.yaml")])
+    cli.main(["cp", "tiny/generate", str(tmp_path / "lr_0.5")])  # a dot in the name is kept
+    assert (tmp_path / "lr_0.5.yaml").is_file() and not (tmp_path / "lr_0.yaml").exists()
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'new'} is not a folder"):
+        cli.main(["cp", "tiny/generate", f"{tmp_path / 'new'}/"])
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'gone'} is not a folder; create it first"):
+        cli.main(["cp", "tiny/generate", str(tmp_path / "gone" / "x.yaml")])
+    assert not (tmp_path / "new.yaml").exists()
 
 
 def test_names_and_paths_resolve():

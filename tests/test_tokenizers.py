@@ -185,3 +185,12 @@ def test_followup_images_leave_the_text_unchanged(tok):
     assert with_images[:first] + with_images[first + 3:] == tok.followup_ids("Describe the image.")
     with pytest.raises(ValueError, match="num_image_tokens must be >= 0"):
         tok.followup_ids("x", num_image_tokens=-1)
+
+
+def test_assistant_header_length(smollm2, llama3, llama2):
+    from medcap.text.seed_prompts import assistant_header_length
+
+    assert assistant_header_length(llama3) == 4  # <|start_header_id|>assistant<|end_header_id|>\n\n
+    assert assistant_header_length(smollm2) == 4  # <|im_start|> ass istant \n (the \n before it ends the user turn)
+    with pytest.raises(ValueError, match="needs a chat template whose user turn ends with an end-of-turn token"):
+        assistant_header_length(llama2)  # [INST] ... [/INST]: no end-of-turn token closes the user turn

@@ -57,9 +57,15 @@ def seed_text_ids(tokenizer, ids: list[int]) -> list[int]:
 def assistant_header_length(tokenizer) -> int:
     """How many tokens open the assistant's turn at the end of ``prompt_ids``, after the user turn's end-of-turn
     token (Llama 3: ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``, 4 tokens). The seed's torchtune masked
-    whole messages, so its labels covered this header of every assistant message."""
+    whole messages, so its labels covered this header of every assistant message. SmolLM2 (ChatML): 4 tokens,
+    ``<|im_start|>assistant\\n``; the newline after ``<|im_end|>`` belongs to the user's message."""
     probe = tokenizer.encode("x")
     ids = tokenizer.prompt_ids("x")
     start = next(i for i in range(len(ids)) if ids[i:i + len(probe)] == probe) + len(probe)
-    end = next(i for i in range(start, len(ids)) if ids[i] in tokenizer.stop_ids)
+    end = next((i for i in range(start, len(ids)) if ids[i] in tokenizer.stop_ids), None)
+    if end is None:
+        raise ValueError(f"label_assistant_header needs a chat template whose user turn ends with an end-of-turn "
+                         f"token (Llama 3, SmolLM2); {type(tokenizer).__name__}'s does not")
+    while end + 1 < len(ids) and not tokenizer.decode([ids[end + 1]], skip_special_tokens=False).strip():
+        end += 1  # ChatML's "\n" after <|im_end|> still ends the user's message
     return len(ids) - end - 1
