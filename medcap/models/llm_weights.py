@@ -5,6 +5,7 @@ the checks every local checkpoint shares: weight files, strict loading, and a dt
 import contextvars
 import importlib.util
 import json
+import math
 import re
 import tempfile
 from contextlib import contextmanager
@@ -70,12 +71,30 @@ def gguf_to_torchtune_name(name: str) -> str:
     raise ValueError(f"unknown GGUF tensor {name!r} (expected a llama-architecture file)")
 
 
-def load_gguf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def _open_llama_gguf(path: str | Path) -> GGUFFile:
     gguf = GGUFFile(path)
     arch = gguf.metadata.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r}, only 'llama' GGUF files are supported")
+    return gguf
+
+
+def load_gguf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    gguf = _open_llama_gguf(path)
     return {gguf_to_torchtune_name(name): torch.from_numpy(gguf.load(name)) for name in gguf.tensors}
+
+
+def check_gguf_settings(decoder: nn.Module, path: str | Path) -> None:
+    """The settings a GGUF file records and its tensors' shapes do not show (heads, RoPE base, norm epsilon) must
+    be the decoder's: a llama GGUF of the same shapes but other settings would load and compute nonsense."""
+    gguf, attn = _open_llama_gguf(path), decoder.layers[0].attn
+    ours = {"llama.attention.head_count": attn.num_heads, "llama.attention.head_count_kv": attn.num_kv_heads,
+            "llama.rope.freq_base": attn.pos_embeddings.base,
+            "llama.attention.layer_norm_rms_epsilon": decoder.norm.eps}
+    differ = [f"{key} = {gguf.metadata[key]:g} (the decoder: {value:g})" for key, value in ours.items()
+              if key in gguf.metadata and not math.isclose(gguf.metadata[key], value, rel_tol=1e-6)]
+    if differ:
+        raise ValueError(f"{path} does not fit the decoder it is loaded into: {'; '.join(differ)}")
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -97,6 +116,7 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
 def load_gguf_decoder(decoder: nn.Module, path: str | Path | None = None) -> nn.Module:
     """Load a llama GGUF (default: the packaged SmolLM2-135M-Instruct) into a decoder from ``smollm2_135m``."""
     path = Path(path) if path else smollm2_gguf_path()
+    check_gguf_settings(decoder, path)
     if not weights_deferred():
         load_strict(decoder, load_gguf_state_dict(path), str(path))
     return decoder
