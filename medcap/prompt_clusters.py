@@ -10,7 +10,9 @@ features; the design here is ours:
   a fixed vocabulary of findings terms (each term a list of phrases, matched as whole words, case-insensitive) is
   counted once per report where it is affirmed; an occurrence is negated, and not counted, when a negation cue
   ("no", "not", "without", "negative for", "free of", "clear of", "absence of", "resolved") comes before it in the
-  same clause (a clause ends at . ; ? ! or "but"). The ``top_k`` terms affirmed in at least ``min_share`` of the
+  same clause (a clause ends at . ; ? ! or "but"), or a resolution cue ("resolved", "no longer", "removed", not
+  after "not", "partially", "incompletely", "nearly" or "almost") comes after it in the same clause ("the left
+  pleural effusion has resolved"). The ``top_k`` terms affirmed in at least ``min_share`` of the
   cluster's reports fill ``template``; a cluster with none gets ``empty``.
 - Saved with every checkpoint (``prompt_clusters.safetensors``: centroids and the features of a fixed probe input;
   ``prompt_clusters.json``: prompts, the feature encoder's config, the mining counts), inside the checkpoint's
@@ -39,6 +41,8 @@ log = utils.get_logger("INFO")
 WEIGHTS_FILE, META_FILE = "prompt_clusters.safetensors", "prompt_clusters.json"
 NEGATION_CUES = ("no", "not", "without", "negative for", "free of", "clear of", "absence of", "resolved")
 CLAUSE_END = re.compile(r"[.;?!]|\bbut\b")
+# negate a finding named before them; group 1 is a qualifier that leaves it present ("has not resolved")
+RESOLUTION_CUES = re.compile(r"\b(?:(not|partially|incompletely|nearly|almost)\s+)?(?:resolved|no\s+longer|removed)\b")
 FEATURES = ("mean of the feature encoder's tokens, then of a sample's images, L2-normalised, fp32; the feature "
             "encoder is built from feature_encoder and stays frozen (it is not the model's trained encoder)")
 PROBE_TOLERANCE = 1e-3
@@ -78,14 +82,15 @@ def _phrase_pattern(phrase: str) -> re.Pattern:
 
 def affirmed_terms(report: str, vocabulary: dict[str, list[str]]) -> set[str]:
     """The vocabulary terms a report affirms: one of its phrases occurs in a clause with no negation cue
-    before it."""
+    before it and no resolution cue after it."""
     cues = [_phrase_pattern(c) for c in NEGATION_CUES]
     found = set()
     for clause in _clauses(report):
         negated_from = min((m.start() for c in cues for m in [c.search(clause)] if m), default=len(clause) + 1)
+        resolved_before = max((m.start() for m in RESOLUTION_CUES.finditer(clause) if not m.group(1)), default=-1)
         for term, phrases in vocabulary.items():
             for phrase in phrases:
-                if any(m.start() < negated_from for m in _phrase_pattern(phrase).finditer(clause)):
+                if any(resolved_before < m.start() < negated_from for m in _phrase_pattern(phrase).finditer(clause)):
                     found.add(term)
     return found
 
@@ -114,7 +119,8 @@ def mine_prompts(reports: list[str], labels: np.ndarray, num_clusters: int, voca
     prompts, stats = [], []
     for c in range(num_clusters):
         size = max(sizes[c], 1)
-        ranked = sorted((t for t, n in counts[c].items() if n / size >= min_share), key=lambda t: (-counts[c][t], order[t]))
+        ranked = sorted((t for t, n in counts[c].items() if n / size >= min_share),
+                        key=lambda t: (-counts[c][t], order[t]))
         chosen = ranked[:top_k]
         prompts.append(template.format(findings=", ".join(chosen)) if chosen else empty)
         stats.append({"size": sizes[c], "affirmed": dict(counts[c].most_common()), "findings": chosen})

@@ -17,11 +17,15 @@ def _perturb(conv: DOConv2d, seed: int = 0) -> None:
 
 def _oracle_kernel(conv: DOConv2d) -> torch.Tensor:
     """The composed kernel by explicit loops over the definition: DoW[o, i, m] = sum_s (D + I)[i, m, s] W'[o, i, s]
-    with W' = W read as (C_out / groups, C_in, D_mul)."""
+    with W' = W read as (C_out / groups, C_in, D_mul) and I the M*N identity tiled D_mul // (M*N) times along s
+    (zero columns for the remainder)."""
     m, n = conv.kernel_size
     c_out, c_in, d_mul = conv.out_channels, conv.in_channels, conv.d_mul
-    w = conv.W.detach().reshape(c_out // conv.groups, c_in, d_mul)
-    d = conv.D.detach() + torch.eye(m * n, d_mul)
+    w = conv.W.detach().float().reshape(c_out // conv.groups, c_in, d_mul)
+    identity = torch.zeros(m * n, d_mul)
+    for s in range(d_mul // (m * n) * (m * n)):
+        identity[s % (m * n), s] = 1.0
+    d = conv.D.detach().float() + identity
     out = torch.zeros(c_out // conv.groups, c_in, m * n)
     for o in range(c_out // conv.groups):
         for i in range(c_in):
@@ -32,7 +36,8 @@ def _oracle_kernel(conv: DOConv2d) -> torch.Tensor:
 
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=2, dilation=2),
                                     dict(kernel_size=3, padding=1, groups=2), dict(kernel_size=(3, 5), padding=(1, 2),
-                                                                                   stride=2, d_mul=20)])
+                                                                                   stride=2, d_mul=20),
+                                    dict(kernel_size=3, padding=1, d_mul=18), dict(kernel_size=3, padding=1, d_mul=22)])
 def test_doconv_forward_equals_conv2d_with_the_folded_kernel(kwargs):
     torch.manual_seed(0)
     conv = DOConv2d(4, 6, **kwargs)
@@ -60,6 +65,25 @@ def test_doconv_at_init_is_the_plain_conv_of_w():
     torch.testing.assert_close(conv(x), plain(x))
 
 
+@pytest.mark.parametrize("d_mul", [18, 22])
+def test_doconv_identity_is_tiled_along_d_mul(d_mul):
+    # with D = 0 the kernel is the sum of W's M*N-wide slices (two of them for D_mul 18 and 22; 22's last 4 unused)
+    torch.manual_seed(7)
+    conv = DOConv2d(3, 5, 3, padding=1, d_mul=d_mul)
+    w = conv.W.detach()
+    kernel = (w[:, :, 0:9] + w[:, :, 9:18]).reshape(5, 3, 3, 3)
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(conv(x), F.conv2d(x, kernel, conv.bias, padding=1))
+
+
+def test_doconv_1x1_kernel_takes_no_d_mul():
+    with pytest.raises(ValueError, match="d_mul 2: a 1x1 kernel"):
+        DOConv2d(4, 6, 1, d_mul=2)
+    conv = DOConv2d(4, 6, 1, d_mul=1)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.W.detach().reshape(6, 4, 1, 1), conv.bias))
+
+
 def test_doconv_gradients_reach_d_and_w():
     torch.manual_seed(2)
     conv = DOConv2d(3, 4, 3, padding=1)
@@ -77,6 +101,45 @@ def test_doconv_eval_kernel_is_cached_and_refolded_after_a_step():
         cached = conv._folded[1]
         assert conv(x).equal(first) and conv._folded[1] is cached  # folded once
         conv.D.add_(0.5)  # an in-place update (as an optimizer step makes) invalidates the folded kernel
+        torch.testing.assert_close(conv(x), F.conv2d(x, _oracle_kernel(conv), conv.bias, padding=1))
+
+
+def test_doconv_eval_kernel_is_the_same_with_and_without_autocast():
+    torch.manual_seed(8)
+    conv = DOConv2d(4, 4, 3, padding=1)
+    _perturb(conv)
+    x = torch.randn(2, 4, 6, 6)
+    kernel = _oracle_kernel(conv)
+    plain = conv.fold()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = conv(x)  # train mode: the kernel composed with gradients
+    conv.eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cached = conv(x)
+            assert cached.equal(plain(x)) and cached.equal(trained.detach())
+            torch.testing.assert_close(cached, F.conv2d(x, kernel, conv.bias, padding=1), atol=0.05, rtol=0.02)
+        out = conv(x)  # the kernel cached under autocast, reused outside it
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, F.conv2d(x, kernel, conv.bias, padding=1))
+
+
+def test_doconv_eval_kernel_is_refolded_after_replaced_or_loaded_weights():
+    torch.manual_seed(9)
+    conv = DOConv2d(3, 3, 3, padding=1).eval()
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        conv(x)
+        conv.D.data = torch.randn(conv.D.shape)  # a new tensor, not an in-place change
+        torch.testing.assert_close(conv(x), F.conv2d(x, _oracle_kernel(conv), conv.bias, padding=1))
+        other = DOConv2d(3, 3, 3, padding=1)
+        _perturb(other, seed=1)
+        for assign in (False, True):
+            conv.load_state_dict(other.state_dict(), assign=assign)
+            torch.testing.assert_close(conv(x), other(x))
+            other.D.add_(1.0)
+        conv.W.data.mul_(0.5)  # a write through .data keeps the version: eval() refolds
+        conv.eval()
         torch.testing.assert_close(conv(x), F.conv2d(x, _oracle_kernel(conv), conv.bias, padding=1))
 
 
@@ -99,6 +162,17 @@ def test_fem_starts_as_identity_and_reshapes_a_square_grid():
     assert diff[0].count_nonzero() == 9
     with pytest.raises(ValueError, match="square grid"):
         fem(torch.randn(1, 8, 16))
+
+
+def test_fem_refuses_a_pooled_single_token():
+    from medcap.models.builders import tiny_llama2_swin
+
+    with pytest.raises(ValueError, match="square grid .*pooled encoders"):
+        FeatureEnhancement(16)(torch.randn(2, 1, 16))
+    model = tiny_llama2_swin(global_only=True, fem={})
+    size = model.vision.encoder.image_size
+    with pytest.raises(ValueError, match="square grid .*got 1 tokens"):
+        model.vision(torch.randn(2, 3, size, size))
 
 
 def test_fem_macs_and_parameters_at_swin_b_shapes():
@@ -137,9 +211,10 @@ def test_fem_keeps_the_mappers_token_count():
     from medcap.models.builders import LLAMA3_IMAGE_ID, vision_language_model
 
     model = vision_language_model(decoders.tiny_llama3(), encoders.tiny_vit(output="pooled"), "pooled_mlp",
-                                  LLAMA3_IMAGE_ID, num_tokens=8, fem={})  # 1 pooled token (a 1 x 1 map) -> 8
+                                  LLAMA3_IMAGE_ID, num_tokens=8, fem={})  # 1 pooled token -> 8
     assert model.tokens_per_image == 8
-    assert model.vision(torch.randn(2, 3, 64, 64)).shape[:2] == (2, 8)
+    with pytest.raises(ValueError, match="square grid"):  # but one pooled token is no grid for FEM
+        model.vision(torch.randn(2, 3, 64, 64))
 
 
 # ------------------------------------------------------------------------------------------------ L2 regularisation
@@ -209,6 +284,22 @@ def test_findings_mining_handles_negation_per_clause():
     assert affirmed_terms("massive nodularity", CHEST_FINDINGS) == set()
 
 
+def test_findings_mining_negates_findings_reported_as_resolved_after_them():
+    from medcap.prompt_clusters import CHEST_FINDINGS, affirmed_terms
+
+    for report in ["the previously seen left pleural effusion has resolved .", "the effusions have resolved",
+                   "the nodule is no longer seen", "the catheter has been removed",
+                   "no focal consolidation , pleural effusion or pneumothorax ."]:
+        assert affirmed_terms(report, CHEST_FINDINGS) == set(), report
+    # only in its clause, only before it, and not when qualified
+    assert affirmed_terms("the effusion has resolved . mild cardiomegaly", CHEST_FINDINGS) == {"cardiomegaly"}
+    assert affirmed_terms("the pacemaker was removed but the effusion remains", CHEST_FINDINGS) == {"pleural effusion"}
+    assert affirmed_terms("the catheter has been removed and a pacemaker placed", CHEST_FINDINGS) == {
+        "surgical hardware"}
+    for report in ["the effusion has not resolved", "the pleural effusion has partially resolved"]:
+        assert affirmed_terms(report, CHEST_FINDINGS) == {"pleural effusion"}, report
+
+
 def test_prompts_name_each_clusters_most_frequent_affirmed_findings():
     import numpy as np
 
@@ -223,6 +314,15 @@ def test_prompts_name_each_clusters_most_frequent_affirmed_findings():
     assert prompts == ["P: nodule, effusion.", "P: fracture.", "P: normal."]
     assert stats[0] == {"size": 3, "affirmed": {"nodule": 2, "effusion": 2}, "findings": ["nodule", "effusion"]}
     assert stats[1]["affirmed"] == {"fracture": 1}  # 1 of 2 = min_share 0.5: kept
+
+
+def test_r2gengpt_checkpoint_into_a_model_with_fem_names_fem(tmp_path):
+    from medcap.models import import_r2gengpt
+    from medcap.models.builders import tiny_llama2_swin
+
+    model = tiny_llama2_swin(fem={})
+    with pytest.raises(ValueError, match="the model has MeGPT's FEM"):
+        import_r2gengpt.load(model, tmp_path / "r2gengpt.pth")
 
 
 def test_clustering_saves_loads_and_assigns_the_nearest_centroid(tmp_path):

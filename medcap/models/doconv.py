@@ -6,8 +6,16 @@ A conv kernel is trained as two factors: ``W`` (C_out, C_in / groups, D_mul) and
 (C_out / groups, C_in, D_mul) for the product, as the definition does). With D = 0 and D_mul = M*N that kernel is
 W itself, so training starts from a plain convolution; after training the two factors fold into one kernel, so
 inference costs what a plain convolution costs (``fold()``, and the cached kernel used in eval mode).
+
+``I`` is the M*N identity tiled along D_mul (D_mul // (M*N) copies, then zero columns for the remainder), so with
+D = 0 the kernel sums W's M*N-wide slices. A 1x1 kernel has no depthwise part (D_mul = 1, the kernel is W).
+The kernel is composed in the parameters' dtype (autocast off; the convolution itself still runs under autocast),
+so training, the eval-mode cache and ``fold()`` use the same kernel. The cache is refolded when a parameter is
+changed in place (its version), replaced (its storage) or loaded, or on ``train()`` / ``eval()``; a write through
+``.data`` bypasses the version, so call ``eval()`` again after one.
 """
 
+import contextlib
 import math
 
 import torch
@@ -29,6 +37,8 @@ class DOConv2d(nn.Module):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         m, n = self.kernel_size
         self.d_mul = d_mul or m * n
+        if m * n == 1 and self.d_mul != 1:
+            raise ValueError(f"d_mul {self.d_mul}: a 1x1 kernel has no depthwise part, so d_mul must be 1 or unset")
         if self.d_mul < m * n:
             raise ValueError(f"d_mul {self.d_mul} must be at least M*N = {m * n}")
         self.W = nn.Parameter(torch.empty(out_channels, in_channels // groups, self.d_mul))
@@ -36,8 +46,9 @@ class DOConv2d(nn.Module):
         nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))
         if m * n > 1:
             self.D = nn.Parameter(torch.zeros(in_channels, m * n, self.d_mul))
-            identity = torch.eye(m * n, self.d_mul).unsqueeze(0).repeat(in_channels, 1, 1)
-            self.register_buffer("identity", identity, persistent=False)
+            tiled = torch.eye(m * n).repeat(1, self.d_mul // (m * n))
+            identity = torch.cat([tiled, torch.zeros(m * n, self.d_mul % (m * n))], dim=1)
+            self.register_buffer("identity", identity, persistent=False)  # (M*N, D_mul), the same for each channel
         else:  # a 1x1 kernel has nothing to over-parameterise: W is the kernel
             self.register_parameter("D", None)
             self.identity = None
@@ -55,11 +66,14 @@ class DOConv2d(nn.Module):
         if self.D is None:
             return self.W.reshape(shape)
         w = self.W.reshape(self.out_channels // self.groups, self.in_channels, self.d_mul)
-        return torch.einsum("ims,ois->oim", self.D + self.identity, w).reshape(shape)
+        autocast_off = contextlib.nullcontext()
+        if torch.amp.is_autocast_available(self.W.device.type):  # not on meta tensors
+            autocast_off = torch.autocast(self.W.device.type, enabled=False)
+        with autocast_off:
+            return torch.einsum("ims,ois->oim", self.D + self.identity, w).reshape(shape)
 
     def _cached_kernel(self) -> Tensor:
-        # keyed on the parameters' versions: a weight changed in place (an optimizer step) refolds
-        key = (self.W._version, None if self.D is None else self.D._version, self.W.data_ptr())
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in (self.W, self.D) if p is not None)
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
                 self._folded = (key, self.kernel())

@@ -47,9 +47,9 @@ class FeatureEnhancement(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         batch, n, c = tokens.shape
         side = math.isqrt(n)
-        if side * side != n or c != self.channels:
-            raise ValueError(f"FEM needs a square grid of {self.channels}-d tokens, got {n} tokens of {c} "
-                             f"(pooled encoders, output=pooled, have no grid)")
+        if side * side != n or n == 1 or c != self.channels:
+            raise ValueError(f"FEM needs a square grid (at least 2 x 2) of {self.channels}-d tokens, got {n} tokens "
+                             f"of {c} (pooled encoders, output=pooled or global_only, have no grid)")
         x = tokens.transpose(1, 2).reshape(batch, c, side, side)
         fused = self.fuse(torch.cat([branch(x) for branch in self.branches], dim=1))
         return tokens + fused.flatten(2).transpose(1, 2)

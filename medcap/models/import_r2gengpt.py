@@ -170,6 +170,9 @@ def load(model, path: str | Path) -> Path:
     for part in ("encoder", "projector"):
         if part not in parts:
             raise ValueError(f"{path}: an R2GenGPT checkpoint needs a model with an {part}")
+    if type(parts["projector"]).__name__ == "EnhancedProjector":
+        raise ValueError(f"{path}: the model has MeGPT's FEM (model.fem), which an R2GenGPT checkpoint does not "
+                         f"hold: build it without fem")
     if type(parts["projector"]).__name__ != "Sequential" or len(parts["projector"]) != 2:
         raise ValueError(f"{path}: R2GenGPT's mapper is Linear + LayerNorm: build the model with projector: linear_ln")
     state, config = read(path)
