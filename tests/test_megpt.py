@@ -169,10 +169,9 @@ def test_fem_refuses_a_pooled_single_token():
 
     with pytest.raises(ValueError, match="square grid .*pooled encoders"):
         FeatureEnhancement(16)(torch.randn(2, 1, 16))
-    model = tiny_llama2_swin(global_only=True, fem={})
-    size = model.vision.encoder.image_size
-    with pytest.raises(ValueError, match="square grid .*got 1 tokens"):
-        model.vision(torch.randn(2, 3, size, size))
+    with pytest.raises(ValueError, match=r"fem needs an encoder whose tokens form a square grid of at least 2 x 2; "
+                                         r"this one gives 1 token\(s\)"):
+        tiny_llama2_swin(global_only=True, fem={})  # refused when the model is built, not at its first batch
 
 
 def test_fem_macs_and_parameters_at_swin_b_shapes():
@@ -210,11 +209,14 @@ def test_fem_keeps_the_mappers_token_count():
     from medcap.models import decoders, encoders
     from medcap.models.builders import LLAMA3_IMAGE_ID, vision_language_model
 
-    model = vision_language_model(decoders.tiny_llama3(), encoders.tiny_vit(output="pooled"), "pooled_mlp",
-                                  LLAMA3_IMAGE_ID, num_tokens=8, fem={})  # 1 pooled token -> 8
-    assert model.tokens_per_image == 8
-    with pytest.raises(ValueError, match="square grid"):  # but one pooled token is no grid for FEM
-        model.vision(torch.randn(2, 3, 64, 64))
+    encoder = encoders.tiny_vit(output="patch")
+    model = vision_language_model(decoders.tiny_llama3(), encoder, "mlp2", LLAMA3_IMAGE_ID, fem={})
+    assert model.tokens_per_image == encoder.num_tokens
+    out = model.vision(torch.randn(2, 3, encoder.image_size, encoder.image_size))
+    assert out.shape == (2, encoder.num_tokens, 64)
+    with pytest.raises(ValueError, match="square grid of at least 2 x 2; this one gives 1 token"):
+        vision_language_model(decoders.tiny_llama3(), encoders.tiny_vit(output="pooled"), "pooled_mlp",
+                              LLAMA3_IMAGE_ID, num_tokens=8, fem={})  # one pooled token is no grid for FEM
 
 
 # ------------------------------------------------------------------------------------------------ L2 regularisation

@@ -11,6 +11,8 @@ config.json, so the builder's name gives the family (and the size built without 
 another size of the same family loads through the same code. Vision folders likewise carry their config.
 """
 
+import math
+
 from torch import nn
 from torchtune.models.llama2 import llama2_7b
 from torchtune.models.llama3_1 import llama3_1_8b
@@ -37,6 +39,10 @@ def vision_language_model(decoder: nn.Module, encoder: nn.Module, projector: str
     belongs to the projector part: it trains and is saved with it."""
     proj = build_projector(projector, encoder.embed_dim, decoder.tok_embeddings.embedding_dim, num_tokens)
     if fem is not None:
+        side = math.isqrt(encoder.num_tokens)
+        if side < 2 or side * side != encoder.num_tokens:
+            raise ValueError(f"fem needs an encoder whose tokens form a square grid of at least 2 x 2; this one gives "
+                             f"{encoder.num_tokens} token(s) (output=pooled and global_only give 1)")
         proj = EnhancedProjector(FeatureEnhancement(encoder.embed_dim, **dict(fem)), proj)
     return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable, views_per_block, lora)
 
