@@ -5,7 +5,8 @@ features; the design here is ours:
   default the same builder and weights the model's encoder starts from), tokens averaged, views averaged,
   L2-normalised (``medcap.retrieval.ImageEmbedder``), in fp32. Not the trained model's encoder: its features
   drift as it trains, and a prompt must be picked the same way at training and at generation.
-- k-means (faiss, ``num_clusters``, seeded) over those features; an image's prompt is its nearest centroid's.
+- k-means (faiss, ``num_clusters``, seeded, on every feature, the best of ``nredo`` starts) over those features;
+  an image's prompt is its nearest centroid's.
 - Each cluster's prompt is given in the config (``prompts``), or mined from the training reports of its members:
   a fixed vocabulary of findings terms (each term a list of phrases, matched as whole words, case-insensitive) is
   counted once per report where it is affirmed; an occurrence is negated, and not counted, when a negation cue
@@ -221,14 +222,15 @@ def feature_embedder(node: DictConfig, device: torch.device, seed: int):
 def fit_prompt_clusters(node: DictConfig, dataset, embedder, base_prompt: str,
                         seed: int) -> tuple["PromptClusters", np.ndarray]:
     """k-means over the training set's features and one prompt per cluster (``node``: the config's
-    ``dynamic_prompts``: num_clusters, niter, prompts or vocabulary / template / empty / top_k / min_share), and
+    ``dynamic_prompts``: num_clusters, niter, nredo, prompts or vocabulary / template / empty / top_k / min_share), and
     each training sample's cluster."""
     k = int(node.get("num_clusters", 8))
     features = embedder.embed_samples(dataset.samples, node.get("batch_size", 32), desc="cluster features")
     if k < 1 or k > len(features):
         raise ValueError(f"dynamic_prompts.num_clusters={k}: needs 1 .. {len(features)} (the training samples)")
-    kmeans = faiss.Kmeans(features.shape[1], k, niter=int(node.get("niter", 25)), seed=seed, verbose=False,
-                          min_points_per_centroid=1)
+    # every feature trains (faiss would sample 256 per centroid), best of nredo seeded starts by inertia
+    kmeans = faiss.Kmeans(features.shape[1], k, niter=int(node.get("niter", 25)), nredo=int(node.get("nredo", 5)),
+                          seed=seed, verbose=False, min_points_per_centroid=1, max_points_per_centroid=len(features))
     kmeans.train(features)
     clusters = PromptClusters(kmeans.centroids, [""] * k, np.zeros(0), {})
     labels = clusters.assign(features)

@@ -529,3 +529,31 @@ def test_demo_ablation_markdown_table():
     text = markdown_table({"base": {"BLEU-4": 0.12345}, "full": {}}, ["BLEU-4", "CIDEr"])
     assert text.splitlines() == ["| row | BLEU-4 | CIDEr |", "|---|---:|---:|", "| base | 0.1235 | - |",
                                  "| full | - | - |"]
+
+
+def test_kmeans_trains_on_every_feature_and_keeps_the_best_start():
+    from types import SimpleNamespace
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from medcap.prompt_clusters import fit_prompt_clusters
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((300, 8)).astype(np.float32)
+    stub = SimpleNamespace(embed_samples=lambda samples, batch_size, desc: features, source={},
+                           embed_images=lambda images: np.zeros((1, 8), np.float32),
+                           encoder=SimpleNamespace(image_size=4))
+    dataset = SimpleNamespace(samples=[{"caption": "no finding"}] * 300, name="stub")
+    node = OmegaConf.create({"num_clusters": 1, "niter": 5, "prompts": ["p"]})
+    fitted, _ = fit_prompt_clusters(node, dataset, stub, "Describe.", seed=0)
+    # one centroid: the mean of all 300 features (faiss alone would train on a sample of 256 of them)
+    np.testing.assert_allclose(fitted.centroids[0], features.mean(0), atol=1e-5)
+
+    # three tight groups; the best of several starts finds them, the inertia is the groups' own
+    centres = rng.standard_normal((3, 8)).astype(np.float32) * 10
+    grouped = np.repeat(centres, [5, 5, 290], axis=0) + 0.01 * rng.standard_normal((300, 8)).astype(np.float32)
+    stub.embed_samples = lambda samples, batch_size, desc: grouped
+    node = OmegaConf.create({"num_clusters": 3, "niter": 10, "nredo": 10, "prompts": ["a", "b", "c"]})
+    fitted, labels = fit_prompt_clusters(node, dataset, stub, "Describe.", seed=0)
+    assert sorted(np.bincount(labels).tolist()) == [5, 5, 290]
