@@ -448,3 +448,25 @@ def test_max_answer_tokens_cuts_the_report_and_keeps_the_end_token():
     assert not full["truncated"] and len(full["tokens"]) - len(prompt) > 60
     assert cut["truncated"] and cut["tokens"] == prompt + tok.encode(report)[:59] + [tok.eos_id]
     assert cut["labels"][len(prompt):] == cut["tokens"][len(prompt):]
+
+
+@pytest.mark.parametrize("encoder", ["frozen", "lora"])
+def test_frozen_in_train_mode_puts_the_frozen_swin_in_train_mode_as_r2gengpt_did(encoder):
+    import torch
+
+    from medcap.models.builders import tiny_llama2_swin
+
+    trainable = {"encoder": encoder, "projector": "full", "decoder": "frozen"}
+    default = tiny_llama2_swin(trainable=trainable).train()
+    assert not default.vision.encoder.training and not default.decoder.training and default.vision.projector.training
+    seed_like = tiny_llama2_swin(trainable=trainable, frozen_in_train_mode=True).train()
+    assert all(m.training for m in seed_like.modules())
+    assert not any(m.training for m in seed_like.eval().modules())
+    # what it changes: stochastic depth in the frozen Swin draws a new path each call in train mode only
+    for block in seed_like.vision.encoder.modules():
+        if type(block).__name__ == "DropPath":
+            block.drop_prob = 0.5
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.equal(seed_like.train().vision(images), seed_like.vision(images))
+        assert torch.equal(seed_like.eval().vision(images), seed_like.vision(images))

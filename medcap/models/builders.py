@@ -33,7 +33,7 @@ LLAMA2_IMAGE_ID = 32000
 def vision_language_model(decoder: nn.Module, encoder: nn.Module, projector: str, image_token_id: int,
                           trainable: dict[str, str] | None = None, num_tokens: int | None = None,
                           views_per_block: int = 1, lora: dict | None = None,
-                          fem: dict | None = None) -> VisionLanguageModel:
+                          fem: dict | None = None, frozen_in_train_mode: bool = False) -> VisionLanguageModel:
     """``fem``: MeGPT's feature enhancement before the projector (``medcap.models.fem.FeatureEnhancement``'s
     keyword arguments: branches, reduction, width, zero_init_fuse; ``{}`` for its defaults, None for none). It
     belongs to the projector part: it trains and is saved with it."""
@@ -44,7 +44,8 @@ def vision_language_model(decoder: nn.Module, encoder: nn.Module, projector: str
             raise ValueError(f"fem needs an encoder whose tokens form a square grid of at least 2 x 2; this one gives "
                              f"{encoder.num_tokens} token(s) (output=pooled and global_only give 1)")
         proj = EnhancedProjector(FeatureEnhancement(encoder.embed_dim, **dict(fem)), proj)
-    return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable, views_per_block, lora)
+    return VisionLanguageModel(decoder, encoder, proj, image_token_id, trainable, views_per_block, lora,
+                               frozen_in_train_mode)
 
 
 def demo(llm_path: str | None = None, pretrained_vision: bool = True, projector: str = "mlp2",
@@ -74,18 +75,21 @@ def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = 
 
 def llama2_7b_swin(llm_dir: str | None = None, vision_checkpoint: str | None = None,
                    projector: str = "linear_ln", trainable: dict[str, str] | None = None, lora: dict | None = None,
-                   views_per_block: int = 1, global_only: bool = False,
-                   fem: dict | None = None) -> VisionLanguageModel:
+                   views_per_block: int = 1, global_only: bool = False, fem: dict | None = None,
+                   frozen_in_train_mode: bool = False) -> VisionLanguageModel:
     """R2GenGPT's model: Llama-2-7B-chat + Swin-B (49 tokens of 1024), mapper Linear + LayerNorm.
     ``llm_dir``: the Hugging Face folder of meta-llama/Llama-2-7b-chat-hf (its tokenizer: ``tokenizer.model``);
     ``vision_checkpoint``: the Hugging Face folder of microsoft/swin-base-patch4-window7-224, or a timm
     checkpoint (folder or file). ``global_only``: R2GenGPT's option of that name, Swin's pooled output (the
     final feature map after its LayerNorm, averaged: transformers' ``pooler_output``) as one token. ``fem``:
-    MeGPT's feature enhancement on the 7 x 7 Swin map before the mapper (see ``vision_language_model``)."""
+    MeGPT's feature enhancement on the 7 x 7 Swin map before the mapper (see ``vision_language_model``).
+    ``frozen_in_train_mode``: the frozen Swin-B trains in train mode, its stochastic depth on, as R2GenGPT's
+    shallow and delta runs did (``VisionLanguageModel.train``)."""
     decoder = hf_llama_decoder(llm_dir, "llama2") if llm_dir else llama2_7b()
     encoder = encoders.swin_base(checkpoint=vision_checkpoint, output="pooled" if global_only else "patch")
     return vision_language_model(decoder, encoder, projector, LLAMA2_IMAGE_ID, trainable,
-                                 views_per_block=views_per_block, lora=lora, fem=fem)
+                                 views_per_block=views_per_block, lora=lora, fem=fem,
+                                 frozen_in_train_mode=frozen_in_train_mode)
 
 
 def llama3_2_1b_clip336(llm_dir: str | None = None, vision_dir: str | None = None, projector: str = "mlp2",
@@ -129,10 +133,11 @@ def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
 
 def tiny_llama2_swin(projector: str = "linear_ln", trainable: dict[str, str] | None = None,
                      views_per_block: int = 1, lora: dict | None = None, global_only: bool = False,
-                     fem: dict | None = None) -> VisionLanguageModel:
+                     fem: dict | None = None, frozen_in_train_mode: bool = False) -> VisionLanguageModel:
     encoder = encoders.tiny_swin(output="pooled" if global_only else "patch")
     return vision_language_model(decoders.tiny_llama2(), encoder, projector, LLAMA2_IMAGE_ID, trainable,
-                                 views_per_block=views_per_block, lora=lora, fem=fem)
+                                 views_per_block=views_per_block, lora=lora, fem=fem,
+                                 frozen_in_train_mode=frozen_in_train_mode)
 
 
 def tiny_llama3_2_clip336(projector: str = "mlp2", trainable: dict[str, str] | None = None,

@@ -68,10 +68,12 @@ class VisionLanguageModel(EarlyFusionModel):
         trainable: dict[str, str] | None = None,
         views_per_block: int = 1,
         lora: dict[str, dict] | None = None,
+        frozen_in_train_mode: bool = False,
     ):
         super().__init__(decoder, {"image": VisionTower(encoder, projector, views_per_block)},
                          {"image": image_token_id})
         self.image_token_id = image_token_id
+        self.frozen_in_train_mode = frozen_in_train_mode
         self.trainable = {"encoder": "full", "projector": "full", "decoder": "frozen", **(trainable or {})}
         for part, mode in self.trainable.items():
             if part not in PARTS or mode not in TRAIN_MODES:
@@ -114,7 +116,12 @@ class VisionLanguageModel(EarlyFusionModel):
         return {"encoder": self.vision.encoder, "projector": self.vision.projector, "decoder": decoder}
 
     def train(self, mode: bool = True) -> "VisionLanguageModel":
+        """Parts that are not trained in full stay in eval mode (no dropout or stochastic depth in what they
+        compute), their adapters follow ``mode``. ``frozen_in_train_mode``: every part follows ``mode``, as
+        R2GenGPT's ``model.train()`` left its frozen Swin-B with its stochastic depth (drop_path 0.1) on."""
         super().train(mode)
+        if self.frozen_in_train_mode:
+            return self
         for part, module in self.parts().items():
             if self.trainable[part] != "full":
                 module.eval()
