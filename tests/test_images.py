@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from medcap.data.images import ImageLoadError, load_image
+from medcap.data.images import ImageLoadError, load_image, open_image
 
 
 def save_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", modality="OT", **tags):
@@ -56,6 +56,43 @@ def test_16bit_is_scaled_by_its_actual_range(tmp_path):
     Image.fromarray(np.array([[1000, 2000], [4200, 5000]], dtype=np.uint16)).save(tmp_path / "i16.png")
     assert Image.open(tmp_path / "i16.png").mode.startswith("I")
     assert red(tmp_path / "i16.png") == [[0, 64], [204, 255]]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path, orientation):
+    """A camera photo stored 60 x 30 with EXIF orientation 1-8 loads as PIL's exif_transpose shows it (5-8 as
+    30 x 60), also when downscaled on load; the reported size is the upright one."""
+    rng = np.random.default_rng(orientation)
+    stored = Image.fromarray((rng.random((30, 60, 3)) * 255).astype(np.uint8)).resize((600, 300))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    with Image.open(path) as opened:
+        upright = ImageOps.exif_transpose(opened)
+    assert upright.size == ((300, 600) if orientation >= 5 else (600, 300))
+    image, size = open_image(path)
+    assert size == image.size == upright.size
+    assert np.array_equal(np.asarray(image), np.asarray(upright))
+    small, size = open_image(path, max_pixels=600 * 300 // 4)  # JPEG draft at 1/2 scale: 300 x 150 stored
+    assert size == upright.size and small.size == (upright.width // 2, upright.height // 2)
+    expected = np.asarray(upright.resize(small.size, Image.Resampling.BICUBIC), dtype=np.int16)
+    assert np.abs(np.asarray(small, dtype=np.int16) - expected).mean() < 4  # the same picture, the same way up
+
+
+def test_float_images_with_nan_are_scaled_by_their_finite_values(tmp_path):
+    values = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    values[0, 0], values[0, 1], values[0, 2] = np.nan, np.inf, -np.inf
+    Image.fromarray(values).save(tmp_path / "nan.tiff")
+    assert Image.open(tmp_path / "nan.tiff").mode == "F"
+    wide = values.astype(np.float64)
+    low, high = wide[np.isfinite(wide)].min(), wide[np.isfinite(wide)].max()
+    expected = np.round((np.nan_to_num(wide, nan=low, posinf=high, neginf=low) - low) / (high - low) * 255)
+    assert red(tmp_path / "nan.tiff") == expected.astype(int).tolist()
+    assert red(tmp_path / "nan.tiff")[0][:3] == [0, 255, 0]  # NaN and -inf black, +inf white
+    Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)).save(tmp_path / "all_nan.tiff")
+    with pytest.raises(ImageLoadError, match="all_nan.tiff: ValueError: no finite pixel value"):
+        load_image(tmp_path / "all_nan.tiff")
 
 
 def test_palette_and_cmyk_become_rgb(tmp_path):

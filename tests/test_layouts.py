@@ -7,16 +7,21 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import timm
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 from torchtune.models.llama2 import llama2_7b
 from torchtune.models.llama3_1 import llama3_1_8b
 from torchtune.models.llama3_2 import llama3_2_1b
 
+from medcap.data.dataset import image_transform
 from medcap.models import builders, encoders, hf_vision
 from medcap.models.llm_weights import check_dtype_runs, dtype_error_message, llama_decoder_from_hf_config
 from medcap.text import llama2_tokenizer, llama3_tokenizer
@@ -58,6 +63,15 @@ SWIN_BASE_224 = {
     "model_type": "swin", "num_channels": 3, "num_heads": [4, 8, 16, 32], "num_layers": 4, "patch_size": 4,
     "path_norm": True, "qkv_bias": True, "torch_dtype": "float32", "use_absolute_embeddings": False,
     "window_size": 7}
+# preprocessor_config.json of the same checkpoints: a ViTImageProcessor (squash) and a CLIPImageProcessor (shortest
+# edge, centre crop)
+SWIN_BASE_224_PREPROCESSOR = {
+    "do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": 224}
+CLIP_VIT_L14_336_PREPROCESSOR = {
+    "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 336}
 BIOMEDCLIP = {
     "model_cfg": {"embed_dim": 512,
                   "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
@@ -70,6 +84,20 @@ BIOMEDCLIP = {
 
 TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 256, "torch_dtype": "float32"}
+
+
+def write_preprocessor(folder: Path, config: dict) -> None:
+    (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def portrait_image() -> Image.Image:
+    """A smooth non-square test image (an X-ray is often portrait), so that crop and squash differ."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((31, 25, 3)) * 255).astype(np.uint8)).resize((250, 310), Image.BICUBIC)
+
+
+def processed(processor, image: Image.Image) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(processor(image, return_tensors="np").pixel_values[0]))
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.1) -> None:
@@ -173,6 +201,7 @@ def swin_dir(tmp_path_factory):
     perturb(model)
     model.save_pretrained(folder)
     write_config(folder, config)
+    write_preprocessor(folder, {**SWIN_BASE_224_PREPROCESSOR, "size": 96})
     return folder, model
 
 
@@ -240,6 +269,9 @@ def test_llama2_chat_and_hf_swin_folders_through_the_builder(llama2_dir, swin_di
     torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
     prompt = torch.tensor([tokenizer.prompt_ids("Describe the image.", num_image_tokens=model.tokens_per_image)])
     assert run(model, prompt, images[:1]).shape == (1, prompt.shape[1], 32000)
+    image = portrait_image()  # prepared as R2GenGPT's AutoImageProcessor prepares it: squashed
+    expected = processed(ViTImageProcessorPil.from_pretrained(vision_dir), image)
+    torch.testing.assert_close(image_transform(model.vision.encoder)(image), expected, atol=1e-5, rtol=0)
 
 
 def test_llama3_2_instruct_and_hf_clip_folders_through_the_builder(llama3_2_dir, clip_dir):
@@ -311,6 +343,101 @@ def test_hf_swin_maps_onto_timm_exactly(swin_dir):
                                    atol=1e-5, rtol=1e-5)
         pooled = encoders.swin_base(checkpoint=str(folder), output="pooled").eval()(images)
         torch.testing.assert_close(pooled[:, 0], swin.swin(pixel_values=images).pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_swin_folder_prepares_images_as_its_image_processor(tmp_path, swin_dir):
+    """The image that the folder's own processor (AutoImageProcessor: a ViTImageProcessor) gives, resized straight
+    to the input (squashed) with the folder's resample filter, mean and std."""
+    image = portrait_image()
+    for resample in (3, 2, 0):
+        folder = Path(shutil.copytree(swin_dir[0], tmp_path / f"swin{resample}"))
+        write_preprocessor(folder, {**SWIN_BASE_224_PREPROCESSOR, "size": 96, "resample": resample,
+                                    "image_mean": [0.5, 0.4, 0.3]})
+        encoder = encoders.swin_base(checkpoint=str(folder))
+        assert (encoder.resize_mode, encoder.mean) == ("squash", (0.5, 0.4, 0.3))
+        ours = image_transform(encoder)(image)
+        torch.testing.assert_close(ours, processed(ViTImageProcessorPil.from_pretrained(folder), image),
+                                   atol=1e-5, rtol=0)
+        # transformers 5's default (torchvision) backend resizes tensors, not PIL images: 8-bit rounding apart
+        auto = transformers.AutoImageProcessor.from_pretrained(folder)
+        assert type(auto).__name__ == "ViTImageProcessor"
+        torch.testing.assert_close(ours, processed(auto, image), atol=0.02, rtol=0)
+
+
+def test_hf_clip_folder_prepares_images_as_its_image_processor(tmp_path, clip_dir):
+    """CLIPImageProcessor: shortest edge, centre crop, with the folder's resample filter; clip_vit_l14_336 keeps
+    LLaVA 1.5's padding but resamples with the folder's filter."""
+    image = portrait_image()
+    for resample in (2, 3):
+        folder = Path(shutil.copytree(clip_dir[0], tmp_path / f"clip{resample}"))
+        write_preprocessor(folder, {**CLIP_VIT_L14_336_PREPROCESSOR, "size": 42, "crop_size": 42,
+                                    "resample": resample})
+        encoder = encoders.OpenClipEncoder(checkpoint_dir=str(folder))
+        assert encoder.resize_mode == "crop"
+        torch.testing.assert_close(image_transform(encoder)(image),
+                                   processed(CLIPImageProcessorPil.from_pretrained(folder), image), atol=1e-5, rtol=0)
+        llava = encoders.clip_vit_l14_336(checkpoint_dir=str(folder))
+        assert (llava.resize_mode, llava.interpolation) == ("pad", "bicubic" if resample == 3 else "bilinear")
+
+
+def test_unsupported_image_processor_settings_are_errors_naming_file_and_key(tmp_path, swin_dir, clip_dir):
+    swin = Path(shutil.copytree(swin_dir[0], tmp_path / "swin"))
+    clip = Path(shutil.copytree(clip_dir[0], tmp_path / "clip"))
+    settings = {**SWIN_BASE_224_PREPROCESSOR, "size": 96}
+    for change, message in [({"resample": 1}, r"resample=1 is not supported \(expected one of \[0, 2, 3\]\)"),
+                            ({"size": 224}, "size=224 does not match the model's input of 96 px"),
+                            ({"size": {"height": 96, "width": 128}}, "size=.* is not supported .*square size"),
+                            ({"do_resize": False}, "do_resize=False is not supported"),
+                            ({"rescale_factor": 1.0}, "rescale_factor=1.0 is not supported"),
+                            ({"feature_extractor_type": "ConvNextFeatureExtractor"},
+                             "ConvNextFeatureExtractor is not supported")]:
+        write_preprocessor(swin, {**settings, **change})
+        with pytest.raises(ValueError, match=f"swin/preprocessor_config.json: {message}") as error:
+            encoders.swin_base(str(swin))
+        assert_one_line(error)
+    settings = {**CLIP_VIT_L14_336_PREPROCESSOR, "size": 42, "crop_size": 42}
+    for change, message in [({"crop_size": 40}, "crop_size=40 does not match the model's input of 42 px"),
+                            ({"do_center_crop": False}, "do_center_crop=False is not supported")]:
+        write_preprocessor(clip, {**settings, **change})
+        with pytest.raises(ValueError, match=f"clip/preprocessor_config.json: {message}"):
+            encoders.clip_vit_l14_336(str(clip))
+
+
+@pytest.fixture(scope="module")
+def open_clip_dir(tmp_path_factory):
+    """An open_clip folder (timm's test ViT as the image tower, a one-block text tower) that open_clip itself
+    loads with ``local-dir:``."""
+    folder = tmp_path_factory.mktemp("open_clip")
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False,
+                                                 "timm_pool": "", "timm_proj": "linear", "image_size": 160},
+                 "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
+    torch.save(open_clip.CLIP(**model_cfg).state_dict(), folder / "open_clip_pytorch_model.bin")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    return folder
+
+
+@pytest.mark.parametrize("preprocess_cfg", [
+    {}, {"resize_mode": "squash"}, {"resize_mode": "shortest", "interpolation": "bilinear"},
+    {"resize_mode": "squash", "interpolation": "bilinear", "mean": [0.5, 0.4, 0.3], "std": 0.25},
+    {"interpolation": "random"}])
+def test_open_clip_folder_prepares_images_as_open_clip_does(tmp_path, open_clip_dir, preprocess_cfg):
+    folder = Path(shutil.copytree(open_clip_dir, tmp_path / "model"))
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({**config, "preprocess_cfg": preprocess_cfg}))
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    image = portrait_image()
+    ours = image_transform(encoders.OpenClipEncoder(checkpoint_dir=str(folder)))(image)
+    torch.testing.assert_close(ours, preprocess(image), atol=1e-6, rtol=0)
+
+
+def test_open_clip_preprocess_cfg_it_cannot_follow_is_an_error_naming_folder_and_key(tmp_path, open_clip_dir):
+    folder = Path(shutil.copytree(open_clip_dir, tmp_path / "model"))
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    for key, value in [("resize_mode", "longest"), ("interpolation", "nearest")]:
+        (folder / "open_clip_config.json").write_text(json.dumps({**config, "preprocess_cfg": {key: value}}))
+        with pytest.raises(ValueError, match=f"model/open_clip_config.json: preprocess_cfg {key}='{value}' is not "
+                                             f"supported"):
+            encoders.OpenClipEncoder(checkpoint_dir=str(folder))
 
 
 def shapes(module: torch.nn.Module) -> dict[str, tuple]:

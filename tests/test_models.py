@@ -1,13 +1,19 @@
 """Decoders, encoders and their packaged weights. Checkpoints in the published layouts: tests/test_layouts.py."""
 
+import numpy as np
 import pytest
+import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
+from medcap.data.dataset import image_transform
 from medcap.models import builders, encoders
 from medcap.models.decoders import smollm2_135m
 from medcap.models.llm_weights import load_gguf_decoder, smollm2_gguf_path
 from medcap.models.gguf_file import GGUFFile
+from medcap.models.projectors import build_projector
 
 
 def test_smollm2_parameter_count_matches_the_architecture():
@@ -122,3 +128,57 @@ def test_tiny_builders_run_end_to_end(builder, image_id):
     with torch.no_grad():
         out = model(tokens, encoder_input={"image": {"images": torch.randn(2, 3, size, size)}})
     assert out.shape[:2] == (2, n + 5)
+
+
+def test_timm_checkpoint_keeps_the_head_parts_that_are_not_the_classifier(tmp_path):
+    """ConvNeXt's final norm lives in its head (head.norm); only the classifier (timm's pretrained_cfg
+    "classifier", head.fc) is left out, with or without one in the file."""
+    torch.manual_seed(0)
+    with_classifier = timm.create_model("convnext_atto", pretrained=False, num_classes=1000)
+    with torch.no_grad():
+        with_classifier.head.norm.weight.uniform_(0.5, 1.5)
+    state = with_classifier.state_dict()
+    save_file(state, tmp_path / "with_classifier.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("head.fc.")}, tmp_path / "backbone.safetensors")
+    reference = timm.create_model("convnext_atto", pretrained=False, num_classes=0).eval()
+    reference.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.fc.")})
+    x = torch.randn(1, 3, 64, 64)
+    for name in ("with_classifier", "backbone"):
+        encoder = encoders.TimmEncoder("convnext_atto", checkpoint=str(tmp_path / f"{name}.safetensors"),
+                                       output="pooled", image_size=64).eval()
+        assert torch.equal(encoder.model.head.norm.weight, state["head.norm.weight"])
+        with torch.no_grad():
+            assert torch.equal(encoder(x)[:, 0], reference(x))
+
+
+def test_arguments_that_would_be_ignored_are_errors():
+    with pytest.raises(ValueError, match="grid applies to CNN feature maps; VisionTransformer gives a token seq"):
+        encoders.TimmEncoder("test_vit", image_size=160, grid=2)
+    with pytest.raises(ValueError, match="grid applies to output='patch'"):
+        encoders.TimmEncoder("test_efficientnet", image_size=64, grid=2, output="pooled")
+    assert encoders.TimmEncoder("test_efficientnet", image_size=64, grid=1).num_tokens == 1
+    with pytest.raises(ValueError, match="num_classes is not accepted"):
+        encoders.TimmEncoder("test_efficientnet", image_size=64, num_classes=10)
+    with pytest.raises(ValueError, match="layer applies to output='patch', got layer=-2 with output='pooled'"):
+        encoders.tiny_vit(output="pooled", layer=-2)
+    for layer in (2, -3):  # the tiny tower has 2 blocks
+        with pytest.raises(ValueError, match=f"layer {layer} is out of range: the tower has 2 blocks \\(-2 to 1\\)"):
+            encoders.tiny_vit(layer=layer)
+    assert encoders.tiny_vit().layer == encoders.tiny_vit(layer=-1).layer == -1
+    assert build_projector("pooled_mlp", 8, 16).num_tokens == 50
+    assert build_projector("pooled_mlp", 8, 16, 3)(torch.randn(2, 1, 8)).shape == (2, 3, 16)
+    with pytest.raises(ValueError, match="num_tokens must be at least 1, got 0"):
+        build_projector("pooled_mlp", 8, 16, 0)
+
+
+def test_swin_base_squashes_images_as_r2gengpts_image_processor():
+    """R2GenGPT prepares images with microsoft/swin-base-patch4-window7-224's processor: a ViTImageProcessor
+    (preprocessor_config.json: size 224, resample 3, ImageNet mean and std) that resizes straight to 224 x 224."""
+    encoder = encoders.swin_base()
+    assert encoder.resize_mode == "squash" and encoder.interpolation == "bicubic"
+    processor = ViTImageProcessorPil(size=224, resample=3, image_mean=[0.485, 0.456, 0.406],
+                                     image_std=[0.229, 0.224, 0.225])
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((62, 51, 3)) * 255).astype(np.uint8)).resize((512, 624))  # portrait
+    expected = torch.as_tensor(np.asarray(processor(image, return_tensors="np").pixel_values[0]))
+    torch.testing.assert_close(image_transform(encoder)(image), expected, atol=1e-5, rtol=0)

@@ -70,7 +70,7 @@ def test_pad_then_resize_keeps_the_aspect_ratio():
 
 def test_each_encoder_family_has_its_models_default(monkeypatch):
     assert encoders.tiny_vit().resize_mode == "crop"
-    assert encoders.tiny_swin().resize_mode == "crop"
+    assert encoders.tiny_swin().resize_mode == "squash"  # as swin_base, R2GenGPT's image processor
     assert encoders.tiny_efficientnet().resize_mode == "squash"
     assert encoders.efficientnet_lite0(pretrained=False).resize_mode == "squash"  # the demo's, as trained
     # LLaVA 1.5's CLIP-336 pads (the tower itself is not built here: ViT-L takes seconds)

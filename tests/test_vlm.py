@@ -7,7 +7,7 @@ from tests.tiny_vlm import IMAGE_ID, sample_batch, tiny_vlm
 
 @pytest.mark.parametrize("kind, tokens_out", [("linear", 5), ("mlp2", 5), ("linear_ln", 5), ("pooled_mlp", 7)])
 def test_projector_shapes(kind, tokens_out):
-    proj = build_projector(kind, 12, 20, num_tokens=7)
+    proj = build_projector(kind, 12, 20, num_tokens=7 if kind == "pooled_mlp" else None)
     x = torch.randn(3, 1 if kind == "pooled_mlp" else 5, 12)
     assert proj(x).shape == (3, tokens_out, 20)
 
@@ -17,6 +17,8 @@ def test_projector_errors():
         build_projector("conv", 4, 4)
     with pytest.raises(ValueError, match="one pooled embedding per image, got 3"):
         PooledToTokens(4, 4, 2)(torch.randn(1, 3, 4))
+    with pytest.raises(ValueError, match="num_tokens applies to projector 'pooled_mlp'; 'mlp2' keeps the encoder's"):
+        build_projector("mlp2", 4, 4, num_tokens=50)  # it would be ignored
 
 
 def test_linear_ln_output_is_normalised():

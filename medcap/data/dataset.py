@@ -34,6 +34,8 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
 
 
 RESIZE_MODES = ("crop", "pad", "squash")
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "nearest": T.InterpolationMode.NEAREST}
 
 
 class PadToSquare:
@@ -55,23 +57,29 @@ class PadToSquare:
 class ImageTransform:
     """PIL image -> normalised tensor ``[3, size, size]`` for an encoder, resized by ``resize_mode``:
 
-    - ``crop``: the shorter side resized to ``size`` (bicubic, antialiased), then the centre ``size`` x ``size``
-      cut out: the evaluation transform of CLIP / open_clip, BiomedCLIP and timm models such as Swin (there with
-      crop fraction 1);
+    - ``crop``: the shorter side resized to ``size`` (antialiased), then the centre ``size`` x ``size`` cut out:
+      the evaluation transform of CLIP / open_clip and BiomedCLIP (open_clip's ``resize_mode: shortest``);
     - ``pad``: the image centred on a square of the mean colour (``int(mean * 255)`` per channel, as LLaVA 1.5
       computes it), then resized to ``size`` x ``size``: LLaVA 1.5's ``image_aspect_ratio: pad``;
-    - ``squash``: resized to ``size`` x ``size`` whatever its aspect ratio.
+    - ``squash``: resized to ``size`` x ``size`` whatever its aspect ratio (transformers' ViTImageProcessor, which
+      R2GenGPT's Swin uses; open_clip's ``resize_mode: squash``).
+
+    ``interpolation``: ``bicubic``, ``bilinear`` or ``nearest`` (PIL's resampling filters).
     """
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], resize_mode: str = "squash"):
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], resize_mode: str = "squash",
+                 interpolation: str = "bicubic"):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {interpolation!r}")
         self.size, self.mean, self.std, self.resize_mode = size, tuple(mean), tuple(std), resize_mode
-        bicubic = T.InterpolationMode.BICUBIC
+        self.interpolation = interpolation
+        mode = INTERPOLATIONS[interpolation]
         if resize_mode == "crop":
-            resize = [T.Resize(size, interpolation=bicubic, antialias=True), T.CenterCrop(size)]
+            resize = [T.Resize(size, interpolation=mode, antialias=True), T.CenterCrop(size)]
         else:
-            resize = [T.Resize((size, size), interpolation=bicubic, antialias=True)]
+            resize = [T.Resize((size, size), interpolation=mode, antialias=True)]
             if resize_mode == "pad":
                 resize.insert(0, PadToSquare(tuple(int(m * 255) for m in self.mean)))
         self.steps = T.Compose([*resize, T.ToTensor(), T.Normalize(self.mean, self.std)])
@@ -80,18 +88,21 @@ class ImageTransform:
         return self.steps(image)
 
     def with_resize_mode(self, resize_mode: str) -> "ImageTransform":
-        return ImageTransform(self.size, self.mean, self.std, resize_mode)
+        return ImageTransform(self.size, self.mean, self.std, resize_mode, self.interpolation)
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, resize_mode={self.resize_mode!r})"
+        return f"ImageTransform(size={self.size}, resize_mode={self.resize_mode!r}, " \
+               f"interpolation={self.interpolation!r})"
 
 
 def image_transform(encoder: torch.nn.Module, resize_mode: str | None = None) -> ImageTransform:
     """The transform to the encoder's square input, normalised with the statistics its weights expect; resized
     by ``resize_mode`` or else by the encoder's own ``resize_mode`` (the one its model was trained with; see
-    ``medcap.models.encoders``), ``squash`` for an encoder without one."""
+    ``medcap.models.encoders``), ``squash`` for an encoder without one, with the encoder's ``interpolation``
+    (bicubic for an encoder without one)."""
     return ImageTransform(encoder.image_size, encoder.mean, encoder.std,
-                          resize_mode or getattr(encoder, "resize_mode", "squash"))
+                          resize_mode or getattr(encoder, "resize_mode", "squash"),
+                          getattr(encoder, "interpolation", "bicubic"))
 
 
 def image_size_or_error(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 if TYPE_CHECKING:
     import pydicom
@@ -150,21 +150,32 @@ def _open_with_pil(path: Path, max_pixels: int | None) -> tuple[Image.Image, tup
         if target != original and opened.format == "JPEG":
             opened.draft(None, target)  # the decoder scales by 1/2, 1/4 or 1/8: the full image is never decoded
         opened.load()
-        if target == opened.size:
-            image = opened.copy()
-        elif opened.mode in ("P", "PA", "1"):  # resampling would take the nearest palette entry / bit
-            image = _downscaled(opened.convert("L" if opened.mode == "1" else "RGBA"), target)
+        upright = opened
+        if opened.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # a photo taken with the camera turned
+            upright = ImageOps.exif_transpose(opened)  # a new image
+            if upright.size != opened.size:
+                original, target = original[::-1], target[::-1]
+        if target == upright.size:
+            image = upright.copy() if upright is opened else upright
+        elif upright.mode in ("P", "PA", "1"):  # resampling would take the nearest palette entry / bit
+            image = _downscaled(upright.convert("L" if upright.mode == "1" else "RGBA"), target)
         else:
-            image = _downscaled(opened, target)  # before any conversion: 16-bit stays 2 bytes a pixel
-    if image.mode in HIGH_BIT_DEPTH_MODES:  # 16-bit / 32-bit grayscale: scale by the actual range
+            image = _downscaled(upright, target)  # before any conversion: 16-bit stays 2 bytes a pixel
+    if image.mode in HIGH_BIT_DEPTH_MODES:  # 16-bit / 32-bit grayscale: scale by the finite range, NaN -> 0
         array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(unit_to_uint8(to_unit_range(array, array.min(), array.max())))
+        finite = array[np.isfinite(array)]
+        if not finite.size:
+            raise ValueError("no finite pixel value (all NaN or infinite)")
+        low, high = finite.min(), finite.max()
+        array = np.nan_to_num(array, nan=low, posinf=high, neginf=low)
+        image = Image.fromarray(unit_to_uint8(to_unit_range(array, low, high)))
     return image, original
 
 
 def open_image(path: str | Path, window: tuple[float, float] | None = None,
                max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
-    """``load_image``'s RGB image and the (width, height) the file holds before any downscaling."""
+    """``load_image``'s RGB image and the (width, height) the file holds before any downscaling (upright: turned
+    as its EXIF orientation says)."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
@@ -196,10 +207,11 @@ def load_image(path: str | Path, window: tuple[float, float] | None = None,
                max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB image from any file PIL can read, from a DICOM file (chosen by the ``.dcm``/``.dicom`` suffix
     or the ``DICM`` marker) or from a NIfTI file (``.nii``/``.nii.gz``: its middle axial slice, see
-    ``nifti_to_uint8``). Grayscale, palette, CMYK and 16-bit images are converted (16-bit scaled by
-    their actual range); transparent images are composited onto black. ``window`` = (centre, width) in HU
-    overrides the window of CT DICOMs (see ``dicom_to_uint8``). An image of more than ``max_pixels`` pixels
-    (None: no limit) is downscaled to fit, aspect ratio kept (``capped_size``): JPEG files are decoded at
-    1/2, 1/4 or 1/8 scale directly (never whole), other files are downscaled right after decoding, before
-    any conversion. Raises ``ImageLoadError`` naming the file."""
+    ``nifti_to_uint8``). Photos are turned upright as their EXIF orientation says (``PIL.ImageOps.exif_transpose``).
+    Grayscale, palette, CMYK, 16-bit and 32-bit images are converted (16-bit and 32-bit scaled by their actual
+    range of finite values; NaN and -inf become 0, +inf 255; an image without a finite value raises); transparent
+    images are composited onto black. ``window`` = (centre, width) in HU overrides the window of CT DICOMs (see
+    ``dicom_to_uint8``). An image of more than ``max_pixels`` pixels (None: no limit) is downscaled to fit, aspect
+    ratio kept (``capped_size``): JPEG files are decoded at 1/2, 1/4 or 1/8 scale directly (never whole), other
+    files are downscaled right after decoding, before any conversion. Raises ``ImageLoadError`` naming the file."""
     return open_image(path, window, max_pixels)[0]

@@ -60,10 +60,11 @@ def demo(llm_path: str | None = None, pretrained_vision: bool = True, projector:
 
 
 def llama3_1_8b_biomedclip(llm_dir: str | None = None, vision_dir: str | None = None,
-                           projector: str = "pooled_mlp", num_tokens: int = 50,
+                           projector: str = "pooled_mlp", num_tokens: int | None = None,
                            trainable: dict[str, str] | None = None, lora: dict | None = None) -> VisionLanguageModel:
     """medcap's model: Llama-3.1-8B-Instruct + BiomedCLIP ViT-B/16. By default the pooled 512-d embedding
-    becomes 50 tokens (their projector); ``projector=mlp2`` uses the 196 patch tokens instead.
+    becomes ``num_tokens`` (None: 50) tokens (their projector); ``projector=mlp2`` uses the 196 patch tokens
+    instead (and takes no ``num_tokens``).
     ``llm_dir``: the Hugging Face folder of meta-llama/Llama-3.1-8B-Instruct (its tokenizer:
     ``original/tokenizer.model``); ``vision_dir``: the open_clip folder of
     microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224."""
@@ -122,13 +123,17 @@ def tiny_demo(projector: str = "mlp2", trainable: dict[str, str] | None = None,
                                  SMOLLM2_IMAGE_ID, trainable, lora=lora, fem=fem)
 
 
-def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int = 8,
+def tiny_llama3_biomedclip(projector: str = "pooled_mlp", num_tokens: int | None = None,
                            trainable: dict[str, str] | None = None, lora: dict | None = None,
                            embed_dim: int = 64, num_layers: int = 2) -> VisionLanguageModel:
-    """``embed_dim=256`` gives decoder weights NF4 can quantise (QLoRA tests)."""
+    """``embed_dim=256`` gives decoder weights NF4 can quantise (QLoRA tests); ``pooled_mlp`` gives 8 tokens
+    unless ``num_tokens`` says otherwise."""
     output = "pooled" if projector == "pooled_mlp" else "patch"
-    return vision_language_model(decoders.tiny_llama3(embed_dim=embed_dim, num_layers=num_layers), encoders.tiny_vit(output=output), projector,
-                                 LLAMA3_IMAGE_ID, trainable, num_tokens, lora=lora)
+    if num_tokens is None and projector == "pooled_mlp":
+        num_tokens = 8
+    return vision_language_model(decoders.tiny_llama3(embed_dim=embed_dim, num_layers=num_layers),
+                                 encoders.tiny_vit(output=output), projector, LLAMA3_IMAGE_ID, trainable, num_tokens,
+                                 lora=lora)
 
 
 def tiny_llama2_swin(projector: str = "linear_ln", trainable: dict[str, str] | None = None,

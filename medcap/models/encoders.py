@@ -1,8 +1,9 @@
 """Vision encoders behind one interface: ``forward(images [B, 3, H, W]) -> [B, N, D]`` with attributes
 ``num_tokens`` (N), ``embed_dim`` (D), ``image_size``, ``mean`` and ``std`` (the normalisation the weights
-expect) and ``resize_mode`` (how images of another aspect ratio are brought to the square input, as the model
-was trained: ``crop``, ``pad`` or ``squash``; see ``medcap.data.dataset.ImageTransform``). ``output="patch"`` gives spatial tokens, ``output="pooled"`` the pooled (and, for CLIP, projected)
-embedding as one token. Weights only ever come from local files or installed packages."""
+expect), ``resize_mode`` (how images of another aspect ratio are brought to the square input, as the model
+was trained: ``crop``, ``pad`` or ``squash``; see ``medcap.data.dataset.ImageTransform``) and ``interpolation``
+(the resampling filter of that resize). ``output="patch"`` gives spatial tokens, ``output="pooled"`` the pooled
+(and, for CLIP, projected) embedding as one token. Weights only ever come from local files or installed packages."""
 
 import json
 from pathlib import Path
@@ -30,8 +31,9 @@ class _Encoder(nn.Module):
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    # the evaluation transform of open_clip / CLIP, BiomedCLIP and timm (Swin): shorter side, then centre crop
+    # the evaluation transform of open_clip / CLIP and BiomedCLIP: shorter side, then centre crop
     resize_mode: str = "crop"
+    interpolation: str = "bicubic"
 
     def _measure(self) -> None:
         """Set num_tokens / embed_dim from one dry run (eval mode, no grad)."""
@@ -55,6 +57,10 @@ class TimmEncoder(_Encoder):
                  grid: int | None = None, channels_last: bool = False, **timm_kwargs):
         super().__init__()
         self.output = _check_output(output)
+        if grid is not None and output != "patch":
+            raise ValueError("grid applies to output='patch' (it pools a CNN's feature map)")
+        if "num_classes" in timm_kwargs:
+            raise ValueError("num_classes is not accepted: TimmEncoder builds the model without its classifier")
         self.grid = grid  # CNN feature maps average-pooled to grid x grid tokens (fewer tokens, coarser places)
         try:
             self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_kwargs)
@@ -84,7 +90,12 @@ class TimmEncoder(_Encoder):
             path = found[0]
         elif not path.is_file():
             raise FileNotFoundError(f"vision checkpoint not found: {path}")
-        state = {k: v for k, v in read_weight_file(path).items() if not k.startswith(("head.", "fc.", "classifier."))}
+        # the classifier (built with num_classes=0, the model has none) goes; other head parts (ConvNeXt's head.norm)
+        # are the model's own
+        classifier = self.model.pretrained_cfg.get("classifier") or ()
+        prefixes = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier))
+        own = self.model.state_dict()
+        state = {k: v for k, v in read_weight_file(path).items() if k in own or not k.startswith(prefixes)}
         load_strict(self.model, state, str(path))
 
     def forward(self, images: Tensor) -> Tensor:
@@ -99,6 +110,8 @@ class TimmEncoder(_Encoder):
             if self.grid:
                 x = nn.functional.adaptive_avg_pool2d(x, self.grid)
             return x.flatten(2).transpose(1, 2)
+        if self.grid:
+            raise ValueError(f"grid applies to CNN feature maps; {type(self.model).__name__} gives a token sequence")
         return x[:, getattr(self.model, "num_prefix_tokens", 0):]
 
 
@@ -112,13 +125,19 @@ class OpenClipEncoder(_Encoder):
       ``openai/clip-vit-large-patch14-336`` as transformers saves it): the tower is built to ``vision_config``
       and the ``vision_model.*`` weights are renamed to open_clip's (``hf_vision.hf_clip_to_open_clip``).
 
-    Patch tokens come from the output of block ``layer`` (-1 last, -2 penultimate as LLaVA 1.5 uses), without
-    the class token and without the final norm."""
+    Patch tokens come from the output of block ``layer`` (None or -1 last, -2 penultimate as LLaVA 1.5 uses),
+    without the class token and without the final norm; ``layer`` applies to ``output="patch"`` only.
+
+    An open_clip folder's ``preprocess_cfg`` gives ``mean``, ``std``, ``interpolation`` (bicubic, bilinear) and
+    ``resize_mode`` (``shortest`` -> ``crop``, ``squash``); a Hugging Face folder's preprocessor_config.json gives
+    them as its CLIPImageProcessor has them (``hf_vision.preprocessing``)."""
 
     def __init__(self, model_name: str | None = None, checkpoint_dir: str | None = None, output: str = "patch",
-                 layer: int = -1, model_cfg: dict | None = None):
+                 layer: int | None = None, model_cfg: dict | None = None):
         super().__init__()
-        self.output, self.layer = _check_output(output), layer
+        self.output = _check_output(output)
+        if layer is not None and output != "patch":
+            raise ValueError(f"layer applies to output='patch', got layer={layer} with output={output!r}")
         preprocess, state, source = {}, None, ""
         if checkpoint_dir:
             model_cfg, preprocess, state, source = _read_clip_folder(Path(checkpoint_dir))
@@ -132,6 +151,13 @@ class OpenClipEncoder(_Encoder):
         self.image_size = size if isinstance(size, int) else size[0]
         self.mean = tuple(preprocess.get("mean", CLIP_MEAN))
         self.std = tuple(preprocess.get("std", CLIP_STD))
+        self.resize_mode = preprocess.get("resize_mode", self.resize_mode)
+        self.interpolation = preprocess.get("interpolation", self.interpolation)
+        blocks = self.num_blocks
+        self.layer = -1 if layer is None else layer
+        if not -blocks <= self.layer < blocks:
+            raise ValueError(f"layer {self.layer} is out of range: the tower has {blocks} blocks ({-blocks} to "
+                             f"{blocks - 1})")
         if state is not None:
             load_strict(self.visual, state, source)
         self._measure()
@@ -150,9 +176,31 @@ class OpenClipEncoder(_Encoder):
         return out["image_intermediates"][0]
 
 
+def _open_clip_preprocess(preprocess: dict, source: str) -> dict:
+    """An open_clip ``preprocess_cfg`` as ``ImageTransform`` settings (its evaluation transform; ``size`` is the
+    model's). Raises ValueError naming ``source`` for what ImageTransform does not do."""
+    modes = {"shortest": "crop", "squash": "squash"}
+    # open_clip resizes bicubic for "random" outside training
+    interpolations = {"bicubic": "bicubic", "bilinear": "bilinear", "random": "bicubic"}
+    out = {}
+    for key in ("mean", "std"):
+        value = preprocess.get(key)
+        if value is not None:  # open_clip repeats a single number for the three channels
+            out[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
+    resize_mode = preprocess.get("resize_mode") or "shortest"  # open_clip takes None as its default
+    if resize_mode not in modes:
+        raise ValueError(f"{source}: preprocess_cfg resize_mode={resize_mode!r} is not supported (expected one of "
+                         f"{list(modes)})")
+    interpolation = preprocess.get("interpolation") or "bicubic"
+    if interpolation not in interpolations:
+        raise ValueError(f"{source}: preprocess_cfg interpolation={interpolation!r} is not supported (expected one "
+                         f"of {list(interpolations)})")
+    return {**out, "resize_mode": modes[resize_mode], "interpolation": interpolations[interpolation]}
+
+
 def _read_clip_folder(folder: Path) -> tuple[dict, dict, dict[str, Tensor], str]:
-    """(open_clip model config, preprocess config, image-tower tensors with open_clip names, weights path) of
-    an open_clip folder or a Hugging Face CLIP folder."""
+    """(open_clip model config, preprocessing as ``ImageTransform`` settings, image-tower tensors with open_clip
+    names, weights path) of an open_clip folder or a Hugging Face CLIP folder."""
     if not folder.is_dir():
         raise FileNotFoundError(f"vision checkpoint folder not found: {folder}")
     if (folder / "open_clip_config.json").is_file():
@@ -163,16 +211,19 @@ def _read_clip_folder(folder: Path) -> tuple[dict, dict, dict[str, Tensor], str]
             raise FileNotFoundError(f"{folder}: no open_clip_pytorch_model.bin or open_clip_model.safetensors")
         state = {k.removeprefix("visual."): v for k, v in read_weight_file(found[0]).items()
                  if k.startswith("visual.")}
-        return config["model_cfg"], config.get("preprocess_cfg", {}), state, str(found[0])
+        source = str(folder / "open_clip_config.json")
+        return config["model_cfg"], _open_clip_preprocess(config.get("preprocess_cfg", {}), source), state, \
+            str(found[0])
     model_type = hf_vision.hf_model_type(folder)
     if model_type in hf_vision.CLIP_MODEL_TYPES:
         model_cfg = hf_vision.open_clip_cfg_from_hf_clip(hf_vision.read_config(folder), str(folder / "config.json"))
-        mean, std = hf_vision.preprocess_mean_std(folder, CLIP_MEAN, CLIP_STD)
+        preprocess = hf_vision.preprocessing(folder, "CLIP", model_cfg["vision_cfg"]["image_size"], CLIP_MEAN,
+                                             CLIP_STD, "crop")
         state = hf_vision.hf_clip_to_open_clip(hf_vision.read_hf_weights(folder))
         if "proj" not in state:  # a CLIPVisionModel: its pooled output is the unprojected class token
             width = model_cfg["vision_cfg"]["width"]
             model_cfg["embed_dim"], state["proj"] = width, torch.eye(width)
-        return model_cfg, {"mean": mean, "std": std}, state, str(folder)
+        return model_cfg, preprocess, state, str(folder)
     found = f"a config.json with model_type {model_type!r}" if model_type else \
         ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
     raise FileNotFoundError(f"{folder}: expected open_clip_config.json (an open_clip folder) or a config.json "
@@ -213,13 +264,17 @@ def efficientnet_lite0(pretrained: bool = True, output: str = "patch", grid: int
 def hf_swin(folder: str | Path, output: str = "patch") -> TimmEncoder:
     """A Hugging Face Swin folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` of a
     ``SwinModel`` or ``SwinForImageClassification``) as timm's Swin, built to the folder's config.json; patch
-    tokens equal transformers' ``last_hidden_state``."""
+    tokens equal transformers' ``last_hidden_state``. Images are prepared as the folder's preprocessor_config.json
+    says (its ViTImageProcessor resizes to the square input: ``squash``; ``hf_vision.preprocessing``), without
+    one squashed, bicubic, with ImageNet's mean and std."""
     config = hf_vision.read_config(folder)
     if config.get("model_type") != "swin":
         raise ValueError(f"{folder}/config.json: expected model_type 'swin', found {config.get('model_type')!r}")
     kwargs = hf_vision.timm_swin_kwargs(config, f"{folder}/config.json")
     encoder = TimmEncoder("swin_base_patch4_window7_224", output=output, image_size=kwargs["img_size"], **kwargs)
-    encoder.mean, encoder.std = hf_vision.preprocess_mean_std(folder, encoder.mean, encoder.std)
+    preprocess = hf_vision.preprocessing(folder, "ViT", encoder.image_size, encoder.mean, encoder.std, "squash")
+    encoder.mean, encoder.std = preprocess["mean"], preprocess["std"]
+    encoder.resize_mode, encoder.interpolation = preprocess["resize_mode"], preprocess["interpolation"]
     load_strict(encoder.model, hf_vision.hf_swin_to_timm(hf_vision.read_hf_weights(folder)), str(folder))
     return encoder
 
@@ -227,13 +282,18 @@ def hf_swin(folder: str | Path, output: str = "patch") -> TimmEncoder:
 def swin_base(checkpoint: str | None = None, output: str = "patch") -> TimmEncoder:
     """Swin-B (window 7, 224 px) as R2GenGPT uses: 49 tokens of 1024. ``checkpoint``: a timm checkpoint (a
     folder or a file), or a Hugging Face Swin folder (``microsoft/swin-base-patch4-window7-224`` as
-    transformers saves it, as R2GenGPT loads it), whose config.json then also gives the architecture."""
+    transformers saves it, as R2GenGPT loads it), whose config.json then also gives the architecture. Images are
+    squashed to 224 x 224 (bicubic, ImageNet mean and std) as R2GenGPT's image processor does; a Hugging Face
+    folder's preprocessor_config.json is followed (see ``hf_swin``)."""
     if checkpoint and hf_vision.hf_model_type(checkpoint) == "swin":
         return hf_swin(checkpoint, output)
-    return TimmEncoder("swin_base_patch4_window7_224", checkpoint=checkpoint, output=output)
+    encoder = TimmEncoder("swin_base_patch4_window7_224", checkpoint=checkpoint, output=output)
+    encoder.resize_mode = "squash"
+    return encoder
 
 
-def biomedclip_vit_b16(checkpoint_dir: str | None = None, output: str = "patch", layer: int = -1) -> OpenClipEncoder:
+def biomedclip_vit_b16(checkpoint_dir: str | None = None, output: str = "patch",
+                       layer: int | None = None) -> OpenClipEncoder:
     """BiomedCLIP's image tower (timm ViT-B/16, 224 px): 196 patch tokens of 768, or the 512-d pooled embedding.
     Without ``checkpoint_dir`` the architecture is built with random weights."""
     if checkpoint_dir:
@@ -243,10 +303,14 @@ def biomedclip_vit_b16(checkpoint_dir: str | None = None, output: str = "patch",
     return OpenClipEncoder(model_cfg=cfg, output=output, layer=layer)
 
 
-def clip_vit_l14_336(checkpoint_dir: str | None = None, output: str = "patch", layer: int = -2) -> OpenClipEncoder:
-    """CLIP ViT-L/14 at 336 px (LLaVA 1.5's): 576 patch tokens of 1024 from the penultimate block by default.
+def clip_vit_l14_336(checkpoint_dir: str | None = None, output: str = "patch",
+                     layer: int | None = None) -> OpenClipEncoder:
+    """CLIP ViT-L/14 at 336 px (LLaVA 1.5's): 576 patch tokens of 1024 from the penultimate block by default
+    (``layer`` None: -2).
     ``checkpoint_dir``: a Hugging Face folder (``openai/clip-vit-large-patch14-336``) or an open_clip folder.
     Images are padded to a square of the mean colour (``resize_mode="pad"``), as LLaVA 1.5 feeds this tower."""
+    if layer is None and output == "patch":
+        layer = -2
     if checkpoint_dir:
         encoder = OpenClipEncoder(checkpoint_dir=checkpoint_dir, output=output, layer=layer)
     else:  # OpenAI's CLIP weights were trained with QuickGELU (open_clip's "openai" tag sets it the same way)
@@ -256,7 +320,7 @@ def clip_vit_l14_336(checkpoint_dir: str | None = None, output: str = "patch", l
     return encoder
 
 
-def tiny_vit(output: str = "patch", layer: int = -1) -> OpenClipEncoder:
+def tiny_vit(output: str = "patch", layer: int | None = None) -> OpenClipEncoder:
     """A tiny open_clip ViT (64 px, patch 16 -> 16 tokens of 64, 2 blocks) for tests."""
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
                                            "patch_size": 16}}
@@ -265,8 +329,10 @@ def tiny_vit(output: str = "patch", layer: int = -1) -> OpenClipEncoder:
 
 def tiny_swin(output: str = "patch") -> TimmEncoder:
     """A tiny timm Swin (64 px: 4 tokens of 64) for tests."""
-    return TimmEncoder("swin_tiny_patch4_window7_224", output=output, image_size=64, img_size=64, window_size=2,
-                       embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+    encoder = TimmEncoder("swin_tiny_patch4_window7_224", output=output, image_size=64, img_size=64, window_size=2,
+                          embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+    encoder.resize_mode = "squash"  # as swin_base
+    return encoder
 
 
 def tiny_efficientnet(output: str = "patch") -> TimmEncoder:

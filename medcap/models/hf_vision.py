@@ -72,6 +72,67 @@ def preprocess_mean_std(folder: str | Path, mean: tuple, std: tuple) -> tuple[tu
     return tuple(config.get("image_mean", mean)), tuple(config.get("image_std", std))
 
 
+# transformers' image processors that ImageTransform can follow: their defaults for keys a file leaves out
+_PROCESSORS = {"ViT": {"resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+               "CLIP": {"resample": 3, "do_center_crop": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                        "image_std": [0.26862954, 0.26130258, 0.27577711]}}
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's resampling codes
+
+
+def _square_side(size, key: str, source: str) -> int:
+    """The side of a square size (an int or ``{"height", "width"}``)."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict) and size.keys() == {"height", "width"} and size["height"] == size["width"]:
+        return size["height"]
+    raise ValueError(f"{source}: {key}={size!r} is not supported (expected a square size: an int or equal height "
+                     f"and width)")
+
+
+def preprocessing(folder: str | Path, processor: str, image_size: int, mean: tuple, std: tuple,
+                  resize_mode: str) -> dict:
+    """How the folder's transformers image processor (preprocessor_config.json) prepares an image, as
+    ``ImageTransform`` settings ``mean``, ``std``, ``interpolation`` and ``resize_mode``: ``squash`` for a
+    ViTImageProcessor (resized to height x width), ``crop`` for a CLIPImageProcessor (shortest edge, centre crop).
+    ``processor`` (``ViT`` or ``CLIP``) is the one transformers picks for the folder's model type when the file names
+    none. Without the file: the given mean, std and resize_mode, bicubic. Sizes the file leaves out are the
+    model's ``image_size``. Raises ValueError for settings that ImageTransform does not follow."""
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.is_file():
+        return {"mean": tuple(mean), "std": tuple(std), "interpolation": "bicubic", "resize_mode": resize_mode}
+    config, source = json.loads(path.read_text()), str(path)
+    name = config.get("image_processor_type") or config.get("feature_extractor_type") or f"{processor}ImageProcessor"
+    kind = name.removesuffix("Fast").removesuffix("Pil").removesuffix("ImageProcessor").removesuffix(
+        "FeatureExtractor")
+    if kind not in _PROCESSORS:
+        raise ValueError(f"{source}: {name} is not supported (expected ViTImageProcessor or CLIPImageProcessor)")
+    config = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              **_PROCESSORS[kind], **config}
+    _require(config, "do_resize", (True,), source)
+    _require(config, "do_rescale", (True,), source)
+    _require(config, "resample", tuple(_RESAMPLE), source)
+    if abs(config["rescale_factor"] - 1 / 255) > 1e-9:
+        raise ValueError(f"{source}: rescale_factor={config['rescale_factor']!r} is not supported (expected 1/255)")
+    size = config.get("size", image_size)
+    if kind == "ViT":
+        sides = {"size": _square_side(size, "size", source)}
+    else:
+        _require(config, "do_center_crop", (True,), source)
+        if isinstance(size, dict) and size.keys() == {"shortest_edge"}:
+            size = size["shortest_edge"]
+        if not isinstance(size, int):
+            raise ValueError(f"{source}: size={size!r} is not supported (expected an int or a shortest_edge)")
+        crop = _square_side(config.get("crop_size", image_size), "crop_size", source)
+        sides = {"size": size, "crop_size": crop}
+    wrong = [f"{key}={config[key]!r}" for key, side in sides.items() if side != image_size]
+    if wrong:
+        raise ValueError(f"{source}: {', '.join(wrong)} does not match the model's input of {image_size} px")
+    if not config["do_normalize"]:
+        config["image_mean"], config["image_std"] = [0.0] * 3, [1.0] * 3
+    return {"mean": tuple(config["image_mean"]), "std": tuple(config["image_std"]),
+            "interpolation": _RESAMPLE[config["resample"]], "resize_mode": "squash" if kind == "ViT" else "crop"}
+
+
 def _require(config: dict, key: str, allowed: tuple, source: str) -> None:
     if config[key] not in allowed:
         raise ValueError(f"{source}: {key}={config[key]!r} is not supported (expected one of {list(allowed)})")
@@ -105,9 +166,10 @@ def _concat_qkv(parts: dict[tuple[str, str], dict[str, Tensor]], name: str) -> d
 
 def hf_clip_to_open_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A ``CLIPModel`` / ``CLIPVisionModel(WithProjection)`` state dict (``vision_model.*`` names, or without
-    the prefix as transformers 5 saves a CLIPVisionModel) -> open_clip ``VisionTransformer`` names. q/k/v are stacked into ``in_proj`` (as ``nn.MultiheadAttention`` keeps them), ``visual_projection``
-    (``[out, in]``, a Linear) becomes ``proj`` (``[in, out]``, used as ``x @ proj``). Text-tower tensors are
-    dropped; names without a counterpart are kept, so a strict load reports them."""
+    the prefix as transformers 5 saves a CLIPVisionModel) -> open_clip ``VisionTransformer`` names. q/k/v are
+    stacked into ``in_proj`` (as ``nn.MultiheadAttention`` keeps them), ``visual_projection`` (``[out, in]``, a
+    Linear) becomes ``proj`` (``[in, out]``, used as ``x @ proj``). Text-tower tensors are dropped; names without a
+    counterpart are kept, so a strict load reports them."""
     vision = {k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.")}
     if not vision and "embeddings.patch_embedding.weight" in state:  # transformers 5 drops the prefix
         vision = {k: v for k, v in state.items() if k != "visual_projection.weight"}
