@@ -19,15 +19,16 @@ layout, for ``LlavaForConditionalGeneration.from_pretrained`` and the serving en
 """
 
 import json
+import math
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import open_clip
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn, Tensor
 from torchtune.models.convert_weights import hf_to_tune, tune_to_hf
 from torchtune.models.llama2._component_builders import llama2
@@ -36,10 +37,11 @@ from torchtune.modules import TransformerDecoder
 from medcap.atomic import replaced_atomically
 from medcap.models import hf_vision
 from medcap.models.encoders import CLIP_MEAN, CLIP_STD, _Encoder
-from medcap.models.hf_export import hf_llama_state
+from medcap.models.hf_export import check_output_dir, hf_llama_tensors
 from medcap.models.llm_weights import _rope, hf_weight_files, load_strict, read_weight_file, weights_deferred
-from medcap.models.lora import merged_state_dict
+from medcap.models.lora import merged_tensors
 from medcap.models.vlm import VisionLanguageModel
+from medcap.safetensors_stream import write_streaming
 
 # transformers' LlamaConfig / LlavaConfig defaults, for the keys a llava-hf config.json leaves out
 LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -48,6 +50,7 @@ LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size":
 LLAVA_DEFAULTS = {"image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
                   "vision_feature_select_strategy": "default", "multimodal_projector_bias": True}
 PROJECTOR_NAMES = {"linear_1": "0", "linear_2": "2"}  # transformers' names -> nn.Sequential(Linear, GELU, Linear)
+HUB_PROJECTOR = {v: k for k, v in PROJECTOR_NAMES.items()}
 PROCESSOR_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
                    "chat_template.jinja", "generation_config.json")
@@ -204,6 +207,35 @@ def split_llava_name(name: str) -> tuple[str, str] | None:
     return None
 
 
+def hub_name(part: str, name: str) -> str:
+    """The llava-hf hub's name of a tensor that ``split_llava_name`` gives as (part, name)."""
+    if part == "projector":
+        index, _, kind = name.partition(".")
+        return f"multi_modal_projector.{HUB_PROJECTOR[index]}.{kind}"
+    return ("language_model." if part == "llm" else "vision_tower.") + name
+
+
+def _hf_clip_names(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF CLIP vision name, shape) of an open_clip ``VisionTransformer`` tensor, the inverse of
+    ``hf_vision.hf_clip_to_open_clip``: three for a fused ``in_proj`` (its q, k and v thirds, in that order), none
+    for ``proj`` (an identity here)."""
+    top = {v: k for k, v in hf_vision._CLIP_TOP.items()}
+    layer = {v: k for k, v in hf_vision._CLIP_LAYER.items()}
+    qkv = {v: k for k, v in hf_vision._CLIP_QKV.items()}
+    block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    fused = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", name)
+    if name == "proj":
+        return []
+    if name in top:
+        return [(f"vision_model.{top[name]}", shape)]
+    if fused:
+        third = (shape[0] // 3, *shape[1:])
+        return [(f"vision_model.encoder.layers.{fused[1]}.{qkv[piece]}.{fused[2]}", third) for piece in "qkv"]
+    if block and block[2] in layer:
+        return [(f"vision_model.encoder.layers.{block[1]}.{layer[block[2]]}.{block[3]}", shape)]
+    raise ValueError(f"vision tower tensor {name!r} has no counterpart in transformers' CLIP")
+
+
 def _tensors(folder: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[Path, dict[str, Tensor]]]:
     """(file, {name: tensor}) per weight file of ``folder``, with the names ``wanted`` (safetensors files are
     read only for those)."""
@@ -215,24 +247,51 @@ def _tensors(folder: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[Path
             yield path, {k: v for k, v in read_weight_file(path).items() if wanted(k)}
 
 
-def _check_shapes(expected: dict[str, Tensor], state: dict[str, Tensor], source: Path) -> None:
-    problems = [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k}: expected shape {tuple(expected[k].shape)}, found {tuple(v.shape)}"
-                 for k, v in state.items() if k in expected and expected[k].shape != v.shape]
+def _llm_shapes(decoder: TransformerDecoder, text: dict) -> dict[tuple[str, str], tuple[int, ...]]:
+    on_meta = {k: torch.empty(v.shape, device="meta") for k, v in decoder.state_dict().items()}
+    heads = text["num_attention_heads"]
+    hf = tune_to_hf(on_meta, num_heads=heads, num_kv_heads=text.get("num_key_value_heads") or heads,
+                    dim=text["hidden_size"])
+    return {("llm", k): tuple(v.shape) for k, v in hf.items()}
+
+
+def _vision_shapes(visual: nn.Module) -> dict[tuple[str, str], tuple[int, ...]]:
+    return {("vision", name): shape for key, value in visual.state_dict().items()
+            for name, shape in _hf_clip_names(key, tuple(value.shape))}
+
+
+def _check_shapes(expected: dict[tuple[str, str], tuple[int, ...]], tensors: dict[str, Tensor],
+                  source: Path) -> None:
+    """A weight file's tensors, named as in the file, against the model's (part, name) shapes: a misshapen tensor
+    or an LLM tensor the model has no place for is an error naming it and the file (the vision tower's extra
+    names are left to its strict load)."""
+    problems = []
+    for name, value in tensors.items():
+        key = split_llava_name(name)
+        if key in expected and tuple(value.shape) != expected[key]:
+            problems.append(f"{name}: expected shape {expected[key]}, found {tuple(value.shape)}")
+        elif key not in expected and key[0] == "llm":
+            problems.append(f"unexpected {name}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ValueError(f"{source} does not fit the model of its config.json: {'; '.join(problems[:5])}{more}")
 
 
-def _load_llm(decoder: TransformerDecoder, llm: dict[str, Tensor], text: dict, source: Path,
-              expected_hf: dict[str, Tensor], loaded: set[str]) -> None:
-    """One weight file's LLM tensors (HF Llama names) into ``decoder`` through torchtune's name conversion."""
-    _check_shapes(expected_hf, llm, source)  # before the q/k permutation meets a wrong shape
+def _check_complete(folder: Path, expected: dict[tuple[str, str], tuple[int, ...]],
+                    found: set[tuple[str, str]]) -> None:
+    missing = sorted(hub_name(*key) for key in expected.keys() - found)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{folder}: no weight file holds {missing[:5]}{more} (named as on the llava-hf hub)")
+
+
+def _load_llm(decoder: TransformerDecoder, llm: dict[str, Tensor], text: dict) -> None:
+    """One weight file's LLM tensors (HF Llama names, shapes checked) into ``decoder`` through torchtune's name
+    conversion."""
     heads = text["num_attention_heads"]
     state = hf_to_tune(llm, num_heads=heads, num_kv_heads=text.get("num_key_value_heads") or heads,
                        dim=text["hidden_size"])
     decoder.load_state_dict(state, strict=False)
-    loaded.update(state)
 
 
 def _unknown_names(source: Path, names: list[str]) -> ValueError:
@@ -258,33 +317,30 @@ def llava_hf_model(model_dir: str, trainable: dict[str, str] | None = None, lora
                                  source=config["source"], mean=mean, std=std)
     projector = _projector(encoder.embed_dim, text["hidden_size"], config["multimodal_projector_bias"])
 
-    on_meta = {k: torch.empty(v.shape, device="meta") for k, v in decoder.state_dict().items()}
-    heads = text["num_attention_heads"]
-    expected_hf = tune_to_hf(on_meta, num_heads=heads, num_kv_heads=text.get("num_key_value_heads") or heads,
-                             dim=text["hidden_size"])
     build = lambda: LlavaHFModel(decoder, encoder, projector, config["image_token_index"], trainable, 1, lora)  # noqa: E731
     if weights_deferred():  # a skeleton whose weights rank 0 will broadcast (see medcap.runtime)
         return build()
-    loaded: set[str] = set()
+    expected = {**_llm_shapes(decoder, text), **_vision_shapes(encoder.visual),
+                **{("projector", k): tuple(v.shape) for k, v in projector.state_dict().items()}}
+    found: set[tuple[str, str]] = set()
     vision_tensors, projector_tensors = {}, {}
     for path, tensors in _tensors(folder, lambda name: True):
         parts: dict[str, dict[str, Tensor]] = {"llm": {}, "vision": {}, "projector": {}}
         unknown = []
         for name, value in tensors.items():
-            found = split_llava_name(name)
-            if found is None:
+            key = split_llava_name(name)
+            if key is None:
                 unknown.append(name)
             else:
-                parts[found[0]][found[1]] = value
+                parts[key[0]][key[1]] = value
+                found.add(key)
         if unknown:
             raise _unknown_names(path, unknown)
-        _load_llm(decoder, parts["llm"], text, path, expected_hf, loaded)
+        _check_shapes(expected, tensors, path)  # before the q/k permutation meets a wrong shape
+        _load_llm(decoder, parts["llm"], text)
         vision_tensors.update(parts["vision"])  # a layer's q / k / v may sit in different shards
         projector_tensors.update(parts["projector"])
-    missing = sorted(set(decoder.state_dict()) - loaded)
-    if missing:
-        raise ValueError(f"{folder}: the LLM weights lack {missing[:5]}" + (f" and {len(missing) - 5} more"
-                                                                           if len(missing) > 5 else ""))
+    _check_complete(folder, expected, found)
     load_strict(encoder.visual, _vision_state(vision_tensors, encoder.visual.proj.shape[0]), f"{folder} (vision tower)")
     load_strict(projector, projector_tensors, f"{folder} (multi_modal_projector)")
     return build()
@@ -299,50 +355,47 @@ def llava_hf_vision_encoder(model_dir: str, output: str = "pooled") -> LlavaVisi
     mean, std = hf_vision.preprocess_mean_std(folder, CLIP_MEAN, CLIP_STD)
     encoder = LlavaVisionEncoder(config["vision"], config["vision_feature_layer"],
                                  config["vision_feature_select_strategy"], output, config["source"], mean, std)
+    expected = _vision_shapes(encoder.visual)
     vision: dict[str, Tensor] = {}
-    for _, tensors in _tensors(folder, lambda name: (split_llava_name(name) or ("",))[0] == "vision"):
+    for path, tensors in _tensors(folder, lambda name: (split_llava_name(name) or ("",))[0] == "vision"):
+        _check_shapes(expected, tensors, path)
         vision.update({split_llava_name(k)[1]: v for k, v in tensors.items()})
+    _check_complete(folder, expected, {("vision", name) for name in vision})
     load_strict(encoder.visual, _vision_state(vision, encoder.visual.proj.shape[0]), f"{folder} (vision tower)")
     return encoder
 
 
 # --------------------------------------------------------------------------------------------- export
 
-def _open_clip_to_hf_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """open_clip ``VisionTransformer`` names -> HF CLIP vision names (``vision_model.*``), the inverse of
-    ``hf_vision.hf_clip_to_open_clip``; ``proj`` (an identity here) is dropped."""
-    top = {v: k for k, v in hf_vision._CLIP_TOP.items()}
-    layer = {v: k for k, v in hf_vision._CLIP_LAYER.items()}
-    qkv = {v: k for k, v in hf_vision._CLIP_QKV.items()}
-    out = {}
-    for name, value in state.items():
-        block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", name)
-        fused = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", name)
-        if name == "proj":
-            if not torch.equal(value.float(), torch.eye(value.shape[0], device=value.device)):
-                raise ValueError("the vision tower's proj is not the identity: LLaVA's tower has no projection")
-        elif name in top:
-            out[f"vision_model.{top[name]}"] = value
-        elif fused:
-            for piece, chunk in zip("qkv", value.chunk(3, dim=0)):
-                out[f"vision_model.encoder.layers.{fused[1]}.{qkv[piece]}.{fused[2]}"] = chunk
-        elif block and block[2] in layer:
-            out[f"vision_model.encoder.layers.{block[1]}.{layer[block[2]]}.{block[3]}"] = value
-        else:
-            raise ValueError(f"vision tower tensor {name!r} has no counterpart in transformers' CLIP")
-    return out
+def llava_hf_tensors(model: LlavaHFModel) -> tuple[list[tuple[str, tuple[int, ...]]], Callable[[str], Tensor]]:
+    """((llava-hf hub name, shape) in file order, function computing one tensor) of the model's weights, adapters
+    merged (in fp32) and NF4 weights dequantised; nothing is computed until a name is asked for."""
+    llm_entries, llm_tensor = hf_llama_tensors(model)
+    vision_shapes, vision_tensor = merged_tensors(model.vision.encoder.visual)
+    projector_shapes, projector_tensor = merged_tensors(model.vision.projector)
+    if "proj" in vision_shapes:
+        proj = vision_tensor("proj").float()
+        if not torch.equal(proj, torch.eye(proj.shape[0], device=proj.device)):
+            raise ValueError("the vision tower's proj is not the identity: LLaVA's tower has no projection")
 
+    def vision_piece(key: str, index: int, count: int) -> Tensor:
+        return vision_tensor(key).chunk(count)[index]
 
-def llava_hf_state(model: LlavaHFModel) -> dict[str, Tensor]:
-    """The model's weights (adapters merged, NF4 dequantised) under the llava-hf hub's names."""
-    state = {f"language_model.{k}": v for k, v in hf_llama_state(model).items()}
-    vision = _open_clip_to_hf_clip(merged_state_dict(model.vision.encoder.visual))
-    state.update({f"vision_tower.{k}": v for k, v in vision.items()})
-    names = {v: k for k, v in PROJECTOR_NAMES.items()}
-    for name, value in merged_state_dict(model.vision.projector).items():
-        index, _, kind = name.partition(".")
-        state[f"multi_modal_projector.{names[index]}.{kind}"] = value
-    return state
+    entries, make = [], {}
+
+    def add(name: str, shape: tuple[int, ...], compute: Callable[[], Tensor]) -> None:
+        entries.append((name, shape))
+        make[name] = compute
+
+    for name, shape in llm_entries:
+        add(hub_name("llm", name), shape, partial(llm_tensor, name))
+    for key, shape in vision_shapes.items():
+        pieces = _hf_clip_names(key, shape)
+        for index, (name, piece) in enumerate(pieces):
+            add(hub_name("vision", name), piece, partial(vision_piece, key, index, len(pieces)))
+    for key, shape in projector_shapes.items():
+        add(hub_name("projector", key), shape, partial(projector_tensor, key))
+    return entries, lambda name: make[name]()
 
 
 def _source_shapes(folder: Path) -> dict[tuple[str, str], tuple[int, ...]]:
@@ -359,24 +412,29 @@ def _source_shapes(folder: Path) -> dict[tuple[str, str], tuple[int, ...]]:
     return shapes
 
 
-def _write_shards(state: dict[str, Tensor], folder: Path, max_shard_bytes: int) -> None:
-    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
-    shards: list[dict[str, Tensor]] = [{}]
+def _write_shards(entries: list[tuple[str, tuple[int, ...]]], produce: Callable[[str], Tensor], dtype: torch.dtype,
+                  folder: Path, max_shard_bytes: int) -> None:
+    """The tensors in shards of at most ``max_shard_bytes`` (a larger tensor alone), each streamed one tensor at
+    a time, with their index when there are several."""
+    size = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: size * math.prod(shape) for name, shape in entries}
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     used = 0
-    for name, value in state.items():
+    for name, shape in entries:
         if shards[-1] and used + sizes[name] > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             used = 0
-        shards[-1][name] = value
+        shards[-1].append((name, shape))
         used += sizes[name]
+    # each file's tensors by name, as safetensors' save_file lays them out
     if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        write_streaming(folder / "model.safetensors", sorted(shards[0]), dtype, produce, metadata={"format": "pt"})
         return
     weight_map = {}
     for index, shard in enumerate(shards, 1):
-        name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        write_streaming(folder / file, sorted(shard), dtype, produce, metadata={"format": "pt"})
+        weight_map.update({name: file for name, _ in shard})
     index_json = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
 
@@ -385,17 +443,19 @@ def save_llava_hf(model: LlavaHFModel, out_dir: str | Path, source_dir: str | Pa
                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write ``model`` (built by ``builders.llava_hf`` from ``source_dir``, trained parts loaded) to ``out_dir``
     as a llava-hf folder: weights in the hub's layout (``language_model.model.*``, ``language_model.lm_head``,
-    ``vision_tower.vision_model.*``, ``multi_modal_projector.*``), LoRA adapters merged and NF4 weights
+    ``vision_tower.vision_model.*``, ``multi_modal_projector.*``), LoRA adapters merged (in fp32) and NF4 weights
     dequantised, cast to ``dtype``, in shards of at most ``max_shard_bytes`` (with their index when there are
-    several); ``source_dir``'s config.json (its dtype updated) and tokenizer / processor files copied. Every
-    tensor's name and shape is checked against ``source_dir``'s. The folder is written under a temporary name
-    and renamed into place (``medcap.atomic``)."""
+    several), each tensor computed only when it is written; ``source_dir``'s config.json (its dtype updated) and
+    tokenizer / processor files copied. Every tensor's name and shape is checked against ``source_dir``'s. The
+    folder is written under a temporary name and renamed into place (``medcap.atomic``); an ``out_dir`` that is,
+    holds or lies inside ``source_dir`` is refused."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     read_llava_config(source_dir)  # a llava-hf folder, or a one-line error
-    state = {k: v.detach().to(dtype).contiguous().clone() for k, v in llava_hf_state(model).items()}
+    check_output_dir(out_dir, {"source folder": source_dir})
+    entries, produce = llava_hf_tensors(model)
     expected = _source_shapes(source_dir)
     if expected:
-        ours = {split_llava_name(k): tuple(v.shape) for k, v in state.items()}
+        ours = {split_llava_name(name): shape for name, shape in entries}
         differ = sorted(f"{p}.{n}" for (p, n) in set(expected) ^ set(ours))
         differ += sorted(f"{p}.{n} {ours[(p, n)]} vs {shape}" for (p, n), shape in expected.items()
                          if (p, n) in ours and ours[(p, n)] != shape)
@@ -408,7 +468,7 @@ def save_llava_hf(model: LlavaHFModel, out_dir: str | Path, source_dir: str | Pa
     if "dtype" in config:
         config["dtype"] = name
     with replaced_atomically(out_dir, folder=True) as tmp:
-        _write_shards(state, tmp, max_shard_bytes)
+        _write_shards(entries, produce, dtype, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for file in PROCESSOR_FILES:
             if (source_dir / file).is_file():
