@@ -3,7 +3,9 @@
 Every part of the vision-language model is inside the sharded model (each decoder layer, the vision encoder,
 the projector, then the root), so the gradients of the encoder and the projector are reduced across ranks
 like the decoder's: all ranks train the same weights. (The medcap seed attached its vision modules after
-wrapping, so nothing synchronised them.)
+wrapping, so nothing synchronised them.) BatchNorm normalises with each rank's own batch; its running statistics
+are averaged over the ranks after every optimizer step (``average_batchnorm_stats``), so every rank holds the same
+buffers too.
 """
 
 import os
@@ -46,7 +48,8 @@ def init_from_env(device_name: str) -> torch.device | None:
 def shard(model: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` each decoder layer, the vision encoder, the projector, then the whole model. With fp32
     trained parts next to a bf16 LLM (``model.compute_dtype``), FSDP2 gathers parameters in the compute dtype
-    and reduces gradients in fp32 onto the fp32 shards."""
+    and reduces gradients in fp32 onto the fp32 shards; BatchNorm layers kept in fp32 are sharded on their own and
+    gathered in fp32, as autocast runs them in one process (their running statistics stay fp32)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -54,11 +57,15 @@ def shard(model: nn.Module, device: torch.device, reshard_after_forward: bool = 
     compute = getattr(model, "compute_dtype", None)
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": policy}
+    if hasattr(model, "vision") and getattr(model.vision.encoder, "channels_last", False):
+        model.vision.encoder.set_channels_last(False)  # FSDP2 shards only contiguous (NCHW) parameters
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and compute is not None and any(
+                p.dtype != compute for p in module.parameters()):
+            fully_shard(module, **{**options, "mp_policy": MixedPrecisionPolicy()})
     for layer in model.decoder.layers:
         fully_shard(layer, **options)
     if hasattr(model, "vision"):
-        if getattr(model.vision.encoder, "channels_last", False):
-            model.vision.encoder.set_channels_last(False)  # FSDP2 shards only contiguous (NCHW) parameters
         fully_shard(model.vision.encoder, **options)
         fully_shard(model.vision.projector, **options)
     fully_shard(model, **options)
@@ -68,6 +75,25 @@ def shard(model: nn.Module, device: torch.device, reshard_after_forward: bool = 
 def full_tensor(t: Tensor) -> Tensor:
     """The whole tensor of a sharded parameter (a collective: every rank must call it), or ``t`` itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def average_batchnorm_stats(model: nn.Module) -> None:
+    """Set the running mean and variance of every BatchNorm in train mode to their mean over the ranks: one
+    all-reduce, on gloo and NCCL alike. Not SyncBatchNorm (which refuses CPU tensors): each rank still normalises
+    with its own batch's statistics."""
+    if not dist.is_initialized():
+        return
+    stats = [buffer for module in model.modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats
+             for buffer in (module.running_mean, module.running_var)]
+    if not stats:
+        return
+    flat = torch.cat([s.float().flatten() for s in stats])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for s, value in zip(stats, flat.split([s.numel() for s in stats])):
+        s.copy_(value.view_as(s))
 
 
 def all_reduce_sum(value: float | int, device: torch.device) -> float:

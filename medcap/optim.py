@@ -79,16 +79,22 @@ class OptimizerInBackward(torch.optim.Optimizer):
 def cosine_per_epoch(optimizer: torch.optim.Optimizer, num_training_steps: int, epochs: int, eta_min: float = 0.0,
                      last_epoch: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
     """R2GenGPT's schedule: ``CosineAnnealingLR(T_max=epochs, eta_min)`` stepped once per epoch, here stepped per
-    optimizer step with the epoch taken as ``step // steps_per_epoch`` (``steps_per_epoch = num_training_steps //
-    epochs``, at least 1). During epoch e each group's lr is ``eta_min + (lr - eta_min) * (1 + cos(pi e / epochs))
-    / 2``: the full lr for the first epoch, never quite eta_min (the last epoch runs at e = epochs - 1)."""
+    optimizer step with the epoch taken as ``step * epochs // num_training_steps``: ``step // steps_per_epoch`` when
+    ``num_training_steps`` is a multiple of ``epochs``, otherwise the epochs spread over the steps as evenly as
+    whole steps allow. During epoch e each group's lr is ``eta_min + (lr - eta_min) * (1 + cos(pi e / epochs)) / 2``:
+    the full lr for the first epoch, never quite eta_min (the last step runs at e = epochs - 1), eta_min from
+    ``num_training_steps`` on. A group whose lr is 0 stays at 0 (torch's ``CosineAnnealingLR`` would raise it
+    towards eta_min)."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    steps_per_epoch = max(1, num_training_steps // epochs)
+    if num_training_steps < 1:
+        raise ValueError(f"num_training_steps must be at least 1, got {num_training_steps}")
 
     def factor(base_lr: float) -> Callable[[int], float]:
         def at(step: int) -> float:
-            epoch = step // steps_per_epoch
+            if base_lr == 0:
+                return 1.0
+            epoch = min(step * epochs // num_training_steps, epochs)
             return (eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2) / base_lr
         return at
 

@@ -25,10 +25,22 @@ def master_dtype(name: str | None) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_master_dtype(master: torch.dtype, compute: torch.dtype) -> None:
+    """Refuse trained parts kept in a lower precision than the ``compute`` dtype: autocast only lowers precision, so
+    their weights would meet inputs of the higher one."""
+    if torch.finfo(master).eps > torch.finfo(compute).eps:
+        names = {dtype: name for name, dtype in DTYPES.items()}
+        master_name, compute_name = names.get(master, master), names.get(compute, compute)
+        raise ValueError(f"master_dtype={master_name} is less precise than dtype={compute_name}: the trained parts "
+                         f"cannot be kept in a lower precision than the model computes in; leave master_dtype unset "
+                         f"(fp32) or use dtype={master_name}")
+
+
 def keep_trained_parts_in(model, master: torch.dtype, compute: torch.dtype) -> None:
     """Cast what trains (every tensor of a fully trained part, the adapters of a LoRA one) to ``master`` and,
     when that differs from the ``compute`` dtype the rest of the model is in, have the model run under autocast
-    to ``compute``."""
+    to ``compute``. A ``master`` less precise than ``compute`` is refused (``check_master_dtype``)."""
+    check_master_dtype(master, compute)
     if master == compute:
         return
     for part, module in model.parts().items():

@@ -14,7 +14,7 @@ from medcap.checkpoint import describe, load_checkpoint, read_metadata, resolve_
 from medcap.data.dataset import CaptionDataset, collate_captions, count_truncated, image_transform
 from medcap.models import import_medcap, import_r2gengpt
 from medcap.models.llm_weights import check_dtype_runs, deferred_weights
-from medcap.precision import check_training_dtype, keep_trained_parts_in, master_dtype
+from medcap.precision import check_master_dtype, check_training_dtype, keep_trained_parts_in, master_dtype
 
 log = utils.get_logger("INFO")
 
@@ -106,6 +106,7 @@ def setup_training_model(cfg: DictConfig, device: torch.device, dtype: torch.dty
     after that, on the device). Host memory per rank other than 0 stays near the size of its shards."""
     check_training_dtype(dtype)
     master = master_dtype(cfg.get("master_dtype"))
+    check_master_dtype(master, dtype)  # before any weights are read
     world = distributed.world_size()
     tokenizer = config.instantiate(cfg.tokenizer)
     # the trained parts are cast to their master dtype before a checkpoint is loaded into them: loaded into the

@@ -131,8 +131,10 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
     Every ``eval_every`` steps ``evaluate()`` adds its figures (validation loss, generation metrics...) to the
     history; with ``select_metric`` the best evaluation so far is also saved to ``checkpoints/best`` and
     ``patience`` evaluations without improvement stop training early (decided on rank 0 and broadcast, so every
-    rank stops at the same step). Checkpoints (trained parts + optimizer, scheduler, every rank's RNG, step,
-    history, run id) go to ``output_dir/checkpoints/step_NNNNNN``. Returns a summary with the loss history and
+    rank stops at the same step; resumed from its last checkpoint, a run that stopped early trains no further).
+    Distributed, BatchNorm running statistics are averaged over the ranks after each step. Checkpoints (trained
+    parts + optimizer, scheduler, every rank's RNG, step, history, run id) go to
+    ``output_dir/checkpoints/step_NNNNNN``. Returns a summary with the loss history and
     timings."""
     if settings.max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {settings.max_steps}")
@@ -144,6 +146,9 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
     step_times = []
     best, since_best = best_so_far(history, settings.select_metric, settings.select_mode) \
         if settings.select_metric else (None, 0)
+    # the saved history holds the evaluations that stopped a run early (at least one without improvement): resumed,
+    # it stays stopped
+    stopped = settings.patience is not None and since_best >= max(settings.patience, 1)
 
     def checkpoint(path: Path, step: int) -> None:
         state = {"step": step, "optimizer": optimizer_state() if optimizer_state else optimizer.state_dict(),
@@ -152,7 +157,10 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
         save_checkpoint(model, path, cfg, state, run_id=run_id, step=step)
         distributed.barrier()
 
-    progress = tqdm(range(start_step + 1, settings.max_steps + 1), desc="train", unit="step",
+    if stopped and distributed.is_rank_zero():
+        tqdm.write(f"the run already stopped early at step {start_step}: {settings.select_metric} had not improved on "
+                   f"{best:.4f} for {since_best} evaluations (patience={settings.patience}); nothing to train")
+    progress = tqdm(range(start_step + 1, settings.max_steps + 1) if not stopped else [], desc="train", unit="step",
                     initial=start_step, total=settings.max_steps, dynamic_ncols=True,
                     disable=not distributed.is_rank_zero())
     step = start_step
@@ -181,6 +189,7 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
             grad_norm = float(distributed.full_tensor(grad_norm))
         lr = optimizer.param_groups[0]["lr"]  # the one this step uses (the scheduler then sets the next one's)
         optimizer.step()
+        distributed.average_batchnorm_stats(model)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)

@@ -26,7 +26,7 @@ from medcap import runs
 from medcap.fuser import (FuserDataset, merge_runs, prompt_settings, split_ids, text_lm_and_tokenizer,
                           truncation_warnings)
 from medcap.metrics import read_references
-from medcap.precision import check_training_dtype, keep_trained_parts_in, master_dtype
+from medcap.precision import check_master_dtype, check_training_dtype, keep_trained_parts_in, master_dtype
 from medcap.runtime import caption_loader, device_and_dtype, log
 from medcap.training import ResumableBatchSampler, TrainSettings, plot_loss, train
 from medcap.validation import validation_loss
@@ -45,10 +45,12 @@ def main(cfg: DictConfig) -> None:
     cfg.prompt = prompt
 
     check_training_dtype(dtype)
+    master = master_dtype(cfg.get("master_dtype"))
+    check_master_dtype(master, dtype)  # before any weights are read
     # what decides the samples and their order besides runs.RESUME_KEYS: a resumed run's batches must be the same
     run_id, resume = runs.start(cfg, output_dir, data_keys=("candidates", "holdout", "max_seq_len", "prompt"))
     model, tokenizer = text_lm_and_tokenizer(cfg, device, dtype, checkpoint=resume or cfg.get("init_from"))
-    keep_trained_parts_in(model, master_dtype(cfg.get("master_dtype")), dtype)
+    keep_trained_parts_in(model, master, dtype)
 
     ids, candidates = merge_runs(list(cfg.candidates))
     references = read_references(cfg.references)

@@ -216,3 +216,12 @@ def test_finetune_says_how_many_captions_are_cut_to_fit(data, tmp_path, caplog):
             "max_steps=1", f"dataset.max_seq_len={prompt + room}", f"output_dir={tmp_path}", "val_generation=null"])
     assert f"training set: {expected['train']} of 16 captions are cut to fit max_seq_len={prompt + room}" in caplog.text
     assert (f"validation set: {expected['val']} of 8 captions" in caplog.text) == (expected["val"] > 0)
+
+
+def test_master_dtype_below_dtype_is_refused_before_any_weights_are_read(data, tmp_path, monkeypatch):
+    import medcap.runtime
+
+    monkeypatch.setattr(medcap.runtime.config, "instantiate", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="master_dtype=bf16 is less precise than dtype=fp32"):
+        cli.run_recipe("finetune", "tiny/finetune", data_overrides(data) + [
+            "max_steps=1", f"output_dir={tmp_path}", "master_dtype=bf16"])

@@ -101,6 +101,20 @@ def test_the_finetune_vision_alias_runs_under_torchrun(workdir):
     assert "2 process(es)" in log and (workdir / "alias/checkpoints/step_000002/model.safetensors").is_file()
 
 
+def test_bf16_batchnorm_encoder_trains_on_two_ranks_as_one_process_accumulating_the_halves(workdir):
+    # the EfficientNet encoder trained in full keeps its BatchNorm in fp32 under FSDP2's bf16 policy, as autocast
+    # runs it in one process; BatchNorm normalises per rank, so the oracle accumulates the ranks' halves
+    common = ["--config", "tiny/finetune_vision", "dtype=bf16", "max_steps=3", "save_every=3", "val_dataset=null",
+              "batch_size=4"]
+    medcap(workdir, "run", "finetune", *common, "gradient_accumulation_steps=2", "output_dir=bn1")
+    medcap(workdir, "run", "finetune", "--nproc_per_node", "2", *common, "output_dir=bn2")
+    one, two = history(workdir / "bn1"), history(workdir / "bn2")
+    assert [h["loss"] for h in two] == pytest.approx([h["loss"] for h in one], rel=1e-3)  # bf16 convolutions
+    saved = load_file(workdir / "bn2/checkpoints/step_000003/model.safetensors")
+    batchnorm = [k for k in saved if ".bn1." in k and "num_batches" not in k]
+    assert batchnorm and all(saved[k].dtype == torch.float32 for k in batchnorm)
+
+
 def test_every_recipe_imports_as_torchrun_starts_it():
     # torchrun runs a recipe file as a script: its folder first on sys.path, the repo root nowhere on it
     code = ("import runpy, sys\n"

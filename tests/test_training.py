@@ -1,4 +1,5 @@
 import itertools
+import json
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from medcap.checkpoint import load_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint
+from medcap.precision import keep_trained_parts_in
 from medcap.text import IGNORE_INDEX
 from medcap.training import ResumableBatchSampler, TrainSettings, caption_loss, train
 from tests.tiny_vlm import VOCAB, sample_batch, tiny_vlm
@@ -107,6 +109,7 @@ def test_gradient_clipping_is_applied(tmp_path):
 
 def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     small = make_batches(2)
+    small[1]["labels"][0, 5:8] = IGNORE_INDEX  # 10 labelled tokens in the first micro-batch, 7 in the second
     large = [{k: torch.cat([small[0][k], small[1][k]]) for k in small[0]}]
     a = tiny_vlm(trainable={"encoder": "frozen", "projector": "full"})
     b = tiny_vlm(trainable={"encoder": "frozen", "projector": "full"})
@@ -136,6 +139,36 @@ def test_checkpoint_holds_only_trained_parts_and_reloads_to_identical_outputs(tm
     model.eval(), fresh.eval()
     assert torch.equal(model(tokens, encoder_input={"image": {"images": images}}),
                        fresh(tokens, encoder_input={"image": {"images": images}}))
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
+    def go(patience, start=0, history=None):
+        model = tiny_vlm(trainable={"encoder": "frozen", "projector": "full"})
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        settings = TrainSettings(max_steps=20, clip_grad_norm=None, eval_every=2, select_metric="val_x",
+                                 select_mode="max", patience=patience)
+        return train(model, optimizer, scheduler, itertools.cycle(make_batches()), settings, output_dir=tmp_path,
+                     device=torch.device("cpu"), dtype=torch.float32, evaluate=lambda: {"val_x": 0.0},
+                     start_step=start, history=history)
+
+    first = go(patience=1)  # no improvement at the second evaluation: stops at step 4
+    assert first["steps"] == 4 and first["stopped_early"]
+    state = load_training_state(tmp_path / "checkpoints" / "step_000004")
+    again = go(patience=1, start=state["step"], history=json.loads(state["history"]))
+    assert again["steps"] == 4 and again["stopped_early"] and again["history"] == first["history"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "best_step_000002", "step_000004"]
+    more = go(patience=3, start=state["step"], history=json.loads(state["history"]))  # more patience: it goes on
+    assert more["steps"] == 8 and [h["step"] for h in more["history"]] == list(range(1, 9))
+
+
+def test_master_dtype_less_precise_than_dtype_is_refused():
+    model = tiny_vlm(trainable={"encoder": "full", "projector": "full"})
+    with pytest.raises(ValueError, match="master_dtype=bf16 is less precise than dtype=fp32"):
+        keep_trained_parts_in(model, torch.bfloat16, torch.float32)
+    assert model.compute_dtype is None and next(model.vision.projector.parameters()).dtype == torch.float32
+    keep_trained_parts_in(model.to(torch.bfloat16), torch.float32, torch.bfloat16)  # the other way round is the point
+    assert model.compute_dtype == torch.bfloat16 and next(model.vision.projector.parameters()).dtype == torch.float32
 
 
 def test_checkpoint_errors(tmp_path):
