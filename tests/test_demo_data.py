@@ -136,8 +136,13 @@ def test_rebuild_is_skipped_for_the_same_parameters_and_redone_otherwise(tmp_pat
     build(tmp_path, seed=2)
     assert "already built" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")} == before
+    from medcap.data.demo_vqa import build_demo_vqa
+
+    questions = build_demo_vqa(tmp_path, split="test")
     assert demo.build_demo(tmp_path, seed=2, n_train=8, n_val=8, n_test=8) == {"train": 8, "val": 8, "test": 8}
     assert len(list((tmp_path / "images").glob("*.png"))) == 24  # the earlier build's extra images are gone
+    assert not questions.exists()  # and its questions, whose answers were the old images'
+    assert "removed the earlier build's VQA questions" in capsys.readouterr().out
     assert json.loads((tmp_path / "build_info.json").read_text())["counts"]["train"] == 8
 
 

@@ -271,6 +271,15 @@ def test_omnimedvqa_and_vqa_rad_give_question_options_answer_modality(tmp_path):
                                                                     ("3", "Count the lesions.", "2")]
     assert test[0]["options"] is None and test[0]["images"] == [str(rad / "VQA_RAD Image Folder/synpic1.jpg")]
 
+    # a row without phrase_type, the one file's split marker, is a problem in either split, not a training row
+    rows = json.loads((rad / "VQA_RAD Dataset Public.json").read_text())
+    del rows[0]["phrase_type"]
+    (rad / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    for split, kept in (("train", []), ("test", ["2", "3"])):
+        samples, problems = read_samples("vqa_rad", rad, split)
+        assert [s["id"] for s in samples] == kept
+        assert [(p.sample_id, p.field, p.reason) for p in problems] == [("1", "phrase_type", "no split")]
+
 
 class FakeTokenizer:
     """One token per character; enough for shapes and truncation."""

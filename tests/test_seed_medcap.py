@@ -156,6 +156,7 @@ def test_sharegpt_reader_names_file_item_and_field(tmp_path):
     items[3]["meta"] = "dir"                                                                # not key=value
     items[4]["image"] = ""
     items[5]["conversations"][0]["value"] = "①" * 50 + "\n\nDescribe the image in detail."  # instruction_type random
+    items[5]["id"] = "   "  # a blank id: its place in the list, as a missing one
     path.write_text(json.dumps(items))
     samples, problems = read_sharegpt(data, "train", annotation_file="textplus_pmcoa_patients_{split}.json")
     assert [(str(p.source), p.sample_id, p.field) for p in problems] == [

@@ -92,8 +92,9 @@ def read_r2gen(data_dir: Path, split: str, cleaner: Callable[..., str], annotati
     set (``medcap.data.reports``): ``true`` (or ``r2gen``) R2Gen's rules, ``r2gengpt`` R2GenGPT's variant.
     ``views``: ``separate`` = one image-token block per view, in the file's order
     (IU X-Ray: frontal, lateral); ``first`` = the first view only; ``average`` = exactly ``num_views`` views per
-    study, a shorter study repeating its last view as R2GenGPT does, for a model built with
-    ``views_per_block=num_views`` (it averages the encoded views into one block)."""
+    study, a shorter study repeating its last view, for a model built with ``views_per_block=num_views`` (it
+    averages the encoded views into one block). R2GenGPT averaged the views present: the same for its
+    ``num_views=2`` (one view averages to itself), not for 3 or more, where the repeated view weighs more."""
     if views not in VIEWS:
         raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
     variant = "r2gen" if clean_report is True else clean_report
@@ -247,7 +248,7 @@ def read_sharegpt(data_dir: Path, split: str, annotation_file: str = "{split}.js
         if not isinstance(item, dict):
             problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
             continue
-        sample_id = str(item.get("id") if item.get("id") not in (None, "") else index).strip()
+        sample_id = id_text(item.get("id")) or str(index)  # no id (or a blank one): its place in the list
         turns, error = conversation_turns(item.get("conversations"))
         meta = _meta_fields(item.get("meta"))
         image = item.get("image")

@@ -163,9 +163,13 @@ def build_demo(out_dir: str | Path, seed: int = 0, n_train: int = 512, n_val: in
     if info_file.is_file() and json.loads(info_file.read_text()) == info and all(m.is_file() for m in manifests):
         print(f"demo data already built in {out_dir} (seed {seed}, {counts})")
         return counts
-    if info_file.is_file():  # an earlier build with other parameters: drop its images
+    if info_file.is_file():  # an earlier build with other parameters: drop its images and the questions on them
         info_file.unlink()
         shutil.rmtree(out_dir / "images", ignore_errors=True)
+        if (out_dir / "QA_information").is_dir():
+            shutil.rmtree(out_dir / "QA_information")
+            print(f"removed the earlier build's VQA questions; `python -m medcap.data.demo_vqa --data {out_dir}` "
+                  f"writes this build's")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     bases = base_images()
     modalities = list(BASES)
