@@ -74,10 +74,16 @@ def check_override_types(argv: list[str]) -> None:
         raise SystemExit(f"medcap: {arg}: {key} must be {TYPES[kind]} (the config {path.name} has {expected!r})")
 
 
-def run_command(main: Callable[[], object]) -> int:
-    """Run a recipe's ``main`` as a command; the exit status."""
+def run_command(main: Callable[[], object], distributed: bool = False) -> int:
+    """Run a recipe's ``main`` as a command; the exit status. A recipe that is not ``distributed`` (only
+    finetune and generate split their work over processes) refuses to run in several: each would do the whole
+    job and write the same files."""
     check_override_types(sys.argv[1:])
     try:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes > 1 and not distributed:
+            raise ValueError(f"{Path(sys.argv[0]).stem} runs in one process ({processes} processes would each do the "
+                             f"whole job and write the same files): run it without --nproc_per_node / torchrun")
         main()
     except (KeyboardInterrupt, SystemExit):
         raise

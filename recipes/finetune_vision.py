@@ -11,4 +11,4 @@ from medcap.command import run_command
 from recipes.finetune import main
 
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(run_command(main, distributed=True))

@@ -82,4 +82,4 @@ def run(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(run_command(main, distributed=True))

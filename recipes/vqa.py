@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torchtune import config, training, utils
+from torchtune import config, training
 from tqdm import tqdm
 
 from medcap.command import run_command
@@ -225,9 +225,6 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"prompt_encoding must be one of {PROMPT_ENCODINGS}, got {cfg.prompt_encoding!r}")
     if cfg.get("judge_missing", "omit") not in JUDGE_MISSING:
         raise ValueError(f"judge_missing must be one of {JUDGE_MISSING}, got {cfg.judge_missing!r}")
-    if utils.get_world_size_and_rank()[0] > 1:
-        raise ValueError("the vqa recipe runs in one process (each process would answer every question and write "
-                         "the same files): run it without --nproc_per_node / torchrun")
     report = report_options(cfg.get("report", True))  # checked before the model runs
     training.set_seed(seed=cfg.seed)
     device, dtype = device_and_dtype(cfg)
