@@ -182,3 +182,11 @@ def test_swin_base_squashes_images_as_r2gengpts_image_processor():
     image = Image.fromarray((rng.random((62, 51, 3)) * 255).astype(np.uint8)).resize((512, 624))  # portrait
     expected = torch.as_tensor(np.asarray(processor(image, return_tensors="np").pixel_values[0]))
     torch.testing.assert_close(image_transform(encoder)(image), expected, atol=1e-5, rtol=0)
+
+
+def test_timm_encoder_takes_the_models_own_input_size():
+    from medcap.models.encoders import TimmEncoder
+
+    vit = TimmEncoder("vit_tiny_patch16_384")  # at 224 px its patch embedding refuses the image
+    assert vit.image_size == 384 and vit.num_tokens == (384 // 16) ** 2
+    assert TimmEncoder("vit_tiny_patch16_224", image_size=224).image_size == 224

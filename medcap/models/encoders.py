@@ -53,8 +53,8 @@ class TimmEncoder(_Encoder):
     which oneDNN and cuDNN convolve faster (EfficientNet-Lite0 training on a 2-core CPU: 1.5x); the values and the
     state dict are the same."""
 
-    def __init__(self, model_name: str, checkpoint: str | None = None, output: str = "patch", image_size: int = 224,
-                 grid: int | None = None, channels_last: bool = False, **timm_kwargs):
+    def __init__(self, model_name: str, checkpoint: str | None = None, output: str = "patch",
+                 image_size: int | None = None, grid: int | None = None, channels_last: bool = False, **timm_kwargs):
         super().__init__()
         self.output = _check_output(output)
         if grid is not None and output != "patch":
@@ -68,7 +68,8 @@ class TimmEncoder(_Encoder):
             raise ValueError(f"unknown timm model {model_name!r}: {e}") from None
         use_fast_depthwise_backward(self.model)  # bf16 training on a CPU: the same gradients, faster (depthwise.py)
         cfg = self.model.pretrained_cfg
-        self.image_size = image_size
+        # the model's own input size unless told (a ViT at 384 px takes no 224 px image)
+        self.image_size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
         self.mean, self.std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
         if checkpoint:
             self.load_checkpoint(checkpoint)
