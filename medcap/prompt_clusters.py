@@ -12,8 +12,9 @@ features; the design here is ours:
   counted once per report where it is affirmed; an occurrence is negated, and not counted, when a negation cue
   ("no", "not", "without", "negative for", "free of", "clear of", "absence of", "resolved") comes before it in the
   same clause (a clause ends at . ; ? ! or "but"), or a resolution cue ("resolved", "no longer", "removed", not
-  after "not", "partially", "incompletely", "nearly" or "almost") comes after it in the same clause ("the left
-  pleural effusion has resolved"). The ``top_k`` terms affirmed in at least ``min_share`` of the
+  after "not", "partially", "incompletely", "nearly" or "almost", with at most one word between) comes after it in
+  the same part of the clause (parts are separated by a comma, "and" or "with": in "cardiomegaly and the effusion
+  has resolved" only the effusion is resolved). The ``top_k`` terms affirmed in at least ``min_share`` of the
   cluster's reports fill ``template``; a cluster with none gets ``empty``.
 - Saved with every checkpoint (``prompt_clusters.safetensors``: centroids and the features of a fixed probe input;
   ``prompt_clusters.json``: prompts, the feature encoder's config, the mining counts), inside the checkpoint's
@@ -42,8 +43,11 @@ log = utils.get_logger("INFO")
 WEIGHTS_FILE, META_FILE = "prompt_clusters.safetensors", "prompt_clusters.json"
 NEGATION_CUES = ("no", "not", "without", "negative for", "free of", "clear of", "absence of", "resolved")
 CLAUSE_END = re.compile(r"[.;?!]|\bbut\b")
-# negate a finding named before them; group 1 is a qualifier that leaves it present ("has not resolved")
-RESOLUTION_CUES = re.compile(r"\b(?:(not|partially|incompletely|nearly|almost)\s+)?(?:resolved|no\s+longer|removed)\b")
+# negate the finding named before them in their part of the clause (after the last comma, "and" or "with"); group 1
+# is a qualifier, up to one word before the cue, that leaves it present ("has not resolved", "not yet resolved")
+RESOLUTION_CUES = re.compile(r"\b(?:(not|partially|incompletely|nearly|almost)\s+(?:[a-z]+\s+)?)?"
+                             r"(?:resolved|no\s+longer|removed)\b")
+CLAUSE_PART = re.compile(r",|\band\b|\bwith\b")
 FEATURES = ("mean of the feature encoder's tokens, then of a sample's images, L2-normalised, fp32; the feature "
             "encoder is built from feature_encoder and stays frozen (it is not the model's trained encoder)")
 PROBE_TOLERANCE = 1e-3
@@ -73,7 +77,7 @@ CHEST_FINDINGS = {
 
 
 def _clauses(report: str) -> list[str]:
-    text = " ".join(re.sub(r"[^a-z0-9.;?!]+", " ", report.lower()).split())
+    text = " ".join(re.sub(r"[^a-z0-9.,;?!]+", " ", report.lower()).split())
     return [c.strip() for c in CLAUSE_END.split(text) if c.strip()]
 
 
@@ -88,10 +92,12 @@ def affirmed_terms(report: str, vocabulary: dict[str, list[str]]) -> set[str]:
     found = set()
     for clause in _clauses(report):
         negated_from = min((m.start() for c in cues for m in [c.search(clause)] if m), default=len(clause) + 1)
-        resolved_before = max((m.start() for m in RESOLUTION_CUES.finditer(clause) if not m.group(1)), default=-1)
+        resolved = [(max((b.end() for b in CLAUSE_PART.finditer(clause, 0, m.start())), default=0), m.start())
+                    for m in RESOLUTION_CUES.finditer(clause) if not m.group(1)]  # spans reported resolved
         for term, phrases in vocabulary.items():
             for phrase in phrases:
-                if any(resolved_before < m.start() < negated_from for m in _phrase_pattern(phrase).finditer(clause)):
+                if any(m.start() < negated_from and not any(a <= m.start() < b for a, b in resolved)
+                       for m in _phrase_pattern(phrase).finditer(clause)):
                     found.add(term)
     return found
 

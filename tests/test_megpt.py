@@ -298,8 +298,14 @@ def test_findings_mining_negates_findings_reported_as_resolved_after_them():
     assert affirmed_terms("the pacemaker was removed but the effusion remains", CHEST_FINDINGS) == {"pleural effusion"}
     assert affirmed_terms("the catheter has been removed and a pacemaker placed", CHEST_FINDINGS) == {
         "surgical hardware"}
-    for report in ["the effusion has not resolved", "the pleural effusion has partially resolved"]:
+    for report in ["the effusion has not resolved", "the pleural effusion has partially resolved",
+                   "the left pleural effusion has not completely resolved", "the effusion has not yet resolved"]:
         assert affirmed_terms(report, CHEST_FINDINGS) == {"pleural effusion"}, report
+    # only the finding in its part of the clause: the others named before it stay affirmed
+    for report in ["There is cardiomegaly and the left pleural effusion has resolved.",
+                   "Cardiomegaly, the effusion has resolved.",
+                   "Stable cardiomegaly with interval removal of the chest tube, pneumothorax no longer seen."]:
+        assert affirmed_terms(report, CHEST_FINDINGS) == {"cardiomegaly"}, report
 
 
 def test_prompts_name_each_clusters_most_frequent_affirmed_findings():
