@@ -440,3 +440,26 @@ def test_a_misshapen_tensor_is_named_with_its_shard(llava_dir, tmp_path, name):
     with pytest.raises(ValueError, match=f"{re.escape(str(bad / shard))} does not fit the model of its config.json: "
                                          f"{re.escape(name)}: expected shape"):
         builders.llava_hf(str(bad))
+
+
+def test_llava_hf_follows_its_image_processor_or_refuses_it(llava_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from medcap.data.dataset import image_transform
+
+    folder, _ = llava_dir
+    # oracle: transformers' CLIPImageProcessor of the folder (here resampling bilinear) on the same image
+    copy = tmp_path / "bilinear"
+    shutil.copytree(folder, copy)
+    (copy / "preprocessor_config.json").write_text(json.dumps({**PREPROCESSOR, "resample": 2}))
+    encoder = llava_hf_vision_encoder(str(copy))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 37, 3), dtype=np.uint8))
+    processor = transformers.CLIPImageProcessor(**{**PREPROCESSOR, "resample": 2})
+    expected = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
+    assert encoder.interpolation == "bilinear"
+    assert (image_transform(encoder)(image) - expected).abs().max() < 0.03
+    (copy / "preprocessor_config.json").write_text(json.dumps({**PREPROCESSOR, "size": {"shortest_edge": 40}}))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: size=\{'shortest_edge': 40\} does not match the "
+                                         r"model's input of 28 px"):
+        llava_hf_vision_encoder(str(copy))

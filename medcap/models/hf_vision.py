@@ -63,15 +63,6 @@ def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def preprocess_mean_std(folder: str | Path, mean: tuple, std: tuple) -> tuple[tuple, tuple]:
-    """``image_mean`` / ``image_std`` of the folder's preprocessor_config.json, else the given ones."""
-    path = Path(folder) / "preprocessor_config.json"
-    if not path.is_file():
-        return mean, std
-    config = json.loads(path.read_text())
-    return tuple(config.get("image_mean", mean)), tuple(config.get("image_std", std))
-
-
 # transformers' image processors that ImageTransform can follow: their defaults for keys a file leaves out
 _PROCESSORS = {"ViT": {"resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
                "CLIP": {"resample": 3, "do_center_crop": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],

@@ -305,6 +305,15 @@ def _vision_state(vision: dict[str, Tensor], width: int) -> dict[str, Tensor]:
     return state
 
 
+def _follow_processor(encoder: "LlavaVisionEncoder", folder: Path) -> "LlavaVisionEncoder":
+    """Images prepared as the folder's preprocessor_config.json (its CLIPImageProcessor) says, or refused where
+    medcap cannot follow it (``hf_vision.preprocessing``)."""
+    settings = hf_vision.preprocessing(folder, "CLIP", encoder.image_size, encoder.mean, encoder.std, "crop")
+    encoder.mean, encoder.std = settings["mean"], settings["std"]
+    encoder.interpolation, encoder.resize_mode = settings["interpolation"], settings["resize_mode"]
+    return encoder
+
+
 def llava_hf_model(model_dir: str, trainable: dict[str, str] | None = None, lora: dict | None = None,
                    max_seq_len: int | None = None) -> LlavaHFModel:
     """LLaVA 1.5 from a llava-hf folder, all three parts with their weights (see the module docstring)."""
@@ -312,9 +321,9 @@ def llava_hf_model(model_dir: str, trainable: dict[str, str] | None = None, lora
     config = read_llava_config(folder)
     text, vision = config["text"], config["vision"]
     decoder = llava_decoder(text, max_seq_len)
-    mean, std = hf_vision.preprocess_mean_std(folder, CLIP_MEAN, CLIP_STD)
-    encoder = LlavaVisionEncoder(vision, config["vision_feature_layer"], config["vision_feature_select_strategy"],
-                                 source=config["source"], mean=mean, std=std)
+    encoder = _follow_processor(LlavaVisionEncoder(vision, config["vision_feature_layer"],
+                                                   config["vision_feature_select_strategy"], source=config["source"]),
+                                folder)
     projector = _projector(encoder.embed_dim, text["hidden_size"], config["multimodal_projector_bias"])
 
     build = lambda: LlavaHFModel(decoder, encoder, projector, config["image_token_index"], trainable, 1, lora)  # noqa: E731
@@ -352,9 +361,9 @@ def llava_hf_vision_encoder(model_dir: str, output: str = "pooled") -> LlavaVisi
     projector)."""
     folder = Path(model_dir)
     config = read_llava_config(folder)
-    mean, std = hf_vision.preprocess_mean_std(folder, CLIP_MEAN, CLIP_STD)
-    encoder = LlavaVisionEncoder(config["vision"], config["vision_feature_layer"],
-                                 config["vision_feature_select_strategy"], output, config["source"], mean, std)
+    encoder = _follow_processor(LlavaVisionEncoder(config["vision"], config["vision_feature_layer"],
+                                                   config["vision_feature_select_strategy"], output, config["source"]),
+                                folder)
     expected = _vision_shapes(encoder.visual)
     vision: dict[str, Tensor] = {}
     for path, tensors in _tensors(folder, lambda name: (split_llava_name(name) or ("",))[0] == "vision"):
