@@ -73,7 +73,7 @@ class VisionLanguageModel(EarlyFusionModel):
         super().__init__(decoder, {"image": VisionTower(encoder, projector, views_per_block)},
                          {"image": image_token_id})
         self.image_token_id = image_token_id
-        self.frozen_in_train_mode = frozen_in_train_mode
+        self.frozen_in_train_mode = bool(frozen_in_train_mode)  # null in a config: false
         self.trainable = {"encoder": "full", "projector": "full", "decoder": "frozen", **(trainable or {})}
         for part, mode in self.trainable.items():
             if part not in PARTS or mode not in TRAIN_MODES:
