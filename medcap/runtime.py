@@ -151,17 +151,16 @@ def caption_dataset(node: DictConfig, tokenizer, model, with_captions: bool = Tr
                               transform=image_transform(model.vision.encoder), with_captions=with_captions)
 
 
-def warn_truncated(dataset: CaptionDataset, what: str) -> None:
-    """Logs (on rank 0) how many of ``dataset``'s captions are cut to fit ``max_seq_len`` or ``max_answer_tokens``,
-    before training starts: a cut caption trains on its first part only."""
-    if not distributed.is_rank_zero():
-        return
-    cut = count_truncated(dataset)
-    if cut:
+def warn_truncated(dataset: CaptionDataset, what: str, device: torch.device) -> None:
+    """Logs how many of ``dataset``'s captions are cut to fit ``max_seq_len`` or ``max_answer_tokens``, before
+    training starts: a cut caption trains on its first part only. Each rank counts its share of the samples."""
+    share = dataset.samples[distributed.rank()::distributed.world_size()]
+    cut = int(distributed.all_reduce_sum(count_truncated(dataset, share), device))
+    if cut and distributed.is_rank_zero():
         limits = f"max_seq_len={dataset.max_seq_len}" + (f" / max_answer_tokens={dataset.max_answer_tokens}"
                                                          if dataset.max_answer_tokens else "")
-        log.warning(f"{what}: {cut} of {len(dataset.samples)} captions are cut to fit {limits} (each keeps its "
-                    f"end token; `medcap run prepare_data` shows caption lengths)")
+        log.warning(f"{what}: {cut} of {len(dataset.samples)} captions are cut to fit {limits} (the prompt and the "
+                    f"image tokens are never cut; `medcap run prepare_data` shows caption lengths)")
 
 
 def caption_loader(dataset: CaptionDataset, tokenizer, batch_size: int, num_workers: int = 0,

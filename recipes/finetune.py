@@ -74,7 +74,7 @@ def main(cfg: DictConfig) -> None:
         clusters, embedder = prompt_clusters.for_training(cfg, train_set, resume, device)
         model.checkpoint_writers = [clusters.save]
 
-    warn_truncated(train_set, "training set")  # with each image's prompt
+    warn_truncated(train_set, "training set", device)  # with each image's prompt
 
     cluster_of: dict[str, int] = {}  # validation sample id -> cluster: its images are embedded once
 
@@ -92,7 +92,7 @@ def main(cfg: DictConfig) -> None:
     # `val_dataset=null` on the command line sets val_dataset._component_ to null (torchtune's override rule)
     if cfg.get("val_dataset") and cfg.val_dataset.get("_component_"):
         val_set = dataset(cfg.val_dataset)
-        warn_truncated(val_set, "validation set")  # its loss is over the kept part of each caption
+        warn_truncated(val_set, "validation set", device)  # its loss is over the kept part of each caption
         val_loader = rank_loader(val_set, tokenizer, cfg.batch_size,
                                  cfg.get("eval_max_batches"), cfg.get("num_workers", 0))
         evaluations["val_loss"] = lambda: {"val_loss": validation_loss(model, val_loader, device, dtype)}

@@ -380,8 +380,10 @@ def collate_captions(batch: list[dict[str, Any]], pad_id: int, padding_side: str
     return out
 
 
-def count_truncated(dataset: CaptionDataset) -> int:
-    """How many samples had their caption cut to fit ``max_seq_len`` (tokenises every sample once)."""
-    return sum(dataset.tokenize(s)["truncated"] for s in dataset.samples if isinstance(s["caption"], str))
+def count_truncated(dataset: CaptionDataset, samples: list[dict[str, Any]] | None = None) -> int:
+    """How many samples (``dataset``'s, or ``samples`` of it) had their caption cut to fit ``max_seq_len``
+    (tokenises each once)."""
+    return sum(dataset.tokenize(s)["truncated"] for s in (dataset.samples if samples is None else samples)
+               if isinstance(s["caption"], str))
 
 
