@@ -28,7 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torchtune import config, training
 
-from medcap.atomic import write_text
+from medcap.atomic import remove_earlier, write_text
 from medcap.command import run_command
 from medcap.fuser import check_prompts_fit, generate_texts, text_lm_and_tokenizer
 from medcap.metrics import read_predictions, write_csv_predictions
@@ -60,6 +60,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("neighbours"):
         source = cfg.neighbours
         neighbours = read_neighbours(source, cfg.get("index_dir"))
+        if Path(source).resolve() != (out / "neighbours.jsonl").resolve():  # a search's, which this run did not use
+            for path in remove_earlier([out / "neighbours.jsonl"]):
+                log.info(f"removed the earlier run's {path} (this one read {source})")
     else:
         if not cfg.get("index_dir") or not cfg.get("dataset"):
             raise ValueError("set neighbours (a file), or index_dir and dataset (the query images) to search them")

@@ -273,12 +273,13 @@ def test_omnimedvqa_and_vqa_rad_give_question_options_answer_modality(tmp_path):
 
     # a row without phrase_type, the one file's split marker, is a problem in either split, not a training row
     rows = json.loads((rad / "VQA_RAD Dataset Public.json").read_text())
-    del rows[0]["phrase_type"]
-    (rad / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
-    for split, kept in (("train", []), ("test", ["2", "3"])):
-        samples, problems = read_samples("vqa_rad", rad, split)
-        assert [s["id"] for s in samples] == kept
-        assert [(p.sample_id, p.field, p.reason) for p in problems] == [("1", "phrase_type", "no split")]
+    for marker in (None, " "):  # missing, or blank
+        rows[0]["phrase_type"] = marker
+        (rad / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+        for split, kept in (("train", []), ("test", ["2", "3"])):
+            samples, problems = read_samples("vqa_rad", rad, split)
+            assert [s["id"] for s in samples] == kept
+            assert [(p.sample_id, p.field, p.reason) for p in problems] == [("1", "phrase_type", "no split")]
 
 
 class FakeTokenizer:

@@ -167,8 +167,11 @@ def tiny_config(tmp_path: Path, **changes) -> Path:
 def test_synthesize_recipe_writes_every_id_once(tmp_path, inputs):
     drafts, neighbours = inputs
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "neighbours.jsonl").write_text("{}\n")  # an earlier run's search, not this run's neighbours
     cli.run_recipe("synthesize", str(tiny_config(tmp_path, drafts=str(drafts), neighbours=str(neighbours),
                                                   output_dir=str(out), num_neighbours=2)), [])
+    assert not (out / "neighbours.jsonl").exists()
     predictions = read_predictions(out / "predictions.csv")
     assert list(predictions) == IDS
     rows = [json.loads(line) for line in (out / "synthesis.jsonl").read_text().splitlines()]
@@ -206,6 +209,11 @@ def test_synthesize_searches_the_index_for_the_planted_neighbours(tmp_path, colo
     rows = {r["id"]: r for r in map(json.loads, (out / "synthesis.jsonl").read_text().splitlines())}
     assert rows["q_red"]["neighbours"][0] == "All red." and rows["q_blue"]["neighbours"][0] == "All blue."
     assert list(read_predictions(out / "predictions.csv")) == ["q_blue", "q_red"]
+    # the search's file read back as this run's neighbours stays
+    cli.run_recipe("synthesize", str(config), ["trusted_components=[tests.test_synthesize.MeanColour]",
+                                               f"neighbours={out / 'neighbours.jsonl'}"])
+    assert (out / "neighbours.jsonl").is_file() and list(read_predictions(out / "predictions.csv")) == [
+        "q_blue", "q_red"]
 
 
 def test_a_prompt_too_long_for_the_decoder_names_the_id_and_the_drafts(tmp_path, inputs):

@@ -120,7 +120,7 @@ def read_vqa_rad(data_dir: Path, split: str, annotation_file: str = "VQA_RAD Dat
     seen = {"phrase_type": set(), "answer_type": set()}
     for index, row in enumerate(rows):
         if isinstance(row, dict) and not per_split_file:
-            if row.get("phrase_type") is None:  # the one file's split marker: without it the row belongs nowhere
+            if not str(row.get("phrase_type") or "").strip():  # the one file's split marker: without it, no split
                 problems.append(Problem(Source(str(path), item=f"[{index}]"), str(row.get("qid", "")).strip() or None,
                                         "phrase_type", "no split", "field 'phrase_type' (test_* rows are the test "
                                         "split, the others train) is missing"))
