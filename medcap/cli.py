@@ -1,6 +1,6 @@
 """The ``medcap`` command: ``medcap run RECIPE --config CONFIG [key=value ...]``, ``medcap ls``,
-``medcap cp CONFIG DEST``, ``medcap compare RUN [RUN ...]``. RECIPE and CONFIG are names of the project's recipes/configs
-(``finetune_vision``, ``demo/finetune_vision``) or paths. Config semantics are torchtune's:
+``medcap cp CONFIG DEST``, ``medcap compare RUN [RUN ...]``. RECIPE and CONFIG are names of the project's recipes /
+configs (``finetune_vision``, ``demo/finetune_vision``) or paths. Config semantics are torchtune's:
 ``_component_``, ``key=value`` overrides and ``~key`` to delete a key."""
 
 import argparse

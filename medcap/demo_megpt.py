@@ -99,8 +99,9 @@ def main() -> None:
     columns = COLUMNS + ["val_loss"]
     text = format_table(table, columns)
     print("\n" + text)
-    note = (f"{args.steps} steps per row (batch 4, seed 0, greedy decoding up to {args.max_new_tokens} tokens), SmolLM2-135M frozen, EfficientNet-Lite0 + projector "
-            f"(+ FEM) trained; the first {len(references)} test images; image_blind: the most frequent training caption for every image.")
+    note = (f"{args.steps} steps per row (batch 4, seed 0, greedy decoding up to {args.max_new_tokens} tokens), "
+            f"SmolLM2-135M frozen, EfficientNet-Lite0 + projector (+ FEM) trained; the first {len(references)} test "
+            f"images; image_blind: the most frequent training caption for every image.")
     print(note)
     (out / "ablation.md").write_text(markdown_table(table, columns) + "\n\n" + note + "\n")
     (out / "ablation.json").write_text(json.dumps(figures, indent=2))

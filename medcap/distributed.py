@@ -55,7 +55,8 @@ def shard(model: nn.Module, device: torch.device, reshard_after_forward: bool = 
 
     mesh = init_device_mesh(device.type, (world_size(),))
     compute = getattr(model, "compute_dtype", None)
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else \
+        MixedPrecisionPolicy()
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": policy}
     if hasattr(model, "vision") and getattr(model.vision.encoder, "channels_last", False):
         model.vision.encoder.set_channels_last(False)  # FSDP2 shards only contiguous (NCHW) parameters

@@ -36,7 +36,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
     own group dicts, so the scheduler's learning rates reach them. ``step`` and ``zero_grad`` do nothing (the
     hooks did it); gradient clipping and accumulation cannot work with it."""
 
-    def __init__(self, param_groups: list[dict[str, Any]], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]):
+    def __init__(self, param_groups: list[dict[str, Any]],
+                 make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]):
         self.inner: list[torch.optim.Optimizer] = []
         params = []
         for group in param_groups:

@@ -35,7 +35,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         if num_samples < global_batch:
             raise ValueError(f"the training set has {num_samples} samples, fewer than batch_size={batch_size}"
                              + (f" x {world_size} ranks" if world_size > 1 else ""))
-        self.num_samples, self.batch_size, self.seed, self.start, self.shuffle = num_samples, batch_size, seed, start, shuffle
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.start, self.shuffle = start, shuffle
         self.rank, self.world_size = rank, world_size
         self.per_epoch = num_samples // global_batch
 
@@ -158,7 +159,7 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
         distributed.barrier()
 
     if stopped and distributed.is_rank_zero():
-        tqdm.write(f"the run already stopped early at step {start_step}: {settings.select_metric} had not improved on "
+        tqdm.write(f"early stop at step {start_step}, as resumed: {settings.select_metric} has not improved on "
                    f"{best:.4f} for {since_best} evaluations (patience={settings.patience}); nothing to train")
     progress = tqdm(range(start_step + 1, settings.max_steps + 1) if not stopped else [], desc="train", unit="step",
                     initial=start_step, total=settings.max_steps, dynamic_ncols=True,

@@ -326,7 +326,9 @@ def llava_hf_model(model_dir: str, trainable: dict[str, str] | None = None, lora
                                 folder)
     projector = _projector(encoder.embed_dim, text["hidden_size"], config["multimodal_projector_bias"])
 
-    build = lambda: LlavaHFModel(decoder, encoder, projector, config["image_token_index"], trainable, 1, lora)  # noqa: E731
+    def build() -> LlavaHFModel:
+        return LlavaHFModel(decoder, encoder, projector, config["image_token_index"], trainable, 1, lora)
+
     if weights_deferred():  # a skeleton whose weights rank 0 will broadcast (see medcap.runtime)
         return build()
     expected = {**_llm_shapes(decoder, text), **_vision_shapes(encoder.visual),

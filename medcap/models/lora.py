@@ -218,9 +218,9 @@ def add_lora(module: nn.Module, settings: LoRASettings, quantize_base: bool = Fa
             _replace(module, name, NF4Linear(layer))
     if targets - matched:
         linears = sorted({n.rpartition(".")[2] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
+        fused = " (q / k / v need a fused 'qkv' projection)" if targets & FUSED_QKV.keys() else ""
         raise ValueError(f"lora targets {sorted(targets - matched)} match no linear layer of the {part}; its linear "
-                         f"layers are named {linears or 'nothing: it has none'}" + (" (q / k / v need a fused 'qkv' projection)"
-                                                         if targets & FUSED_QKV.keys() else ""))
+                         f"layers are named {linears or 'nothing: it has none'}{fused}")
     for layer in module.modules():
         if isinstance(layer, ADAPTERS):
             layer.lora_a.requires_grad_(True)

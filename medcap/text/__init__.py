@@ -7,5 +7,5 @@ from medcap.text.tokenizers import IMAGE_PLACEHOLDER, ChatTokenizer
 from medcap.text.vicuna import VicunaTokenizer, llava_hf_tokenizer
 
 __all__ = ["IGNORE_INDEX", "IMAGE_PLACEHOLDER", "ChatTokenizer", "Llama2ChatTokenizer", "Llama3ChatTokenizer",
-           "SmolLM2Tokenizer", "VicunaTokenizer", "build_conversation_sample", "build_sample", "llama2_tokenizer", "llama3_tokenizer", "llava_hf_tokenizer",
-           "smollm2_tokenizer"]
+           "SmolLM2Tokenizer", "VicunaTokenizer", "build_conversation_sample", "build_sample", "llama2_tokenizer",
+           "llama3_tokenizer", "llava_hf_tokenizer", "smollm2_tokenizer"]
