@@ -57,20 +57,21 @@ def test_rouge1_and_bleu1_hand_checked():
 
 def test_imageclef_edge_cases():
     refs = {"same": "Chest X-ray.", "empty_both": "", "empty_pred": "CT head", "punct": ".",
-            "numbers": "5"}
-    preds = {"same": "chest x-ray", "empty_both": "", "empty_pred": "", "punct": ".", "numbers": "12 34"}
+            "numbers": "5", "dashes": "-"}
+    preds = {"same": "chest x-ray", "empty_both": "", "empty_pred": "", "punct": ".", "numbers": "12 34",
+             "dashes": "..."}
     s = evaluate(preds, refs, preset="imageclef", bertscore=False).per_sample
     order = list(refs)
     rouge, bleu = dict(zip(order, s["ROUGE-1"])), dict(zip(order, s["BLEU-1"]))
     assert rouge["same"] == 1.0 and bleu["same"] == 1.0  # "chest xray" both after preprocessing
-    assert rouge["empty_both"] == 1.0 and bleu["empty_both"] == 1.0  # both raw captions empty
+    assert rouge["empty_both"] == 1.0 and bleu["empty_both"] == 1.0
     assert rouge["empty_pred"] == 0.0 and bleu["empty_pred"] == 0.0
-    # "." is not empty raw, so the official rule scores the two empty preprocessed strings as a real pair: 0
-    assert rouge["punct"] == 0.0 and bleu["punct"] == 0.0
+    # the official evaluator checks "both empty" after its preprocessing: "." / "." and "..." / "-" score 1
+    assert rouge["punct"] == bleu["punct"] == rouge["dashes"] == bleu["dashes"] == 1.0
     # "number number" vs "number": ROUGE-1 P = 1/2, R = 1 -> 2/3; BLEU-1 clipped 1 of 2, longer -> 1/2
     assert rouge["numbers"] == pytest.approx(2 / 3) and bleu["numbers"] == pytest.approx(0.5)
     corpus = score(preds, refs, preset="imageclef", bertscore=False)
-    assert corpus["ROUGE-1"] == pytest.approx((1 + 1 + 0 + 0 + 2 / 3) / 5)
+    assert corpus["ROUGE-1"] == pytest.approx((1 + 1 + 0 + 1 + 2 / 3 + 1) / 6)
     with pytest.raises(ValueError, match="one reference caption per id"):
         score({"a": "x"}, {"a": ["x", "y"]}, preset="imageclef", bertscore=False)
 
@@ -84,7 +85,7 @@ def test_imageclef_rouge_and_bleu_match_rouge_score_and_nltk():
     rouge, bleu = [], []
     for k in refs:
         p, r = preprocess_caption(preds[k]), preprocess_caption(refs[k])
-        if not preds[k] and not refs[k]:
+        if not p.split() and not r.split():
             rouge.append(1.0), bleu.append(1.0)
             continue
         rouge.append(scorer.score(r, p)["rouge1"].fmeasure)
@@ -100,7 +101,7 @@ def test_imageclef_rouge_l_matches_rouge_score_after_the_official_preprocessing(
     refs = {k: v[0] + (" 12 mm, lower lobe." if int(k) % 4 == 0 else "") for k, v in refs.items()}
     preds["0"], refs["1"] = "", ""  # one empty prediction, one empty reference
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    expected = [1.0 if not preds[k] and not refs[k] else
+    expected = [1.0 if not preprocess_caption(preds[k]).split() and not preprocess_caption(refs[k]).split() else
                 scorer.score(preprocess_caption(refs[k]), preprocess_caption(preds[k]))["rougeL"].fmeasure
                 for k in refs]
     ours = evaluate(preds, refs, preset="imageclef", bertscore=False)
@@ -142,6 +143,31 @@ def test_bertscore_identical_is_one_and_orders_paraphrases(minilm):
                               ["left lower lobe pneumonia", "pneumonia in the left lower lobe", "left lower lobe pneumonia"])
     assert s[0] == pytest.approx(1.0, abs=1e-6)
     assert s[0] > s[1] > s[2]
+
+
+def test_imageclef_bertscore_scores_a_pair_empty_after_preprocessing_one(minilm):
+    path, BertScore = minilm
+    refs = {"punct": "-", "real": "left pleural effusion", "spaces": ". ."}
+    preds = {"punct": "...", "real": "", "spaces": ". ."}
+    s = evaluate(preds, refs, preset="imageclef", bertscore=BertScore(path)).per_sample
+    # "-" and "..." are both empty after the official preprocessing; ". ." leaves " ", which its BERTScore scores
+    assert s["BERTScore"].tolist()[:2] == [1.0, 0.0] and s["ROUGE-1"].tolist() == [1.0, 0.0, 1.0]
+    assert s["BERTScore"][2] != 1.0
+
+
+def test_bertscore_takes_bert_scores_layer_for_a_model_it_knows(tmp_path, minilm):
+    import shutil
+
+    import transformers
+
+    path, BertScore = minilm
+    folder = tmp_path / "deberta-xlarge-mnli"  # a tiny random model under the official scorer's model name
+    transformers.DebertaModel(transformers.DebertaConfig(hidden_size=16, num_hidden_layers=41, num_attention_heads=2,
+                                                         intermediate_size=16)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(path / name, folder / name)
+    assert BertScore(folder).num_layers == 40  # bert-score's model2layers; all 41 otherwise
+    assert BertScore(folder, num_layers=41).num_layers == 41 and BertScore(path).num_layers == 6
 
 
 def test_bertscore_errors(tmp_path, minilm):

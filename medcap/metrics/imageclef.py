@@ -1,7 +1,7 @@
 """The ImageCLEFmedical caption preset: the official per-caption preprocessing, ROUGE-1 F-measure (tokenised as
 rouge-score does, no stemming; the 2024 leaderboard's ROUGE), ROUGE-L F-measure (the same tokens, longest common
 subsequence; the AUEB thesis' table names its ROUGE column so), BLEU-1 and BERTScore, each averaged over images;
-a pair whose raw captions are both empty scores 1, as in the official evaluator."""
+a pair whose captions are both empty after that preprocessing scores 1, as in the official evaluator."""
 
 import re
 import string
@@ -66,16 +66,20 @@ def bleu1(prediction: str, reference: str) -> float:
 def imageclef_scores(predictions: dict[str, str], references: dict[str, str], bertscore=None) -> Scored:
     """``references`` hold one caption per id. ``bertscore``: a ``medcap.metrics.bertscore.BertScore`` or None."""
     ids = list(references)
-    both_empty = np.array([not predictions[k] and not references[k] for k in ids])
     hyps = [preprocess_caption(predictions[k]) for k in ids]
     refs = [preprocess_caption(references[k]) for k in ids]
+    # "both empty scores 1", checked as the official evaluator checks it: after the preprocessing ("." and "-" are
+    # both empty then), on the joined words for ROUGE and BLEU, on the text itself for BERTScore
+    no_words = np.array([not h.split() and not r.split() for h, r in zip(hyps, refs)])
+    no_text = np.array([not h and not r for h, r in zip(hyps, refs)])
     per_sample = {
         "ROUGE-1": np.array([rouge1_f(h, r) for h, r in zip(hyps, refs)]),
         "ROUGE-L": np.array([rougeL_f(h, r) for h, r in zip(hyps, refs)]),
         "BLEU-1": np.array([bleu1(h, r) for h, r in zip(hyps, refs)]),
     }
+    for values in per_sample.values():
+        values[no_words] = 1.0
     if bertscore is not None:
         per_sample["BERTScore"] = bertscore.score(hyps, refs)
-    for values in per_sample.values():
-        values[both_empty] = 1.0
+        per_sample["BERTScore"][no_text] = 1.0
     return mean_scored(ids, per_sample)
