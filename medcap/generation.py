@@ -55,6 +55,8 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
         return logits.argmax(-1)
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 or null: off), got {top_k}")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be between 0 and 1 (null: off), got {top_p}")
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         best, candidates = torch.topk(logits, top_k)  # sorted, best first
@@ -77,7 +79,9 @@ def _beyond_top_p(sorted_logits: Tensor, top_p: float) -> Tensor:
     """Where a token (scores sorted best first) falls outside top-p: the tokens ranked above it already cover
     top_p. The first token always stays."""
     probs = sorted_logits.softmax(-1)
-    return probs.cumsum(-1) - probs >= top_p
+    beyond = probs.cumsum(-1) - probs >= top_p
+    beyond[..., 0] = False  # top_p 0 keeps the best token, as transformers does
+    return beyond
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

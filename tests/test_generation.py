@@ -79,6 +79,10 @@ def test_sample_next_greedy_top_k_top_p():
     # top_k=1 and a tiny top_p both reduce sampling to the argmax
     assert sample_next(logits, temperature=1.0, top_k=1, generator=g).tolist() == [1, 0]
     assert sample_next(logits, temperature=1.0, top_p=1e-6, generator=g).tolist() == [1, 0]
+    for top_k in (None, 3):  # top_p 0 keeps the best token (transformers' min_tokens_to_keep), with or without top-k
+        assert sample_next(logits, temperature=1.0, top_k=top_k, top_p=0.0, generator=g).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="top_p must be between 0 and 1"):
+        sample_next(logits, temperature=1.0, top_p=-0.5, generator=g)
     # top_k=2 never leaves the two best tokens
     draws = torch.stack([sample_next(logits, temperature=5.0, top_k=2, generator=g) for _ in range(200)])
     assert set(draws[:, 0].tolist()) == {1, 2} and set(draws[:, 1].tolist()) == {0, 3}
