@@ -273,9 +273,7 @@ def hf_swin(folder: str | Path, output: str = "patch") -> TimmEncoder:
         raise ValueError(f"{folder}/config.json: expected model_type 'swin', found {config.get('model_type')!r}")
     kwargs = hf_vision.timm_swin_kwargs(config, f"{folder}/config.json")
     encoder = TimmEncoder("swin_base_patch4_window7_224", output=output, image_size=kwargs["img_size"], **kwargs)
-    preprocess = hf_vision.preprocessing(folder, "ViT", encoder.image_size, encoder.mean, encoder.std, "squash")
-    encoder.mean, encoder.std = preprocess["mean"], preprocess["std"]
-    encoder.resize_mode, encoder.interpolation = preprocess["resize_mode"], preprocess["interpolation"]
+    hf_vision.follow_processor(encoder, folder, "ViT", "squash")
     load_strict(encoder.model, hf_vision.hf_swin_to_timm(hf_vision.read_hf_weights(folder)), str(folder))
     return encoder
 

@@ -124,6 +124,15 @@ def preprocessing(folder: str | Path, processor: str, image_size: int, mean: tup
             "interpolation": _RESAMPLE[config["resample"]], "resize_mode": "squash" if kind == "ViT" else "crop"}
 
 
+def follow_processor(encoder, folder: str | Path, processor: str, resize_mode: str):
+    """``encoder`` with the mean, std, interpolation and resize mode of the folder's image processor
+    (``preprocessing``; the encoder's own mean and std and ``resize_mode`` without one)."""
+    settings = preprocessing(folder, processor, encoder.image_size, encoder.mean, encoder.std, resize_mode)
+    encoder.mean, encoder.std = settings["mean"], settings["std"]
+    encoder.interpolation, encoder.resize_mode = settings["interpolation"], settings["resize_mode"]
+    return encoder
+
+
 def _require(config: dict, key: str, allowed: tuple, source: str) -> None:
     if config[key] not in allowed:
         raise ValueError(f"{source}: {key}={config[key]!r} is not supported (expected one of {list(allowed)})")

@@ -123,8 +123,7 @@ class LlavaVisionEncoder(_Encoder):
     resize_mode = "crop"  # transformers' CLIPImageProcessor: shorter side, centre crop
 
     def __init__(self, vision_config: dict[str, Any], feature_layer: int | list[int] = -2,
-                 select_strategy: str = "default", output: str = "patch", source: str = "config.json",
-                 mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD):
+                 select_strategy: str = "default", output: str = "patch", source: str = "config.json"):
         super().__init__()
         if output not in ("patch", "pooled"):
             raise ValueError(f"output must be 'patch' or 'pooled', got {output!r}")
@@ -134,7 +133,7 @@ class LlavaVisionEncoder(_Encoder):
         with torch.no_grad():  # no projection in LLaVA's tower: the pooled output is the normed class token
             self.visual.proj.copy_(torch.eye(width))
         size = cfg["vision_cfg"]["image_size"]
-        self.image_size, self.mean, self.std, self.output = size, tuple(mean), tuple(std), output
+        self.image_size, self.mean, self.std, self.output = size, CLIP_MEAN, CLIP_STD, output
         depth = cfg["vision_cfg"]["layers"]
         layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
         self.blocks = [self._block(layer, depth, source) for layer in layers]
@@ -215,24 +214,27 @@ def hub_name(part: str, name: str) -> str:
     return ("language_model." if part == "llm" else "vision_tower.") + name
 
 
+# open_clip -> HF CLIP vision names, the inverses of hf_vision's maps
+_HF_CLIP_TOP = {v: k for k, v in hf_vision._CLIP_TOP.items()}
+_HF_CLIP_LAYER = {v: k for k, v in hf_vision._CLIP_LAYER.items()}
+_HF_CLIP_QKV = {v: k for k, v in hf_vision._CLIP_QKV.items()}
+
+
 def _hf_clip_names(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
     """(HF CLIP vision name, shape) of an open_clip ``VisionTransformer`` tensor, the inverse of
     ``hf_vision.hf_clip_to_open_clip``: three for a fused ``in_proj`` (its q, k and v thirds, in that order), none
     for ``proj`` (an identity here)."""
-    top = {v: k for k, v in hf_vision._CLIP_TOP.items()}
-    layer = {v: k for k, v in hf_vision._CLIP_LAYER.items()}
-    qkv = {v: k for k, v in hf_vision._CLIP_QKV.items()}
     block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", name)
     fused = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", name)
     if name == "proj":
         return []
-    if name in top:
-        return [(f"vision_model.{top[name]}", shape)]
+    if name in _HF_CLIP_TOP:
+        return [(f"vision_model.{_HF_CLIP_TOP[name]}", shape)]
     if fused:
         third = (shape[0] // 3, *shape[1:])
-        return [(f"vision_model.encoder.layers.{fused[1]}.{qkv[piece]}.{fused[2]}", third) for piece in "qkv"]
-    if block and block[2] in layer:
-        return [(f"vision_model.encoder.layers.{block[1]}.{layer[block[2]]}.{block[3]}", shape)]
+        return [(f"vision_model.encoder.layers.{fused[1]}.{_HF_CLIP_QKV[piece]}.{fused[2]}", third) for piece in "qkv"]
+    if block and block[2] in _HF_CLIP_LAYER:
+        return [(f"vision_model.encoder.layers.{block[1]}.{_HF_CLIP_LAYER[block[2]]}.{block[3]}", shape)]
     raise ValueError(f"vision tower tensor {name!r} has no counterpart in transformers' CLIP")
 
 
@@ -305,15 +307,6 @@ def _vision_state(vision: dict[str, Tensor], width: int) -> dict[str, Tensor]:
     return state
 
 
-def _follow_processor(encoder: "LlavaVisionEncoder", folder: Path) -> "LlavaVisionEncoder":
-    """Images prepared as the folder's preprocessor_config.json (its CLIPImageProcessor) says, or refused where
-    medcap cannot follow it (``hf_vision.preprocessing``)."""
-    settings = hf_vision.preprocessing(folder, "CLIP", encoder.image_size, encoder.mean, encoder.std, "crop")
-    encoder.mean, encoder.std = settings["mean"], settings["std"]
-    encoder.interpolation, encoder.resize_mode = settings["interpolation"], settings["resize_mode"]
-    return encoder
-
-
 def llava_hf_model(model_dir: str, trainable: dict[str, str] | None = None, lora: dict | None = None,
                    max_seq_len: int | None = None) -> LlavaHFModel:
     """LLaVA 1.5 from a llava-hf folder, all three parts with their weights (see the module docstring)."""
@@ -321,9 +314,9 @@ def llava_hf_model(model_dir: str, trainable: dict[str, str] | None = None, lora
     config = read_llava_config(folder)
     text, vision = config["text"], config["vision"]
     decoder = llava_decoder(text, max_seq_len)
-    encoder = _follow_processor(LlavaVisionEncoder(vision, config["vision_feature_layer"],
-                                                   config["vision_feature_select_strategy"], source=config["source"]),
-                                folder)
+    encoder = LlavaVisionEncoder(vision, config["vision_feature_layer"], config["vision_feature_select_strategy"],
+                                 source=config["source"])
+    hf_vision.follow_processor(encoder, folder, "CLIP", "crop")
     projector = _projector(encoder.embed_dim, text["hidden_size"], config["multimodal_projector_bias"])
 
     def build() -> LlavaHFModel:
@@ -363,9 +356,9 @@ def llava_hf_vision_encoder(model_dir: str, output: str = "pooled") -> LlavaVisi
     projector)."""
     folder = Path(model_dir)
     config = read_llava_config(folder)
-    encoder = _follow_processor(LlavaVisionEncoder(config["vision"], config["vision_feature_layer"],
-                                                   config["vision_feature_select_strategy"], output, config["source"]),
-                                folder)
+    encoder = LlavaVisionEncoder(config["vision"], config["vision_feature_layer"],
+                                 config["vision_feature_select_strategy"], output, config["source"])
+    hf_vision.follow_processor(encoder, folder, "CLIP", "crop")
     expected = _vision_shapes(encoder.visual)
     vision: dict[str, Tensor] = {}
     for path, tensors in _tensors(folder, lambda name: (split_llava_name(name) or ("",))[0] == "vision"):

@@ -79,15 +79,16 @@ def _open_llama_gguf(path: str | Path) -> GGUFFile:
     return gguf
 
 
-def load_gguf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    gguf = _open_llama_gguf(path)
+def load_gguf_state_dict(path: str | Path, gguf: GGUFFile | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a llama GGUF under torchtune names (``gguf``: the file already opened)."""
+    gguf = gguf or _open_llama_gguf(path)
     return {gguf_to_torchtune_name(name): torch.from_numpy(gguf.load(name)) for name in gguf.tensors}
 
 
-def check_gguf_settings(decoder: nn.Module, path: str | Path) -> None:
+def check_gguf_settings(decoder: nn.Module, path: str | Path, gguf: GGUFFile | None = None) -> None:
     """The settings a GGUF file records and its tensors' shapes do not show (heads, RoPE base, norm epsilon) must
     be the decoder's: a llama GGUF of the same shapes but other settings would load and compute nonsense."""
-    gguf, attn = _open_llama_gguf(path), decoder.layers[0].attn
+    gguf, attn = gguf or _open_llama_gguf(path), decoder.layers[0].attn
     ours = {"llama.attention.head_count": attn.num_heads, "llama.attention.head_count_kv": attn.num_kv_heads,
             "llama.rope.freq_base": attn.pos_embeddings.base,
             "llama.attention.layer_norm_rms_epsilon": decoder.norm.eps}
@@ -116,9 +117,10 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
 def load_gguf_decoder(decoder: nn.Module, path: str | Path | None = None) -> nn.Module:
     """Load a llama GGUF (default: the packaged SmolLM2-135M-Instruct) into a decoder from ``smollm2_135m``."""
     path = Path(path) if path else smollm2_gguf_path()
-    check_gguf_settings(decoder, path)
+    gguf = _open_llama_gguf(path)  # read once, for the settings and the tensors
+    check_gguf_settings(decoder, path, gguf)
     if not weights_deferred():
-        load_strict(decoder, load_gguf_state_dict(path), str(path))
+        load_strict(decoder, load_gguf_state_dict(path, gguf), str(path))
     return decoder
 
 
