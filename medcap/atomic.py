@@ -46,14 +46,21 @@ def fsync_tree(folder: Path) -> None:
 @contextmanager
 def replaced_atomically(path: str | Path, folder: bool = False) -> Iterator[Path]:
     """Yields the temporary path to write (with ``folder``, an empty folder made here); when the block ends
-    without an error it replaces ``path``."""
+    without an error it replaces ``path``, and when it raises the temporary path is deleted."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if folder:
         restore_interrupted(path)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
     if folder:
         fsync_tree(tmp)
     else:

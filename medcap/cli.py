@@ -158,10 +158,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unexpected arguments {rest}")
     elif args.command == "compare":
         from medcap.metrics import format_table
-        from medcap.metrics.compare import load_runs, plot_runs
+        from medcap.metrics.compare import load_runs, plot_runs, sample_warning
 
         runs = load_runs(args.runs)
         print(format_table(runs))
+        warning = sample_warning(args.runs)
+        if warning:
+            print(warning)
         print(f"plot -> {plot_runs(runs, args.plot)}")
     elif args.command == "ls":
         grouped = config_recipes()

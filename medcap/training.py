@@ -18,6 +18,7 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from medcap import distributed
+from medcap.atomic import replaced_atomically, write_json
 from medcap.checkpoint import all_ranks_rng_state, save_checkpoint
 from medcap.text import IGNORE_INDEX
 
@@ -243,7 +244,7 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
         "peak_memory_mb": peak_memory_mb(device),
     }
     if distributed.is_rank_zero():
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(output_dir / "train_summary.json", summary)
     return summary
 
 
@@ -281,5 +282,6 @@ def plot_loss(history: list[dict], path: str | Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

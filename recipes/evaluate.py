@@ -23,8 +23,7 @@ from medcap.metrics import (bootstrap_ci, check_submission, evaluate, format_tab
                             read_predictions, read_references)
 from medcap.metrics.bootstrap import p_text
 from medcap.metrics.compare import run_names
-from medcap.report import evaluation_report, report_options
-from medcap.report.thumbnails import thumbnails_folder
+from medcap.report import evaluation_report, report_options, scoring_outputs
 from medcap.command import run_command
 
 
@@ -32,6 +31,9 @@ from medcap.command import run_command
 def main(cfg: DictConfig) -> None:
     preset = cfg.get("preset", "coco")
     report = report_options(cfg.get("report", True))  # checked before anything is scored
+    resamples, seed = int(cfg.get("bootstrap", 0)), int(cfg.get("seed", 0))
+    if resamples < 0 or seed < 0:
+        raise ValueError(f"bootstrap and seed must be at least 0, got bootstrap={resamples}, seed={seed}")
     if preset == "vqa":
         from medcap.metrics.vqa import read_vqa_references
 
@@ -75,6 +77,8 @@ def main(cfg: DictConfig) -> None:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for path in remove_earlier(scoring_outputs(out)):
+        print(f"removed the earlier scoring's {path}")
     write_json(out / "metrics.json", scored.corpus)
     with replaced_atomically(out / "per_sample.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -86,7 +90,6 @@ def main(cfg: DictConfig) -> None:
     name, other_name = run_names([cfg.predictions, cfg.compare_to]) if cfg.get("compare_to") else \
         (run_names([cfg.predictions])[0], None)
     rows, intervals = {name: scored.corpus}, {}
-    resamples, seed = int(cfg.get("bootstrap", 0)), int(cfg.get("seed", 0))
     if resamples:
         intervals[name] = bootstrap_ci(scored, resamples, seed)
         write_json(out / "intervals.json", {"level": 0.95, "resamples": resamples, "seed": seed,
@@ -102,7 +105,7 @@ def main(cfg: DictConfig) -> None:
     print(format_table(rows, intervals=intervals))
     if cfg.get("compare_to"):
         print(f"\n{name} - {other_name} (paired bootstrap, {paired_resamples} resamples, seed {seed}, 95% interval, "
-              f"one-sided p):")
+              f"two-sided p):")
         for metric, d in paired["metrics"].items():
             print(f"  {metric:<10} {d['difference']:+.4f}  [{d['low']:+.4f}, {d['high']:+.4f}]  "
                   f"p={p_text(d['p_value'], paired_resamples)}")
@@ -113,11 +116,6 @@ def main(cfg: DictConfig) -> None:
         page = evaluation_report(out / "report.html", report, preset, scored, name, cfg.predictions, cfg.references,
                                  references, intervals.get(name), compared, resamples, seed)
         print(f"report -> {page}")
-    # the outputs of an earlier scoring that this one does not write would read as this one's
-    earlier = ([] if resamples else [out / "intervals.json"]) + ([] if cfg.get("compare_to") else [out / "paired.json"])
-    earlier += [] if report else [out / "report.html", thumbnails_folder(out / "report.html")]
-    for path in remove_earlier(earlier):
-        print(f"removed the earlier scoring's {path} (not written by this one)")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,7 @@ from medcap.data.images import load_image
 from medcap.generation import generate
 from medcap.metrics import bootstrap_ci, evaluate, format_table, write_csv_predictions
 from medcap.metrics.vqa import parse_choice
-from medcap.report import report_options, vqa_report
-from medcap.report.thumbnails import thumbnails_folder
+from medcap.report import report_options, scoring_outputs, vqa_report
 from medcap.runtime import caption_dataset, decoding_settings, device_and_dtype, log, setup_model_and_tokenizer
 from medcap.text.seed_prompts import rendered_prompt, seed_text_ids
 from medcap.vqa import (JUDGE_MISSING, NORMALIZE, answer_prompt, correct_option, description_budget, judged_option,
@@ -226,6 +225,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("judge_missing", "omit") not in JUDGE_MISSING:
         raise ValueError(f"judge_missing must be one of {JUDGE_MISSING}, got {cfg.judge_missing!r}")
     report = report_options(cfg.get("report", True))  # checked before the model runs
+    if int(cfg.get("bootstrap", 0)) < 0:
+        raise ValueError(f"bootstrap must be at least 0, got {cfg.bootstrap}")
     training.set_seed(seed=cfg.seed)
     device, dtype = device_and_dtype(cfg)
     model, tokenizer = setup_model_and_tokenizer(cfg, device, dtype, checkpoint=cfg.get("checkpoint"))
@@ -256,6 +257,8 @@ def main(cfg: DictConfig) -> None:
     predictions = {q["id"]: answers[q["id"]]["raw_answer"] for q in questions}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for path in remove_earlier(scoring_outputs(out)):
+        log.info(f"removed the earlier run's {path}")
     # one line per answer (scoring ignores whitespace runs; medcap.metrics.read_predictions drops newlines inside
     # quoted fields, gluing words together); written before scoring, which cannot lose it
     write_csv_predictions(out / "predictions.csv", {k: " ".join(v.split()) for k, v in predictions.items()})
@@ -290,11 +293,6 @@ def main(cfg: DictConfig) -> None:
         page = vqa_report(out / "report.html", records, scored.corpus, intervals.get(cfg.mode),
                           {q["id"]: q["images"] for q in questions}, report, cfg.mode)
         log.info(f"report -> {page}")
-    # the outputs of an earlier run that this one does not write would read as this one's
-    earlier = [] if resamples else [out / "intervals.json"]
-    earlier += [] if report else [out / "report.html", thumbnails_folder(out / "report.html")]
-    for path in remove_earlier(earlier):
-        log.info(f"removed the earlier run's {path} (not written by this one)")
 
 
 if __name__ == "__main__":

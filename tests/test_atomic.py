@@ -3,7 +3,7 @@ that succeeds."""
 
 import pytest
 
-from medcap.atomic import replaced_atomically, write_json
+from medcap.atomic import replaced_atomically, write_json, write_text
 
 
 def test_failed_write_keeps_the_old_folder(tmp_path):
@@ -14,6 +14,7 @@ def test_failed_write_keeps_the_old_folder(tmp_path):
         (tmp / "a.txt").write_text("second, half written")
         raise RuntimeError("interrupted")
     assert (out / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the half-written copy is deleted
     with replaced_atomically(out, folder=True) as tmp:  # a stale temporary folder is cleared first
         assert list(tmp.iterdir()) == []
         (tmp / "b.txt").write_text("third")
@@ -25,6 +26,10 @@ def test_write_json_replaces_a_file(tmp_path):
     path = tmp_path / "metrics.json"
     write_json(path, {"BLEU-4": 0.5})
     write_json(path, {"BLEU-4": 0.25}, indent=1)
+    assert path.read_text() == '{\n "BLEU-4": 0.25\n}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    with pytest.raises(UnicodeEncodeError):  # fails after the file was opened: the old one stays, no .tmp left
+        write_text(path, "a lone surrogate \ud83d")
     assert path.read_text() == '{\n "BLEU-4": 0.25\n}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
@@ -70,7 +75,7 @@ def test_a_write_after_an_interrupted_swap_restores_the_old_folder_first(tmp_pat
         assert (out / "model.safetensors").read_text() == "old"
         raise RuntimeError("this write fails too")
     assert (out / "model.safetensors").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 def test_readers_find_a_checkpoint_whose_swap_was_interrupted(tmp_path, monkeypatch):

@@ -207,6 +207,16 @@ def test_paired_bootstrap():
     result = paired_bootstrap(better, worse, resamples=500, seed=0)["acc"]
     assert result["difference"] == pytest.approx(0.4)
     assert 0 < result["low"] < 0.4 < result["high"] and result["p_value"] == 0.0
+    # two-sided: twice the rarer side's share of the resampled differences (numpy oracle with the same draws)
+    rng = np.random.default_rng(7)
+    noisy = mean_scored([str(i) for i in range(30)], {"acc": rng.random(30)})
+    other = mean_scored(noisy.ids, {"acc": noisy.per_sample["acc"] + rng.normal(0.05, 0.3, 30)})
+    got = paired_bootstrap(noisy, other, resamples=400, seed=5)["acc"]
+    index = np.random.default_rng(5).integers(0, 30, size=(400, 30))
+    diff = (noisy.per_sample["acc"][index] - other.per_sample["acc"][index]).mean(axis=1)
+    expected = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean()))
+    assert 0.05 < expected < 1 and got["p_value"] == pytest.approx(expected, abs=1e-12)
+    assert paired_bootstrap(other, noisy, resamples=400, seed=5)["acc"]["p_value"] == got["p_value"]
     same = paired_bootstrap(better, better, resamples=100)["acc"]
     assert (same["difference"], same["low"], same["high"], same["p_value"]) == (0.0, 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="same ids"):
@@ -271,6 +281,20 @@ def test_evaluate_recipe_and_compare(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = printed.splitlines()
     assert lines[0].split() == ["ROUGE-1", "ROUGE-L", "BLEU-1"] and lines[1].split()[0] == "eval"
+    assert "warning" not in printed  # both scored a, b and c
+
+    fewer = tmp_path / "fewer.csv"
+    write_csv_predictions(fewer, {"a": "left lower lobe nodule", "d": "no acute finding"})
+    cli.main(["run", "evaluate", "--config", "eval/imageclef", f"predictions={fewer}", f"references={fewer}",
+              "bertscore=false", "bootstrap=0", "report=false", f"output_dir={tmp_path / 'eval_fewer'}"])
+    capsys.readouterr()
+    cli.main(["compare", str(out), str(tmp_path / "eval_fewer"), "--plot", str(plot)])
+    assert ("warning: the runs were scored on different samples (eval 3 samples, eval_fewer 2 samples (1 not in "
+            "the first)): their scores do not compare") in capsys.readouterr().out
+    (out / "per_sample.csv").unlink()
+    cli.main(["compare", str(out), str(blind_out), "--plot", str(plot)])
+    assert "warning: not checked that the runs scored the same samples: no per_sample.csv beside ['eval']" in \
+        capsys.readouterr().out
 
 
 def test_compare_names_every_run_and_names_a_bad_file(tmp_path, monkeypatch):

@@ -166,6 +166,10 @@ def test_an_id_0_is_an_id_and_jsonl_errors_name_their_line(tmp_path):
     manifest.write_text('{"id": 0, "image": "x.png", "caption": "zero"}\n')
     samples, problems = read_manifest_samples(manifest)
     assert problems == [] and [s["id"] for s in samples] == ["0"]
+    upper = tmp_path / "M.CSV"  # a CSV whichever the case of its suffix
+    upper.write_text("id,image,caption\n7,x.png,seven\n")
+    samples, problems = read_manifest_samples(upper)
+    assert problems == [] and [(s["id"], s["images"]) for s in samples] == [("7", [str(tmp_path / "x.png")])]
     refs.write_text('{"id": "a", "caption": "x"}\n["a"]\n')
     with pytest.raises(ValueError, match=f"{refs}: line 2: expected a JSON object, found list"):
         read_references(refs)

@@ -92,3 +92,9 @@ def test_format_table():
     assert lines[0].split() == ["BLEU-4", "CIDEr"]
     assert lines[1].split() == ["trained", "0.5000", "1.2346"]
     assert lines[2].split() == ["blind", "0.1000", "-"]
+    # interval cells of any width stay apart, and the columns line up
+    table = format_table({"a": {"CIDEr": 10.5, "B": 0.5}}, intervals={"a": {"CIDEr": (10.0, 11.0), "B": (0.1, 0.9)}})
+    lines = table.splitlines()
+    assert [line.split() for line in lines] == [["CIDEr", "B"], ["a", "10.5000", "0.5000"],
+                                               ["95%", "CI", "[10.0000,11.0000]", "[0.1000,0.9000]"]]
+    assert len({len(line) for line in lines}) == 1

@@ -104,6 +104,9 @@ def test_report_options_from_config_values():
         report_options({"max_row": 10})
     with pytest.raises(ValueError, match="report.max_rows must be at least 3"):
         report_options({"max_rows": 1})
+    for key, bad in (("thumbnail_px", 0), ("inline_kb", -5), ("seed", -1)):
+        with pytest.raises(ValueError, match=f"report.{key} must be at least"):
+            report_options({key: bad})
 
 
 def test_caption_page_rows_scores_findings_and_escaping(tmp_path):
@@ -160,7 +163,7 @@ def test_caption_page_rows_scores_findings_and_escaping(tmp_path):
     assert cells[cells.index("blind") + 4] == "0.0000"
     # in the table's order; a p of 0 is below what 200 resamples resolve
     assert cells[-9:] == ["", "CIDEr", "BLEU-4", "difference", "+0.6000[+0.1000, +1.2000]",
-                          "+0.3500[+0.3000, +0.4000]", "p (one-sided)", "0.010", "<0.005"]
+                          "+0.3500[+0.3000, +0.4000]", "p (two-sided)", "0.010", "<0.01"]
     assert "good − blind: paired bootstrap over the same images (200 resamples, seed 3)" in text
     assert "runs/good.csv" in text
     with pytest.raises(ValueError, match=r"report: two systems share a name in \['good', 'good'\]"):
@@ -228,6 +231,14 @@ def test_vqa_page(tmp_path):
     assert parsed.cells[:4] == ["", "accuracy", "answers", "0.5000[0.0000, 1.0000]"]
 
 
+def test_a_caption_cut_inside_an_emoji_is_shown_as_written(tmp_path):
+    ids, refs, good, blind, a, b = _captions()
+    good[ids[0]] = "Chest radiograph \ud83d"  # a lone surrogate, as JSON readers accept it
+    page = caption_report(tmp_path / "report.html", [System("good", good, a)], refs, ReportOptions())
+    rows = {r["id"]: r for r in Page(page.read_text(encoding="utf-8")).data["rows"]}
+    assert "".join(rows[ids[0]]["preds"][0]) == "Chest radiograph \ud83d"
+
+
 def test_evaluate_recipe_writes_the_report_beside_metrics_json(tmp_path, capsys):
     data = tmp_path / "data set"
     lines = []
@@ -263,13 +274,22 @@ def test_evaluate_recipe_writes_the_report_beside_metrics_json(tmp_path, capsys)
     paired = json.loads((out / "paired.json").read_text())
     assert (paired["resamples"], paired["seed"], paired["level"]) == (100, 0, 0.95)
 
+    # a run that fails after scoring leaves none of the earlier scoring's page, intervals or comparison beside
+    # its metrics.json (the page checks sort_by against the columns it builds)
+    with pytest.raises(ValueError, match="report.sort_by: no per-sample score 'BLEU4'"):
+        cli.main([*args, "bootstrap=0", "report.sort_by=BLEU4"])
+    assert not any((out / name).exists() for name in ("report.html", "intervals.json", "paired.json"))
+    with pytest.raises(ValueError, match="bootstrap and seed must be at least 0"):
+        cli.main([*args, "bootstrap=-5"])
+    assert (out / "metrics.json").is_file()  # refused before anything was scored or removed
+    cli.main([*args, f"compare_to={tmp_path / 'blind' / 'predictions.csv'}"])
     (out / "report_thumbs").mkdir()  # as a run with thumbnail files leaves it
     # no page, intervals or comparison of the earlier scoring is left beside the new metrics
     cli.main([*args, "bootstrap=0", "report=false"])
     assert (out / "metrics.json").is_file() and (out / "per_sample.csv").is_file()
     assert not any((out / name).exists() for name in ("report.html", "report_thumbs", "intervals.json", "paired.json"))
     printed = capsys.readouterr().out
-    assert all(f"removed the earlier scoring's {out / name} (not written by this one)" in printed
+    assert all(f"removed the earlier scoring's {out / name}" in printed
                for name in ("report.html", "report_thumbs", "intervals.json", "paired.json"))
 
     # two runs whose folders share a name are told apart by the folder above; the p-value of 20 resamples
@@ -279,7 +299,7 @@ def test_evaluate_recipe_writes_the_report_beside_metrics_json(tmp_path, capsys)
     cli.main([*args[:4], f"predictions={tmp_path / 'a' / 'run' / 'run.csv'}", *args[5:], "bootstrap=20",
               f"compare_to={tmp_path / 'b' / 'run' / 'run.csv'}"])
     printed = capsys.readouterr().out
-    assert "a/run - b/run (paired bootstrap, 20 resamples, seed 0" in printed and "p=<0.05" in printed
+    assert "a/run - b/run (paired bootstrap, 20 resamples, seed 0" in printed and "p=<0.1" in printed
     table = [line.split()[0] for line in printed.splitlines() if line.startswith(("a/run ", "b/run "))
              and "paired" not in line]
     assert table == ["a/run", "b/run"]
@@ -329,6 +349,18 @@ def test_vqa_evaluation_page_shows_compare_to_and_the_paired_table(tmp_path):
     assert cells[cells.index("good") + cells[:cells.index("good")].index("n")] == "4"  # a count, not 4.0000
     assert "good − bad: paired bootstrap over the same images (50 resamples, seed 0)" in text
     assert f"bad: {tmp_path / 'bad' / 'p.csv'} (its answers are not shown)" in text
+    assert "no thumbnails: no reference has an image path (field image)" in text
+
+    # questions in a JSON list, named by question_id, get their images
+    _image(tmp_path / "images" / "q 1.png", (10, 20, 30))
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"question_id": f"q{i}", "answer": "MRI", "options": {"A": "CT", "B": "MRI"},
+                                      "image": f"images/q {i}.png"} for i in range(4)]))
+    cli.run_recipe("evaluate", "eval/vqa", [f"predictions={tmp_path / 'good' / 'p.csv'}", f"references={questions}",
+                                            f"output_dir={out}"])
+    rows = {r["id"]: r for r in Page((out / "report.html").read_text(encoding="utf-8")).data["rows"]}
+    assert rows["q1"]["img"].startswith("data:image/jpeg;base64,") and rows["q1"]["href"] == "../images/q%201.png"
+    assert "q 0.png" in rows["q0"]["noimg"]
 
 
 def test_vqa_recipe_writes_the_report(tmp_path):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medcap.atomic import replaced_atomically
+
 ON_BAD_SAMPLE = ("error", "skip")
 
 
@@ -98,7 +100,7 @@ def write_skipped_csv(path: str | Path, dataset: str, problems: list[Problem]) -
                     "item": p.source.item or "", "field": p.field or "", "reason": p.reason, "detail": p.detail}
                    for p in problems]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with replaced_atomically(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

@@ -76,7 +76,7 @@ def read_manifest_samples(path: str | Path) -> Samples:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         rows, problems = read_csv(path, ["id", "image"], "id", optional=("caption", "prompt"))
         for _, row in rows:
             row["image"] = [p for p in (row.get("image") or "").split(";") if p]

@@ -113,16 +113,16 @@ def format_table(rows: dict[str, dict[str, float]], metrics: list[str] | None = 
     under a row its confidence intervals when ``intervals`` has them."""
     if metrics is None:
         metrics = list(dict.fromkeys(m for values in rows.values() for m in values))
-    width = max([len(name) for name in rows] + [3]) + 2
-    cols = [max(len(m), 15 if intervals else 8) + 2 for m in metrics]
-    lines = ["".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, cols))]
+    table = []  # (row label, a cell per metric)
     for name, values in rows.items():
-        cells = [(f"{values[m]:.4f}" if m in values else "-").rjust(c) for m, c in zip(metrics, cols)]
-        lines.append(name.ljust(width) + "".join(cells))
+        table.append((name, [f"{values[m]:.4f}" if m in values else "-" for m in metrics]))
         ci = (intervals or {}).get(name)
         if ci:
-            cells = [(f"[{ci[m][0]:.4f},{ci[m][1]:.4f}]" if m in ci else "").rjust(c) for m, c in zip(metrics, cols)]
-            lines.append("  95% CI".ljust(width) + "".join(cells))
+            table.append(("  95% CI", [f"[{ci[m][0]:.4f},{ci[m][1]:.4f}]" if m in ci else "" for m in metrics]))
+    width = max([len(label) for label, _ in table] + [3]) + 2
+    cols = [max([len(m), 8] + [len(cells[j]) for _, cells in table]) + 2 for j, m in enumerate(metrics)]
+    lines = ["".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, cols))]
+    lines += [label.ljust(width) + "".join(cell.rjust(c) for cell, c in zip(cells, cols)) for label, cells in table]
     return "\n".join(lines)
 
 

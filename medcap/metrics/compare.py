@@ -1,9 +1,12 @@
 """Side-by-side comparison of several runs' ``metrics.json``: a text table and a grouped bar chart (PNG)."""
 
+import csv
 import json
 import math
 import os
 from pathlib import Path
+
+from medcap.atomic import replaced_atomically
 
 
 def run_names(files: list[str | Path]) -> list[str]:
@@ -30,12 +33,7 @@ def run_names(files: list[str | Path]) -> list[str]:
 def load_runs(paths: list[str | Path]) -> dict[str, dict[str, float]]:
     """{run name: metrics} from run directories (holding ``metrics.json``) or ``metrics.json`` files; runs are
     named by ``run_names``."""
-    files = []
-    for p in map(Path, paths):
-        file = p / "metrics.json" if p.is_dir() else p
-        if not file.is_file():
-            raise FileNotFoundError(f"{p}: no metrics.json (run `medcap run evaluate` first)")
-        files.append(file)
+    files = metrics_files(paths)
     runs = {}
     for name, file in zip(run_names(files), files):
         try:
@@ -46,6 +44,38 @@ def load_runs(paths: list[str | Path]) -> dict[str, dict[str, float]]:
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{file}: not a metrics.json of {{metric: number}} ({e})") from None
     return runs
+
+
+def metrics_files(paths: list[str | Path]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        file = p / "metrics.json" if p.is_dir() else p
+        if not file.is_file():
+            raise FileNotFoundError(f"{p}: no metrics.json (run `medcap run evaluate` first)")
+        files.append(file)
+    return files
+
+
+def sample_warning(paths: list[str | Path]) -> str | None:
+    """A warning when the runs were scored on different samples (the IDs of the ``per_sample.csv`` beside each
+    ``metrics.json``), or when a run has no ``per_sample.csv`` to tell; None when every run scored the same ones."""
+    files = metrics_files(paths)
+    ids, unknown = {}, []
+    for name, file in zip(run_names(files), files):
+        per_sample = file.with_name("per_sample.csv")
+        if not per_sample.is_file():
+            unknown.append(name)
+            continue
+        with per_sample.open(newline="", encoding="utf-8") as f:
+            ids[name] = frozenset(row[0] for row in list(csv.reader(f))[1:] if row)
+    if unknown:
+        return f"warning: not checked that the runs scored the same samples: no per_sample.csv beside {unknown}"
+    if len(set(ids.values())) > 1:
+        first = next(iter(ids.values()))
+        shown = ", ".join(f"{name} {len(v)} samples" + ("" if v == first else f" ({len(v - first)} not in the first)")
+                          for name, v in ids.items())
+        return f"warning: the runs were scored on different samples ({shown}): their scores do not compare"
+    return None
 
 
 def plot_runs(runs: dict[str, dict[str, float]], path: str | Path) -> Path:
@@ -66,6 +96,7 @@ def plot_runs(runs: dict[str, dict[str, float]], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path

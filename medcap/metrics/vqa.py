@@ -179,11 +179,12 @@ def vqa_accuracy(records: list[dict], group_by: str | None = "modality") -> dict
 def read_vqa_references(path) -> dict[str, dict]:
     """Questions from a JSONL file or a JSON list: ``id`` (or ``question_id``), ``answer`` (or OmniMedVQA's
     ``gt_answer``), ``options`` ({letter: text}, or OmniMedVQA's ``option_A``.. fields; none for closed
-    questions), and optional ``modality`` (or ``modality_type``) and ``question_type``."""
+    questions), and optional ``modality`` (or ``modality_type``), ``question_type`` and ``image`` (a path or a
+    list, relative to the file's folder; ``images``, for the report's thumbnails)."""
     import json
     from pathlib import Path
 
-    from medcap.data.records import id_text
+    from medcap.data.records import id_text, image_list
     from medcap.metrics.io import json_lines, read_text
 
     path = Path(path)
@@ -208,7 +209,8 @@ def read_vqa_references(path) -> dict[str, dict]:
                                          if k.startswith("option_") and v not in (None, "")}
         questions[sample_id] = {"id": sample_id, "answer": row.get("answer", row.get("gt_answer")),
                                 "options": options or None, "modality": row.get("modality", row.get("modality_type")),
-                                "question_type": row.get("question_type")}
+                                "question_type": row.get("question_type"),
+                                "images": [str(path.parent / p) for p in image_list(row.get("image"))]}
     return questions
 
 

@@ -4,7 +4,7 @@ thumbnail, reference(s), prediction(s) with the words that differ from the refer
 sortable by any score and filterable in the page, rows rendered as the page scrolls."""
 
 from medcap.report.build import (ReportOptions, System, caption_report, evaluation_report, marked_words,
-                                 report_options, sample_rows, vqa_report)
+                                 report_options, sample_rows, scoring_outputs, vqa_report)
 
 __all__ = ["ReportOptions", "System", "caption_report", "evaluation_report", "marked_words", "report_options",
-           "sample_rows", "vqa_report"]
+           "sample_rows", "scoring_outputs", "vqa_report"]

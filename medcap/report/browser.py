@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from medcap.atomic import replaced_atomically
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -152,7 +154,8 @@ class Chromium:
                           clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
         png = base64.b64decode(self.send("Page.captureScreenshot", params)["data"])
         if path is not None:
-            Path(path).write_bytes(png)
+            with replaced_atomically(path) as tmp:
+                tmp.write_bytes(png)
         return png
 
     def close(self) -> None:

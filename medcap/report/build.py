@@ -14,7 +14,7 @@ from medcap.atomic import write_text
 from medcap.data.findings import findings_scores, parse_caption
 from medcap.metrics.result import Scored
 from medcap.report.page import metrics_table, paired_table, render_page
-from medcap.report.thumbnails import relative_url, thumbnail_sources
+from medcap.report.thumbnails import relative_url, thumbnail_sources, thumbnails_folder
 
 # the per-sample score a page sorts by first (worst first), the first of these that the scores have
 DEFAULT_SORT = ("CIDEr", "BERTScore", "BLEURT", "ROUGE-L", "BLEU-4", "RefCLIPScore", "correct")
@@ -33,6 +33,9 @@ class ReportOptions:
     def __post_init__(self):
         if self.max_rows is not None and self.max_rows < 3:
             raise ValueError(f"report.max_rows must be at least 3 or null, got {self.max_rows}")
+        for key, least in (("thumbnail_px", 1), ("inline_kb", 0), ("seed", 0)):
+            if getattr(self, key) < least:
+                raise ValueError(f"report.{key} must be at least {least}, got {getattr(self, key)}")
 
 
 def report_options(value) -> ReportOptions | None:
@@ -283,6 +286,14 @@ def vqa_report(path: str | Path, records: list[dict], corpus: dict[str, float],
     return _write(path, title or f"medcap VQA: {name}", lines, summary, data)
 
 
+def scoring_outputs(folder: Path) -> list[Path]:
+    """The outputs of a scoring (evaluate, vqa) beside its metrics.json that a run may or may not write. An earlier
+    scoring's are removed before a new one writes anything: a run that fails part-way must not leave them beside
+    its own scores."""
+    return [folder / "intervals.json", folder / "paired.json", folder / "report.html",
+            thumbnails_folder(folder / "report.html")]
+
+
 def manifest_images(path: str | Path) -> dict[str, list[str]]:
     """{id: image paths} of a manifest's rows that have images (none for a references CSV without them)."""
     from medcap.data.problems import DataFileError
@@ -304,8 +315,13 @@ def evaluation_report(page: str | Path, options: ReportOptions, preset: str, sco
     holds it) of ``compare_to``."""
     from medcap.metrics import bootstrap_ci, read_predictions
 
-    images = manifest_images(references_path)
+    if preset == "vqa":  # read_vqa_references' ids and image paths
+        images = {k: q["images"] for k, q in references.items() if q.get("images")}
+    else:
+        images = manifest_images(references_path)
     meta = [f"references: {references_path}"]
+    if not images:
+        meta.append("no thumbnails: no reference has an image path (field image)")
     other_intervals = None
     if other is not None and resamples:
         other_intervals = bootstrap_ci(other[2], resamples, seed)

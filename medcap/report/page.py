@@ -241,7 +241,7 @@ SCRIPT = r"""
 def script_json(value) -> str:
     """JSON that can sit inside a <script> element: ``<``, ``>`` and ``&`` as \\u escapes, so no string in it can
     close the element or open a comment."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)  # ASCII: a lone surrogate stays an escape
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
@@ -269,7 +269,7 @@ def metrics_table(corpus: dict[str, dict[str, float]], intervals: dict[str, dict
 
 def paired_table(a: str, b: str, paired: dict[str, dict[str, float]], resamples: int, seed: int) -> str:
     """The paired bootstrap of ``a`` - ``b``: per metric the difference with its 95% interval under it, and the
-    one-sided p-value (a share of 0 reads "<1/resamples")."""
+    two-sided p-value (0 reads "<2/resamples")."""
     from medcap.metrics.bootstrap import p_text
 
     e = html.escape
@@ -279,7 +279,7 @@ def paired_table(a: str, b: str, paired: dict[str, dict[str, float]], resamples:
     p_values = "".join(f"<td>{e(p_text(d['p_value'], resamples))}</td>" for d in paired.values())
     return (f"<h2>{e(a)} − {e(b)}: paired bootstrap over the same images ({resamples} resamples, seed {seed})</h2>"
             f"<table class=\"metrics\"><tr><th></th>{head}</tr><tr><td>difference</td>{differences}</tr>"
-            f"<tr><td>p (one-sided)</td>{p_values}</tr></table>")
+            f"<tr><td>p (two-sided)</td>{p_values}</tr></table>")
 
 
 def render_page(title: str, meta: list[str], summary_html: str, data: dict) -> str:
