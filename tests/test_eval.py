@@ -378,6 +378,48 @@ def test_clipscore_and_refclipscore(tmp_path):
         ClipScore(tmp_path)
 
 
+def test_clipscore_with_a_hugging_face_text_tower_stays_local(tmp_path, monkeypatch):
+    open_clip = pytest.importorskip("open_clip")
+    import socket
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from medcap.metrics.clipscore import ClipScore
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a network lookup: {args[:2]}")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue",
+                                               "square", "green"]) + "\n")
+    BertModel(BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(bert)
+    hub_name = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    text_cfg = {"hf_model_name": hub_name, "hf_tokenizer_name": hub_name, "hf_proj_type": "linear",
+                "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 16}
+    model_cfg = {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                                "patch_size": 16}, "text_cfg": text_cfg}
+    folder = tmp_path / "biomedclip"
+    folder.mkdir()
+    config = folder / "open_clip_config.json"
+    config.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    with pytest.raises(ValueError, match=f"{config}: text_cfg.hf_model_name '{hub_name}' is not a local folder"):
+        ClipScore(folder)  # as published: both names on the hub
+    text_cfg["hf_model_name"] = str(bert)
+    config.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    with pytest.raises(ValueError, match="hf_tokenizer_name is set, and open_clip reads that tokenizer from this"):
+        ClipScore(folder)
+    BertTokenizer(str(bert / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = open_clip.CustomTextCLIP(**{**model_cfg, "text_cfg": {**text_cfg, "hf_model_pretrained": False}})
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    scorer = ClipScore(folder)
+    text = scorer._text(["a red square"])
+    assert text.shape == (1, 8) and torch.isfinite(text).all()
+
+
 def test_vqa_preset_through_the_recipe(tmp_path, capsys):
     questions = [  # OmniMedVQA field names for two, our own for the rest
         {"question_id": "q1", "question": "Which modality?", "option_A": "CT", "option_B": "MRI", "gt_answer": "CT",

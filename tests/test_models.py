@@ -151,6 +151,40 @@ def test_timm_checkpoint_keeps_the_head_parts_that_are_not_the_classifier(tmp_pa
             assert torch.equal(encoder(x)[:, 0], reference(x))
 
 
+def test_nothing_names_a_download(tmp_path, monkeypatch):
+    import json
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a network lookup: {args[:2]}")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    for name in ("hf-hub:someone/model", "hf_hub:someone/model"):  # as a shared index's meta.json could name it
+        with pytest.raises(ValueError, match=f"TimmEncoder model_name: '{name}' names a model hub repository"):
+            encoders.TimmEncoder(name)
+    for key in ("pretrained", "checkpoint_path", "pretrained_cfg_overlay"):
+        with pytest.raises(ValueError, match=rf"TimmEncoder: \['{key}'\] not accepted"):
+            encoders.TimmEncoder("test_efficientnet", image_size=64, **{key: "x"})
+    vision = {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": True, "timm_pool": "",
+              "timm_proj": "linear", "image_size": 224}
+    with pytest.raises(ValueError, match="OpenClipEncoder model_cfg: vision_cfg.timm_model_pretrained would download"):
+        encoders.OpenClipEncoder(model_cfg={"embed_dim": 8, "vision_cfg": vision})
+    # a folder's own weights replace timm's: the tower is built without them (open_clip would download them)
+    tiny = {"timm_model_name": "test_vit", "timm_model_pretrained": True, "timm_pool": "", "timm_proj": "linear",
+            "image_size": 160}
+    built = encoders.OpenClipEncoder(model_cfg={"embed_dim": 8, "vision_cfg": {**tiny, "timm_model_pretrained": False}})
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 8, "vision_cfg": tiny}}))
+    torch.save({f"visual.{k}": v for k, v in built.visual.state_dict().items()}, folder / "open_clip_pytorch_model.bin")
+    loaded = encoders.OpenClipEncoder(checkpoint_dir=str(folder))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), built.state_dict().values()))
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"embed_dim": 8, "vision_cfg": {**tiny, "timm_model_name": "hf-hub:someone/vit"}}}))
+    with pytest.raises(ValueError, match=f"{folder / 'open_clip_config.json'}: vision_cfg.timm_model_name: "
+                                         f"'hf-hub:someone/vit' names a model hub repository"):
+        encoders.OpenClipEncoder(checkpoint_dir=str(folder))
+
+
 def test_arguments_that_would_be_ignored_are_errors():
     with pytest.raises(ValueError, match="grid applies to CNN feature maps; VisionTransformer gives a token seq"):
         encoders.TimmEncoder("test_vit", image_size=160, grid=2)

@@ -1,6 +1,7 @@
 """CLIPScore and RefCLIPScore (Hessel et al. 2021) with a local open_clip model (a folder with
 ``open_clip_config.json`` and ``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors``, e.g. a CLIP or
-BiomedCLIP download; BiomedCLIP's text tokenizer must also be local). CLIPScore = 2.5 * max(cos(image, caption),
+BiomedCLIP download). A Hugging Face text tower (BiomedCLIP's) must be local too: its ``text_cfg.hf_model_name`` a
+local folder of that model and its tokenizer files in the open_clip folder, where open_clip reads them. CLIPScore = 2.5 * max(cos(image, caption),
 0); RefCLIPScore = the harmonic mean of CLIPScore and max(max over references of cos(caption, reference), 0)."""
 
 from pathlib import Path
@@ -11,6 +12,25 @@ import torch
 from medcap.data.images import load_image
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def check_local_text_tower(config: Path) -> None:
+    """A ValueError naming ``config`` and the key when its Hugging Face text tower would be fetched from a hub
+    (open_clip resolves ``hf_model_name`` with transformers, which downloads a hub name)."""
+    import json
+
+    text = json.loads(config.read_text(encoding="utf-8")).get("model_cfg", {}).get("text_cfg", {})
+    name = text.get("hf_model_name")
+    if name and not Path(name).is_dir():
+        raise ValueError(f"{config}: text_cfg.hf_model_name {name!r} is not a local folder; medcap never downloads: "
+                         f"set it to a local copy of that model (its config.json is enough)")
+    if text.get("hf_tokenizer_name") and not any((config.parent / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{config}: text_cfg.hf_tokenizer_name is set, and open_clip reads that tokenizer from "
+                         f"this folder, which has none of {list(TOKENIZER_FILES)}: copy the tokenizer files of "
+                         f"{text['hf_tokenizer_name']!r} here")
+
+
 class ClipScore:
     def __init__(self, model: str | Path, weight: float = 2.5, batch_size: int = 32, device: str = "cpu"):
         import open_clip
@@ -19,6 +39,7 @@ class ClipScore:
         if not (path / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"CLIPScore model: expected an open_clip folder with open_clip_config.json, "
                                     f"found {path}")
+        check_local_text_tower(path / "open_clip_config.json")
         name = f"local-dir:{path}"
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, device=device)
         self.model.eval()

@@ -21,6 +21,34 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# timm model names with these schemes fetch a config (and weights) from a hub; these kwargs load weights by timm's
+# own means (a download, or a file read outside medcap's checks)
+HUB_SCHEMES = ("hf-hub:", "hf_hub:")
+TIMM_WEIGHT_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+
+
+def offline_timm_name(name: str, where: str) -> str:
+    """``name`` when timm builds it without a hub; a ValueError naming ``where`` for a ``hf-hub:`` name."""
+    if str(name).startswith(HUB_SCHEMES):
+        raise ValueError(f"{where}: {name!r} names a model hub repository; medcap never downloads: give a timm "
+                         f"architecture name and the weights as a local checkpoint")
+    return name
+
+
+def offline_open_clip_cfg(model_cfg: dict, where: str, has_weights: bool) -> dict:
+    """``model_cfg`` with its timm image tower built without timm's pretrained weights, which open_clip would
+    download: with ``has_weights`` (a folder's) they are replaced anyway; without, the setting is refused, as is a
+    hub-named tower."""
+    vision = dict(model_cfg.get("vision_cfg", {}))
+    if vision.get("timm_model_name"):
+        offline_timm_name(vision["timm_model_name"], f"{where}: vision_cfg.timm_model_name")
+    if vision.get("timm_model_pretrained") and not has_weights:
+        raise ValueError(f"{where}: vision_cfg.timm_model_pretrained would download timm's weights; medcap never "
+                         f"downloads: give the tower's weights as a local folder (checkpoint_dir)")
+    vision["timm_model_pretrained"] = False
+    return {**model_cfg, "vision_cfg": vision}
+
+
 def _check_output(output: str) -> str:
     if output not in ("patch", "pooled"):
         raise ValueError(f"output must be 'patch' or 'pooled', got {output!r}")
@@ -61,6 +89,11 @@ class TimmEncoder(_Encoder):
             raise ValueError("grid applies to output='patch' (it pools a CNN's feature map)")
         if "num_classes" in timm_kwargs:
             raise ValueError("num_classes is not accepted: TimmEncoder builds the model without its classifier")
+        refused = sorted(set(timm_kwargs) & set(TIMM_WEIGHT_KWARGS))
+        if refused:
+            raise ValueError(f"TimmEncoder: {refused} not accepted: weights come only from `checkpoint` (a local "
+                             f"file or folder), never from timm's downloads")
+        offline_timm_name(model_name, "TimmEncoder model_name")
         self.grid = grid  # CNN feature maps average-pooled to grid x grid tokens (fewer tokens, coarser places)
         try:
             self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_kwargs)
@@ -146,6 +179,9 @@ class OpenClipEncoder(_Encoder):
             model_cfg = open_clip.get_model_config(model_name) if model_name else None
             if model_cfg is None:
                 raise ValueError(f"unknown open_clip model {model_name!r}; pass a built-in name or checkpoint_dir")
+        where = str(Path(checkpoint_dir) / "open_clip_config.json") if checkpoint_dir else \
+            f"open_clip model {model_name}" if model_name else "OpenClipEncoder model_cfg"
+        model_cfg = offline_open_clip_cfg(model_cfg, where, has_weights=state is not None)
         self.visual = open_clip.model._build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
                                                           quick_gelu=model_cfg.get("quick_gelu", False))
         size = model_cfg["vision_cfg"].get("image_size", 224)
