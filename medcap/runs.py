@@ -2,6 +2,7 @@
 checkpoint (saying which, and why others were skipped), and refuse a resume whose config changes what the data
 order or the model depends on."""
 
+import hashlib
 import json
 import shutil
 import time
@@ -18,8 +19,10 @@ from medcap.checkpoint import (CONFIG, STATE, WEIGHTS, CheckpointError, newest_p
                                set_rng_state, step_folders, weights_intact)
 from medcap.runtime import log
 
-# What the data order and the model depend on: a resumed run must keep these (paths may move between machines).
-RESUME_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "shuffle", "dataset", "model")
+# What the data order and the model depend on: a resumed run must keep these (paths may move between machines; the
+# samples themselves are compared by their fingerprint, saved with each checkpoint).
+RESUME_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "shuffle", "dataset", "model", "tokenizer",
+               "dynamic_prompts")
 PATH_KEYS = ("data_dir", "llm_dir", "vision_dir", "vision_checkpoint", "model_dir", "path", "manifest",
              "llm_path", "gguf_path")
 
@@ -153,10 +156,25 @@ def check_resumable(cfg: DictConfig, checkpoint: Path, data_keys: tuple[str, ...
                               f"run's settings, or start a new run in another output_dir")
 
 
-def restore(path: Path, optimizer, scheduler, load_optimizer=None) -> tuple[int, list[dict]]:
+def data_fingerprint(rows: list) -> str:
+    """What a run trains on, as text to compare on resume: the number of samples and a hash of ``rows`` (per
+    sample, in order, what decides its tokens: ID, target text, prompt, image file names)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, ensure_ascii=True).encode() + b"\n")
+    return f"{len(rows)} samples, sha256 {digest.hexdigest()[:16]}"
+
+
+def restore(path: Path, optimizer, scheduler, load_optimizer=None,
+            data: str | None = None) -> tuple[int, list[dict]]:
     """Restores the optimizer (through ``load_optimizer`` when it is sharded), the scheduler and this rank's RNG
-    states saved with a checkpoint; returns (step, history) to continue from."""
+    states saved with a checkpoint; returns (step, history) to continue from. ``data``: this run's
+    ``data_fingerprint``, refused when it is not the checkpoint's (another manifest, references or prompts)."""
     state = torch.load(path / STATE, weights_only=True)
+    saved = state.get("data")
+    if data is not None and saved is not None and saved != data:
+        raise CheckpointError(f"cannot resume from {path}: its run trained on other samples ({saved}; this run has "
+                              f"{data}); resume with the run's data, or start a new run in another output_dir")
     (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]

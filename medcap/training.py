@@ -125,7 +125,7 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
           output_dir: str | Path, device: torch.device, dtype: torch.dtype,
           evaluate: Callable[[], dict[str, float]] | None = None, metric_logger=None, cfg=None,
           start_step: int = 0, history: list[dict] | None = None, optimizer_state: Callable[[], dict] | None = None,
-          run_id: str | None = None) -> dict[str, Any]:
+          run_id: str | None = None, data: str | None = None) -> dict[str, Any]:
     """Run optimizer steps ``start_step + 1 .. max_steps``. One step = ``gradient_accumulation_steps``
     micro-batches whose summed token losses are divided by their total label count (over all ranks when
     distributed), so accumulation and data parallelism give the gradient of one large batch.
@@ -135,7 +135,8 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
     ``patience`` evaluations without improvement stop training early (decided on rank 0 and broadcast, so every
     rank stops at the same step; resumed from its last checkpoint, a run that stopped early trains no further).
     Distributed, BatchNorm running statistics are averaged over the ranks after each step. Checkpoints (trained
-    parts + optimizer, scheduler, every rank's RNG, step, history, run id) go to
+    parts + optimizer, scheduler, every rank's RNG, step, history, run id, ``data``: the training set's
+    ``runs.data_fingerprint``) go to
     ``output_dir/checkpoints/step_NNNNNN``. Returns a summary with the loss history and
     timings."""
     if settings.max_steps < 1:
@@ -155,7 +156,7 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
     def checkpoint(path: Path, step: int) -> None:
         state = {"step": step, "optimizer": optimizer_state() if optimizer_state else optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": all_ranks_rng_state(), "world_size": world,
-                 "history": json.dumps(history), "run_id": run_id}
+                 "history": json.dumps(history), "run_id": run_id, "data": data}
         save_checkpoint(model, path, cfg, state, run_id=run_id, step=step)
         distributed.barrier()
 

@@ -129,13 +129,15 @@ def main(cfg: DictConfig) -> None:
     if world > 1:  # rank 0 saves the whole optimizer state, gathered from the shards
         optimizer_state = lambda: training.get_full_optimizer_state_dict(model, optimizer, distributed.is_rank_zero())
 
+    data = runs.data_fingerprint([[s["id"], s["caption"], s["prompt"], [Path(p).name for p in s["images"]]]
+                                  for s in train_set.samples])
     start_step, history = 0, []
     if resume:
         load_sharded = None
         if world > 1:
             load_sharded = lambda state: training.load_from_full_optimizer_state_dict(  # noqa: E731
                 model, optimizer, state, device)
-        start_step, history = runs.restore(resume, optimizer, scheduler, load_sharded)
+        start_step, history = runs.restore(resume, optimizer, scheduler, load_sharded, data=data)
 
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum,
                                     shuffle=cfg.get("shuffle", True), rank=distributed.rank(), world_size=world)
@@ -163,7 +165,8 @@ def main(cfg: DictConfig) -> None:
     )
     summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device,
                     dtype=dtype, evaluate=evaluate, metric_logger=metric_logger, cfg=cfg,
-                    start_step=start_step, history=history, optimizer_state=optimizer_state, run_id=run_id)
+                    start_step=start_step, history=history, optimizer_state=optimizer_state, run_id=run_id,
+                    data=data)
     if metric_logger is not None:
         metric_logger.close()
     if distributed.is_rank_zero():

@@ -79,9 +79,10 @@ def main(cfg: DictConfig) -> None:
         raise ValueError("set max_steps, or epochs to derive it from the training set's size")
     optimizer = config.instantiate(cfg.optimizer, params)
     scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
+    data = runs.data_fingerprint([[s["id"], s["tokens"], s["labels"]] for s in train_set.samples])
     start_step, history = 0, []
     if resume:
-        start_step, history = runs.restore(resume, optimizer, scheduler)
+        start_step, history = runs.restore(resume, optimizer, scheduler, data=data)
 
     sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, seed=cfg.seed, start=start_step * accum)
     batches = iter(caption_loader(train_set, tokenizer, cfg.batch_size, batch_sampler=sampler))
@@ -98,7 +99,7 @@ def main(cfg: DictConfig) -> None:
     metric_logger = config.instantiate(logger_node) if logger_node and logger_node.get("_component_") else None
     summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device, dtype=dtype,
                     evaluate=evaluate, metric_logger=metric_logger, cfg=cfg, start_step=start_step, history=history,
-                    run_id=run_id)
+                    run_id=run_id, data=data)
     if metric_logger is not None:
         metric_logger.close()
     plot_loss(summary["history"], output_dir / "loss_curve.png")

@@ -216,6 +216,21 @@ def trained(runs, tmp_path_factory):
     return out, captured["model"], prompts
 
 
+def test_a_resumed_fuser_run_refuses_other_references(trained, runs, tmp_path):
+    from medcap.checkpoint import CheckpointError
+
+    files, references = runs
+    out = trained[0]
+    other = tmp_path / "refs.jsonl"  # the same IDs, one gold caption changed: other targets
+    lines = references.read_text().splitlines()
+    other.write_text("\n".join([json.dumps({**json.loads(lines[0]), "caption": "Axial CT."}), *lines[1:]]) + "\n")
+    common = dict(output_dir=str(out), candidates=[str(f) for f in files], holdout=2, batch_size=4, max_steps=16,
+                  resume_from="auto", **{"prompt.instruction": "Fuse the captions.", "metric_logger": None})
+    with pytest.raises(CheckpointError, match=r"its run trained on other samples \(10 samples, sha256 "):
+        cli.run_recipe("train_fuser", str(tiny_config(tmp_path, "train_fuser", references=str(other), **common)), [])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] == "step_000015"
+
+
 def test_fuser_training_loss_falls_and_checkpoints_the_whole_lm(trained):
     out, model, _ = trained
     summary = json.loads((out / "train_summary.json").read_text())

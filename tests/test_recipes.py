@@ -108,6 +108,24 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(data, tmp_path):
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
+def test_resume_refuses_a_run_on_other_samples(data, tmp_path):
+    from medcap import cli
+    from medcap.checkpoint import CheckpointError
+
+    def args(split, *extra):
+        return ["run", "finetune_vision", "--config", "tiny/finetune_vision", f"dataset.manifest={data / split}",
+                f"output_dir={tmp_path}", "save_every=2", "val_dataset=null", *extra]
+
+    cli.main(args("train.jsonl", "max_steps=2"))
+    state = torch.load(tmp_path / "checkpoints" / "step_000002" / "training_state.pt", weights_only=True)
+    with pytest.raises(CheckpointError, match=rf"its run trained on other samples \({state['data']}; this run has "
+                                              rf"\d+ samples, sha256 [0-9a-f]{{16}}\)"):
+        cli.main(args("val.jsonl", "max_steps=4", "resume_from=auto"))
+    assert state["data"].startswith(f"{len((data / 'train.jsonl').read_text().splitlines())} samples, sha256 ")
+    cli.main(args("train.jsonl", "max_steps=4", "resume_from=auto"))  # the same samples: resumed
+    assert (tmp_path / "checkpoints" / "step_000004").is_dir()
+
+
 def test_validation_generation_keeps_the_best_checkpoint_and_stops_early(data, tmp_path):
     out = tmp_path / "train"
     run_medcap("run", "finetune", "--config", "tiny/finetune_vision", *data_overrides(data), f"output_dir={out}",

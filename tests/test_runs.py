@@ -82,7 +82,9 @@ def test_resume_auto_with_only_broken_checkpoints_refuses_instead_of_starting_ov
 
 
 @pytest.mark.parametrize("change, named", [({"batch_size": 8}, "batch_size: 4 -> 8"), ({"seed": 1}, "seed: 0 -> 1"),
-                                           ({"model": {"_component_": "x.y"}}, "model._component_")])
+                                           ({"model": {"_component_": "x.y"}}, "model._component_"),
+                                           ({"tokenizer": {"max_seq_len": 64}}, "tokenizer: None -> "),
+                                           ({"dynamic_prompts": {"k": 8}}, "dynamic_prompts: None -> ")])
 def test_resume_refuses_a_config_that_changes_the_data_order_or_the_model(tmp_path, change, named):
     write(tmp_path / "checkpoints", 2, cfg())
     with pytest.raises(CheckpointError, match=f"cannot resume .*{named}"):
