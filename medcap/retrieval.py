@@ -210,6 +210,20 @@ def _caption_key(caption: str) -> str:
     return " ".join(caption.split()).lower()
 
 
+def check_index_folder(folder: str | Path) -> Path:
+    """``folder`` when a new index may replace what it holds: nothing, or an earlier index's four files. Saving
+    replaces the whole folder, so a folder with anything else (a run's checkpoints, predictions) is refused."""
+    folder = Path(folder)
+    if folder.is_dir():
+        index_files = {INDEX_FILE, EMBEDDINGS_FILE, ENTRIES_FILE, META_FILE}
+        other = sorted(p.name for p in folder.iterdir() if p.name not in index_files)
+        if other:
+            shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+            raise ValueError(f"{folder} holds {shown}: an index is written as a whole folder, which would delete "
+                             f"them; choose a new or empty output_dir (or one holding only an earlier index)")
+    return folder
+
+
 class CaptionIndex:
     """A caption set's embeddings [N, D] (L2-normalised), ids, captions and image paths, searchable with faiss.
     ``settings``: the index kind and its options (``build_faiss_index``); ``meta``: what produced it."""
@@ -251,8 +265,9 @@ class CaptionIndex:
 
     def save(self, folder: str | Path) -> Path:
         """Writes index.faiss, embeddings.safetensors, entries.jsonl (id, caption, images) and meta.json into a
-        temporary folder renamed into place."""
-        folder = Path(folder)
+        temporary folder renamed into place (an earlier index there is replaced whole; a folder holding anything
+        else is refused: see ``check_index_folder``)."""
+        folder = check_index_folder(folder)
         meta = {**self.meta, "count": len(self), "dim": self.dim, "index": self.settings,
                 "similarity": "inner product of L2-normalised embeddings (cosine)"}
         with replaced_atomically(folder, folder=True) as tmp:
@@ -322,8 +337,9 @@ class CaptionIndex:
         with it (``query_images``); with ``exclude_identical``, entries whose embedding equals the query's to
         ``IDENTICAL_TOLERANCE`` (the same image under another id or path); with ``dedupe_captions``, an entry
         whose caption (case and spacing ignored) a more similar neighbour already has; with ``threshold``,
-        entries whose cosine similarity is below it. Faiss is asked for more candidates until k are kept or the
-        index is exhausted."""
+        entries whose cosine similarity is below it. Equally similar entries come in the index's order (faiss' own
+        order of a tie changes with how many candidates it is asked for). Faiss is asked for more candidates until k
+        are kept, and the k-th is not cut from its ties, or the index is exhausted."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -342,11 +358,11 @@ class CaptionIndex:
             scores, positions = self.index.search(queries[pending], fetch)
             still = []
             for row, q in enumerate(pending):
-                kept, seen, exhausted = [], set(), fetch >= len(self)
-                for score, pos in zip(scores[row].tolist(), positions[row].tolist()):
-                    if pos < 0:  # an approximate index found fewer than fetch candidates
-                        exhausted = True
-                        break
+                # pos -1: an approximate index found fewer than fetch candidates
+                found = [(s, p) for s, p in zip(scores[row].tolist(), positions[row].tolist()) if p >= 0]
+                kept, seen, exhausted = [], set(), fetch >= len(self) or len(found) < fetch
+                least = min((s for s, _ in found), default=None)
+                for score, pos in sorted(found, key=lambda sp: (-sp[0], sp[1])):
                     if threshold is not None and score < threshold:
                         exhausted = True  # the rest are less similar still
                         break
@@ -363,7 +379,9 @@ class CaptionIndex:
                     kept.append(Neighbour(self.ids[pos], self.captions[pos], self.images[pos], float(score), pos))
                     if len(kept) == k:
                         break
-                if len(kept) == k or exhausted:
+                # the k-th kept ties with the least similar candidate fetched: an earlier entry may tie beyond it
+                cut_in_a_tie = len(kept) == k and kept[-1].score == least
+                if exhausted or (len(kept) == k and not cut_in_a_tie):
                     results[q] = kept
                 else:
                     still.append(q)

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from omegaconf import DictConfig
 from torchtune import config
 
-from medcap.retrieval import CaptionIndex, embedder_from_source, retrieval_source
+from medcap.retrieval import CaptionIndex, check_index_folder, embedder_from_source, retrieval_source
 from medcap.runtime import device_and_dtype, log
 from medcap.command import run_command
 
@@ -27,6 +27,7 @@ from medcap.command import run_command
 @config.parse
 def main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="build_index", cfg=cfg)
+    check_index_folder(cfg.output_dir)  # before the images are embedded
     device, dtype = device_and_dtype(cfg)
     if cfg.get("encoder") is not None and cfg.get("model") is not None:
         log.info("encoder is set: the images are embedded with it, not with model's vision encoder")

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchtune import config, training
 from tqdm import tqdm
 
+from medcap.atomic import remove_earlier
 from medcap.data.dataset import collate_captions
 from medcap.data.images import load_image
 from medcap.generation import generate_batch
@@ -136,6 +137,8 @@ def main(cfg: DictConfig) -> None:
     if cleanup is not None:
         write_csv_predictions(out / "raw_predictions.csv", predictions)
         predictions = {i: CLEANUPS[cleanup](caption) for i, caption in predictions.items()}
+    for path in remove_earlier([out / "raw_predictions.csv"] if cleanup is None else []):
+        log.info(f"removed the earlier run's {path} (this one cleans no captions)")
     write_csv_predictions(out / "predictions.csv", predictions)
     write_neighbours_csv(out / "neighbours.csv", [s["id"] for s in samples], neighbours)
     shots = sum(len(found) for found in neighbours) / max(len(samples), 1)

@@ -195,6 +195,12 @@ def test_nearest_first_false_reverses_the_examples_not_neighbours_csv(demo_data,
     assert read_neighbours(out / "neighbours.csv", tmp_path / "index")[ids[0]] == [
         captions[r["neighbour_ID"]] for r in rows[:2]]
 
+    # a run without clean-up leaves no raw_predictions.csv of an earlier run that cleaned its captions
+    for cleanup in ("aueb", "null"):
+        cli.run_recipe("knn_fewshot", "demo/knn_fewshot", knn_overrides(demo_data, tmp_path / "index") + [
+            f"output_dir={out}", "max_samples=1", "k=1", f"clean_captions={cleanup}"])
+        assert (out / "raw_predictions.csv").is_file() == (cleanup == "aueb")
+
 
 def test_synthesize_takes_the_fallback_for_knn_fewshot_queries_without_neighbours(demo_data, tmp_path):  # noqa: F811
     tiny_build_index(demo_data, tmp_path / "index")

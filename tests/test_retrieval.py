@@ -107,6 +107,20 @@ def test_each_index_kind_finds_the_exact_neighbour_and_survives_save_and_load(se
     assert (meta["count"], meta["dim"], meta["index"]["kind"]) == (400, 32, settings["kind"])
 
 
+def test_equally_similar_entries_come_in_the_index_order_for_every_k():
+    rng = np.random.default_rng(0)
+    x = l2_normalize(rng.normal(size=(40, 8)))
+    x[5:27] = x[5]  # 22 copies of one image, each with its own caption: faiss returns such ties in varying order
+    index = CaptionIndex(x, [f"id{i}" for i in range(40)], [f"caption {i}" for i in range(40)])
+    query = l2_normalize(x[5:6] + 0.01 * rng.normal(size=(1, 8)))
+    for k in (1, 2, 3, 12, 25):
+        found = index.search(query, k=k)[0]
+        # numpy oracle: a stable sort of the similarities, most similar first
+        order = np.argsort(-(x @ query[0]).astype(np.float32), kind="stable")[:k]
+        assert [n.position for n in found] == order.tolist() == list(range(5, 5 + min(k, 22))) + \
+            order.tolist()[22:], k
+
+
 def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="L2-normalised"):
         CaptionIndex(np.ones((2, 2), np.float32), ["a", "b"], ["x", "y"])
@@ -119,6 +133,7 @@ def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"queries must be \[Q, 2\]"):
         small_index().search(np.ones((1, 3), np.float32), k=1)
     small_index().save(tmp_path / "index")
+    small_index().save(tmp_path / "index")  # an earlier index is replaced
     (tmp_path / "index" / "entries.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="entries.jsonl is missing"):
         CaptionIndex.load(tmp_path / "index")
@@ -195,6 +210,18 @@ def tiny_build_index(demo_data, out, *extra):
     cli.run_recipe("build_index", "demo/build_index", [
         f"output_dir={out}", "checkpoint=null", "model._component_=medcap.models.builders.tiny_demo",
         "~model.max_seq_len", "~model.image_grid", f"dataset.manifest={demo_data / 'train.jsonl'}", *extra])
+
+
+def test_build_index_refuses_a_folder_holding_anything_else(demo_data, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000480").mkdir(parents=True)
+    (run / "predictions.csv").write_text("ID,caption\n")
+    with pytest.raises(ValueError, match=f"{run} holds checkpoints, predictions.csv: an index is written as a "
+                                         f"whole folder, which would delete them"):
+        tiny_build_index(demo_data, run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "predictions.csv"]
+    with pytest.raises(ValueError, match="holds checkpoints, predictions.csv"):
+        small_index().save(run)
 
 
 def test_build_index_and_nearest_caption_recipes(demo_data, tmp_path):
