@@ -28,13 +28,13 @@ import faiss
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
-from safetensors.torch import load_file as load_tensors
+from safetensors.numpy import save_file as save_numpy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchtune import config, training, utils
 
 from medcap.atomic import replaced_atomically
+from medcap.models.tensor_files import read_json, read_safetensors
 from medcap.safe_config import check_components
 from medcap.checkpoint import WEIGHTS, load_checkpoint, resolve_checkpoint
 from medcap.data.dataset import image_transform, load_sample_images
@@ -131,7 +131,7 @@ def retrieval_source(model_node=None, encoder_node=None, checkpoint: str | None 
 
 def _load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:
     path = Path(checkpoint) / WEIGHTS
-    state = load_tensors(path)
+    state = read_safetensors(path)
     weights = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     if not weights:
         log.warning(f"{path} holds no encoder weights (the encoder was frozen): the encoder is used as built")
@@ -286,8 +286,8 @@ class CaptionIndex:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder} is not a caption index: {name} is missing "
                                         f"(build one with `medcap run build_index`)")
-        meta = json.loads((folder / META_FILE).read_text())
-        embeddings = load_numpy(str(folder / EMBEDDINGS_FILE))["embeddings"]
+        meta = read_json(folder / META_FILE)
+        embeddings = read_safetensors(folder / EMBEDDINGS_FILE, as_numpy=True)["embeddings"]
         ids, captions, images, lines = [], [], [], {}
         with (folder / ENTRIES_FILE).open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -303,7 +303,11 @@ class CaptionIndex:
                     raise ValueError(f"{folder / ENTRIES_FILE}: line {line_no}: duplicate ID {ids[-1]!r} (line "
                                      f"{lines[ids[-1]]} has it too)")
                 lines[ids[-1]] = line_no
-        index = faiss.read_index(str(folder / INDEX_FILE))
+        try:
+            index = faiss.read_index(str(folder / INDEX_FILE))
+        except RuntimeError as error:  # faiss' message names neither the file nor what is wrong in plain words
+            raise ValueError(f"{folder / INDEX_FILE}: not a readable faiss index "
+                             f"({str(error).strip().splitlines()[-1][:200]})") from None
         settings = meta.get("index", {"kind": "flat"})
         if settings.get("kind") == "ivf":  # the query-time options, as configured when it was built
             faiss.extract_index_ivf(index).nprobe = settings.get("nprobe", 8)

@@ -37,13 +37,13 @@ class Seq2SeqTokenizer:
     truncation keeps."""
 
     def __init__(self, model_dir: str | Path):
-        import json
-
         from transformers import AutoTokenizer
+
+        from medcap.models.tensor_files import read_json
 
         folder = _local_folder(model_dir)
         self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json")
         self.pad_id = self._tok.pad_token_id
         self.eos_id = self._tok.eos_token_id
         self.decoder_start_id = config.get("decoder_start_token_id", self.pad_id)

@@ -67,12 +67,38 @@ def damaged(data: bytes, at: int, value: bytes) -> bytes:
     (lambda d: damaged(d, qtype_at(d, b"weight_b"), struct.pack("<I", 77)),
      r"tensor 'weight_b': unknown quantization type 77"),
     (lambda d: d[:-10], r"tensor 'weight_b': its data ends at byte \d+, past the end of the file \(\d+ bytes\)"),
+    (lambda d: d.replace(b"weight_b", b"weight_a"), r"tensor 'weight_a': a second tensor with this name"),
+    (lambda d: damaged(d, d.index(b"weight_b") + 12, struct.pack("<Q", 0)),
+     r"tensor 'weight_b': shape \[0\] has a dimension of 0 or one too large"),
 ])
 def test_a_damaged_gguf_file_is_an_error_naming_the_file_and_the_field(tmp_path, damage, message):
     path = tmp_path / "bad.gguf"
     path.write_bytes(damage(write_gguf(tmp_path / "ok.gguf")))
     with pytest.raises(ValueError, match=rf"bad\.gguf: .*{message}"):
         GGUFFile(path)
+
+
+def test_a_gguf_with_nested_arrays_or_settings_of_the_wrong_type_is_refused_by_name(tmp_path):
+    from torchtune.models.llama2 import llama2
+
+    from medcap.models.llm_weights import check_gguf_settings
+
+    path = tmp_path / "nested.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_array("x", [[[[[1]]]]])  # 2,000 levels in 24 KB exhausted Python's recursion
+    writer.add_tensor("a", A)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"nested\.gguf: x\[0\]\[0\]\[0\]\[0\]: arrays nested more than 4 deep"):
+        GGUFFile(path)
+
+    class Read:
+        metadata = {"llama.rope.freq_base": "10000", "llama.attention.head_count": 2}
+    decoder = llama2(vocab_size=32, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=16, max_seq_len=8)
+    with pytest.raises(ValueError, match=r"m\.gguf: llama.rope.freq_base: expected a number, found str"):
+        check_gguf_settings(decoder, "m.gguf", Read())
 
 
 @pytest.mark.parametrize("alignment", [0, "32"])
@@ -94,6 +120,40 @@ def test_a_damaged_torch_save_file_is_a_value_error_naming_it(tmp_path, label, c
         load_weights_only(path, "tensors")
     torch.save({"w": torch.ones(2)}, path)
     assert torch.equal(load_weights_only(path, "tensors")["w"], torch.ones(2))
+
+
+def test_damaged_safetensors_json_and_index_files_are_errors_naming_them(tmp_path):
+    import numpy as np
+
+    from medcap.models.llm_weights import llama_decoder_from_hf_config, read_weight_file
+    from medcap.models.tensor_files import read_json
+    from medcap.retrieval import CaptionIndex
+
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1000)}, weights)
+    weights.write_bytes(weights.read_bytes()[:300])
+    with pytest.raises(ValueError, match=rf"{weights}: not a readable safetensors file \(Error while deserializing"):
+        read_weight_file(weights)
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "llama",\n "hidden_size": 8,')
+    with pytest.raises(ValueError, match=rf"{config}: line 2: invalid JSON \(Expecting property name"):
+        read_json(config)
+    config.write_bytes(b'{"name": "\xff"}')
+    with pytest.raises(ValueError, match=rf"{config}: not UTF-8 text \(invalid start byte at byte 10\)"):
+        read_json(config)
+    llama = {"model_type": "llama", "vocab_size": 32000, "num_attention_heads": 4, "num_hidden_layers": "2",
+             "max_position_embeddings": 64, "intermediate_size": 32}
+    with pytest.raises(ValueError, match="c.json: hidden_size, num_hidden_layers: missing or not an integer"):
+        llama_decoder_from_hf_config(llama, "llama2", "c.json")
+
+    eye = np.eye(3, dtype=np.float32)
+    for name, damage in (("meta.json", b"{oops"), ("embeddings.safetensors", b"\x00" * 12), ("index.faiss", b"xyz")):
+        folder = tmp_path / name.replace(".", "_")
+        CaptionIndex(eye, ["a", "b", "c"], ["x", "y", "z"]).save(folder)
+        (folder / name).write_bytes(damage)
+        with pytest.raises(ValueError, match=rf"{folder / name}: (line 1: invalid JSON|not a readable safetensors "
+                                             rf"file|not a readable faiss index)"):
+            CaptionIndex.load(folder)
 
 
 @pytest.mark.parametrize("shard", ["../elsewhere/other.safetensors", "ABSOLUTE", "sub/../../elsewhere/x.safetensors",

@@ -7,11 +7,12 @@ regression head's output is the score. With several references a caption gets it
 The BLEURT-20 PyTorch ports (``lucadiliello/BLEURT-20*``, ``model_type: bleurt``) need the ``bleurt-pytorch``
 package, which does not import with transformers 5; they are refused with that message."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from medcap.models.tensor_files import read_json
 
 
 class Bleurt:
@@ -21,7 +22,7 @@ class Bleurt:
         path = Path(model)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"BLEURT model: expected a Hugging Face folder with config.json, found {path}")
-        if json.loads((path / "config.json").read_text()).get("model_type") == "bleurt":
+        if read_json(path / "config.json").get("model_type") == "bleurt":
             raise ValueError(f"BLEURT model {path}: config.json has model_type 'bleurt' (a BLEURT-20 PyTorch port), "
                              f"which needs the bleurt-pytorch package; it does not import with transformers 5. Use "
                              f"a BLEURT checkpoint in the BERT layout (e.g. Elron/bleurt-base-512)")

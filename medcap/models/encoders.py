@@ -5,7 +5,6 @@ was trained: ``crop``, ``pad`` or ``squash``; see ``medcap.data.dataset.ImageTra
 (the resampling filter of that resize). ``output="patch"`` gives spatial tokens, ``output="pooled"`` the pooled
 (and, for CLIP, projected) embedding as one token. Weights only ever come from local files or installed packages."""
 
-import json
 from pathlib import Path
 
 import open_clip
@@ -16,6 +15,7 @@ from torch import nn, Tensor
 from medcap.models import hf_vision
 from medcap.models.depthwise import use_fast_depthwise_backward
 from medcap.models.llm_weights import load_strict, read_weight_file
+from medcap.models.tensor_files import read_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -241,7 +241,7 @@ def _read_clip_folder(folder: Path) -> tuple[dict, dict, dict[str, Tensor], str]
     if not folder.is_dir():
         raise FileNotFoundError(f"vision checkpoint folder not found: {folder}")
     if (folder / "open_clip_config.json").is_file():
-        config = json.loads((folder / "open_clip_config.json").read_text())
+        config = read_json(folder / "open_clip_config.json")
         found = [folder / n for n in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
                  if (folder / n).is_file()]
         if not found:

@@ -5,6 +5,7 @@ The ``gguf`` package's reader builds Python objects for every array element (abo
 ``gguf.quants``.
 """
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,12 @@ class _Cursor:
         self.pos += n
         return bytes(self.buf[self.pos - n:self.pos]).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, field: str) -> Any:
+    def value(self, vtype: int, field: str, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string(field)
         if vtype == _ARRAY:
+            if depth == MAX_ARRAY_DEPTH:  # llama.cpp writes flat arrays; a deep nest is damage, or a crafted file
+                raise ValueError(f"{self.path}: {field}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
             item_type, count = self.take("<I", f"{field}: item type"), self.take("<Q", f"{field}: length")
             if item_type in _SCALARS and item_type != 7:
                 dtype = np.dtype(_SCALARS[item_type])
@@ -63,10 +66,13 @@ class _Cursor:
                 self.pos += dtype.itemsize * count
                 return arr
             self.need(count, field)  # every item takes at least a byte: a damaged length fails here, not in a loop
-            return [self.value(item_type, f"{field}[{i}]") for i in range(count)]
+            return [self.value(item_type, f"{field}[{i}]", depth + 1) for i in range(count)]
         if vtype not in _SCALARS:
             raise ValueError(f"{self.path}: {field}: unknown value type {vtype}")
         return self.take(_SCALARS[vtype], field)
+
+
+MAX_ARRAY_DEPTH = 4
 
 
 class GGUFFile:
@@ -89,19 +95,24 @@ class GGUFFile:
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             self.metadata[key] = cur.value(cur.take("<I", f"{key}: value type"), key)
-        infos = []
+        infos, self.tensors = [], {}
         for i in range(n_tensors):
             name = cur.string(f"tensor #{i}: name")
             field = f"tensor {name!r}"
             rank = cur.take("<I", f"{field}: rank")
             cur.need(8 * rank, f"{field}: shape")
             dims = [cur.take("<Q", f"{field}: shape") for _ in range(rank)]
+            if any(d == 0 or d >= 2 ** 48 for d in dims):
+                raise ValueError(f"{self.path}: {field}: shape {dims} has a dimension of 0 or one too large")
+            if name in self.tensors:
+                raise ValueError(f"{self.path}: {field}: a second tensor with this name")
             qtype = cur.take("<I", f"{field}: quantization type")
             try:
                 qtype = GGMLQuantizationType(qtype)
             except ValueError:
                 raise ValueError(f"{self.path}: {field}: unknown quantization type {qtype}") from None
             infos.append((name, tuple(reversed(dims)), qtype, cur.take("<Q", f"{field}: offset")))
+            self.tensors[name] = None
         alignment = self.metadata.get("general.alignment", 32)
         if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
             raise ValueError(f"{self.path}: general.alignment must be a positive integer, found {alignment!r}")
@@ -124,7 +135,7 @@ class GGUFFile:
     def load(self, name: str) -> np.ndarray:
         """One tensor as float32 in torch's dimension order."""
         t = self.tensors[name]
-        rows = int(np.prod(t.shape[:-1]))
+        rows = math.prod(t.shape[:-1])
         raw = self.data[t.offset:t.offset + self.nbytes(t)].reshape(rows, -1)
         if t.qtype == GGMLQuantizationType.F32:
             values = raw.view(np.float32)

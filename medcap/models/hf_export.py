@@ -14,6 +14,7 @@ from torchtune.modules import TiedLinear
 
 from medcap.atomic import replaced_atomically
 from medcap.models.lora import merged_tensors
+from medcap.models.tensor_files import read_json
 from medcap.safetensors_stream import write_streaming
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -111,7 +112,7 @@ def save_hf_llama(model, out_dir: str | Path, llm_dir: str | Path | None = None,
     with replaced_atomically(out_dir, folder=True) as tmp:
         write_streaming(tmp / "model.safetensors", entries, dtype, produce, metadata={"format": "pt"})
         if llm_dir is not None:
-            config = json.loads((Path(llm_dir) / "config.json").read_text())
+            config = read_json(Path(llm_dir) / "config.json")
             for name in TOKENIZER_FILES:
                 if (Path(llm_dir) / name).is_file():
                     shutil.copy2(Path(llm_dir) / name, tmp / name)

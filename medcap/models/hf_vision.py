@@ -2,7 +2,6 @@
 translated for the modules medcap builds: CLIP vision towers for open_clip's ``VisionTransformer``, Swin for
 timm's ``SwinTransformer``. Only configs and tensor names are translated here; transformers is not needed."""
 
-import json
 import re
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor
 
 from medcap.models.llm_weights import hf_weight_files, read_weight_file
+from medcap.models.tensor_files import read_json
 
 # transformers' defaults, for keys an older config.json leaves out
 _CLIP_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -44,7 +44,7 @@ def read_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def hf_model_type(path: str | Path) -> str | None:
@@ -91,7 +91,7 @@ def preprocessing(folder: str | Path, processor: str, image_size: int, mean: tup
     path = Path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return {"mean": tuple(mean), "std": tuple(std), "interpolation": "bicubic", "resize_mode": resize_mode}
-    config, source = json.loads(path.read_text()), str(path)
+    config, source = read_json(path), str(path)
     name = config.get("image_processor_type") or config.get("feature_extractor_type") or f"{processor}ImageProcessor"
     kind = name.removesuffix("Fast").removesuffix("Pil").removesuffix("ImageProcessor").removesuffix(
         "FeatureExtractor")

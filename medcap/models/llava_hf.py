@@ -35,6 +35,7 @@ from torchtune.models.llama2._component_builders import llama2
 from torchtune.modules import TransformerDecoder
 
 from medcap.atomic import replaced_atomically
+from medcap.models.tensor_files import read_json
 from medcap.models import hf_vision
 from medcap.models.encoders import CLIP_MEAN, CLIP_STD, _Encoder
 from medcap.models.hf_export import check_output_dir, hf_llama_tensors
@@ -65,7 +66,7 @@ def read_llava_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a llava-hf folder such as llava-1.5-7b-hf)")
-    raw = json.loads(path.read_text())
+    raw = read_json(path)
     if raw.get("model_type") != "llava":
         raise ValueError(f"{path}: expected model_type 'llava' (a llava-hf folder), found {raw.get('model_type')!r}")
     config = {**LLAVA_DEFAULTS, **{k: v for k, v in raw.items() if k not in ("text_config", "vision_config")}}
@@ -466,7 +467,7 @@ def save_llava_hf(model: LlavaHFModel, out_dir: str | Path, source_dir: str | Pa
         if differ:
             raise ValueError(f"the model does not match {source_dir} (the folder it must have been built from): "
                              f"{differ[:5]}")
-    config = json.loads((source_dir / "config.json").read_text())
+    config = read_json(source_dir / "config.json")
     name = str(dtype).removeprefix("torch.")
     config["torch_dtype"] = name
     if "dtype" in config:

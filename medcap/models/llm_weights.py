@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn, Tensor
 from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama2._component_builders import llama2
@@ -22,7 +21,7 @@ from torchtune.models.llama3_2._component_builders import llama3_2
 from torchtune.modules import TransformerDecoder
 
 from medcap.models.gguf_file import GGUFFile
-from medcap.models.tensor_files import load_weights_only, not_tensors
+from medcap.models.tensor_files import load_weights_only, not_tensors, read_json, read_safetensors
 
 _DEFERRED = contextvars.ContextVar("medcap_weights_deferred", default=False)
 
@@ -74,7 +73,7 @@ def gguf_to_torchtune_name(name: str) -> str:
 def _open_llama_gguf(path: str | Path) -> GGUFFile:
     gguf = GGUFFile(path)
     arch = gguf.metadata.get("general.architecture")
-    if arch != "llama":
+    if not isinstance(arch, str) or arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r}, only 'llama' GGUF files are supported")
     return gguf
 
@@ -92,8 +91,13 @@ def check_gguf_settings(decoder: nn.Module, path: str | Path, gguf: GGUFFile | N
     ours = {"llama.attention.head_count": attn.num_heads, "llama.attention.head_count_kv": attn.num_kv_heads,
             "llama.rope.freq_base": attn.pos_embeddings.base,
             "llama.attention.layer_norm_rms_epsilon": decoder.norm.eps}
-    differ = [f"{key} = {gguf.metadata[key]:g} (the decoder: {value:g})" for key, value in ours.items()
-              if key in gguf.metadata and not math.isclose(gguf.metadata[key], value, rel_tol=1e-6)]
+    found = {key: gguf.metadata[key] for key in ours if key in gguf.metadata}
+    not_numbers = [key for key, value in found.items() if not isinstance(value, (int, float)) or isinstance(value, bool)]
+    if not_numbers:
+        raise ValueError(f"{path}: {', '.join(not_numbers)}: expected a number, found "
+                         f"{', '.join(type(found[key]).__name__ for key in not_numbers)}")
+    differ = [f"{key} = {value:g} (the decoder: {ours[key]:g})" for key, value in found.items()
+              if not math.isclose(value, ours[key], rel_tol=1e-6)]
     if differ:
         raise ValueError(f"{path} does not fit the decoder it is loaded into: {'; '.join(differ)}")
 
@@ -136,7 +140,7 @@ def read_weight_file(path: str | Path) -> dict[str, Tensor]:
     if weights_deferred():
         return {}
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return read_safetensors(path)
     state = load_weights_only(path, "tensors", "; a weight file holds a state dict of tensors")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     bad = not_tensors(state, type(state).__name__)
@@ -149,7 +153,7 @@ def index_shards(index: Path) -> list[str]:
     """The shard file names a ``*.index.json`` maps weights to: plain names of files beside it, never a path that
     leaves its folder."""
     try:
-        data = json.loads(index.read_text())
+        data = read_json(index)
     except ValueError as error:
         raise ValueError(f"{index}: not valid JSON ({error})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -214,6 +218,11 @@ def llama_decoder_from_hf_config(config: dict, family: str, source: str = "confi
     for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if config.get(key, expected) != expected:
             raise fail(key, repr(expected), config[key])
+    required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings",
+                "intermediate_size")
+    missing = [key for key in required if not isinstance(config.get(key), int) or isinstance(config[key], bool)]
+    if missing:
+        raise ValueError(f"{source}: {', '.join(missing)}: missing or not an integer, which a {family} model needs")
     dim, heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim") not in (None, dim // heads):
         raise fail("head_dim", f"hidden_size / num_attention_heads = {dim // heads}", config["head_dim"])
@@ -271,7 +280,7 @@ def load_hf_decoder(decoder: nn.Module, checkpoint_dir: str | Path, model_type: 
     files = hf_weight_files(checkpoint_dir)
     # UPDATED: FullModelHFCheckpointer.load_checkpoint - a tensor of the wrong shape fails inside its q/k
     # permutation with a bare view error; the shapes are checked first, under the folder's own names.
-    _check_hf_shapes(decoder, files, json.loads((checkpoint_dir / "config.json").read_text()), str(checkpoint_dir))
+    _check_hf_shapes(decoder, files, read_json(checkpoint_dir / "config.json"), str(checkpoint_dir))
     files = [p.name for p in files]
     if weights_deferred():
         return decoder
@@ -292,7 +301,7 @@ def hf_llama_decoder(llm_dir: str | Path, family: str) -> TransformerDecoder:
     if not config_file.is_file():
         raise FileNotFoundError(f"{llm_dir}: no config.json (expected a Hugging Face model folder), found "
                                 f"{_listing(llm_dir)}")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     decoder = llama_decoder_from_hf_config(config, family, str(config_file))
     tied = config.get("tie_word_embeddings", False)
     model_type = "LLAMA2" if family == "llama2" else "LLAMA3_2" if tied else "LLAMA3"

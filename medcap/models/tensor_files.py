@@ -1,11 +1,37 @@
-"""Another project's checkpoint read as data: ``torch.load(weights_only=True)``, never its pickled code."""
+"""Another project's files read as data: ``torch.load(weights_only=True)``, never its pickled code; safetensors and
+JSON files whose damage is an error naming the file."""
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value; a damaged one is a ValueError naming the file and the line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def read_safetensors(path: str | Path, as_numpy: bool = False) -> dict:
+    """A safetensors file's tensors (numpy arrays with ``as_numpy``); a damaged one is a ValueError naming it."""
+    if as_numpy:
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def load_weights_only(path: str | Path, holds: str, hint: str = "", safe_globals: list | None = None) -> Any:

@@ -12,10 +12,11 @@ thesis trained; see ``medcap.text.samples``). ``render_prompt`` gives the prompt
 image block, so that a prompt can be compared with a published one character for character.
 """
 
-import json
 from pathlib import Path
 
 from torchtune.modules.transforms.tokenizers import SentencePieceBaseTokenizer
+
+from medcap.models.tensor_files import read_json
 
 IMAGE_TEXT = "<image>"  # how LLaVA writes the image in its prompts (the llava-hf added token)
 
@@ -118,9 +119,9 @@ def _added_token_ids(folder: Path) -> dict[str, int]:
     """{token: id} of a Hugging Face tokenizer folder's added tokens (added_tokens.json, or tokenizer_config.json's
     ``added_tokens_decoder``); empty when the folder has neither."""
     if (folder / "added_tokens.json").is_file():
-        return json.loads((folder / "added_tokens.json").read_text())
+        return read_json(folder / "added_tokens.json")
     if (folder / "tokenizer_config.json").is_file():
-        decoder = json.loads((folder / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})
+        decoder = read_json(folder / "tokenizer_config.json").get("added_tokens_decoder", {})
         return {entry["content"]: int(i) for i, entry in decoder.items()}
     return {}
 
@@ -133,7 +134,7 @@ def llava_hf_tokenizer(model_dir: str, separator: str = " ", answer_eos: bool = 
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a llava-hf folder such as llava-1.5-7b-hf)")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     image_id, pad_id = config.get("image_token_index", 32000), config.get("pad_token_id")
     added = _added_token_ids(folder)
     for name, expected in (("<image>", image_id), ("<pad>", pad_id)):
