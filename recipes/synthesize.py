@@ -60,6 +60,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("neighbours"):
         source = cfg.neighbours
         neighbours = read_neighbours(source, cfg.get("index_dir"))
+        if cfg.get("threshold") is not None:
+            log.info(f"threshold={cfg.threshold} is not applied: the neighbours are {source}'s, as the search that "
+                     f"wrote it kept them")
         if Path(source).resolve() != (out / "neighbours.jsonl").resolve():  # a search's, which this run did not use
             for path in remove_earlier([out / "neighbours.jsonl"]):
                 log.info(f"removed the earlier run's {path} (this one read {source})")

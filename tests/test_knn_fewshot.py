@@ -202,7 +202,8 @@ def test_nearest_first_false_reverses_the_examples_not_neighbours_csv(demo_data,
         assert (out / "raw_predictions.csv").is_file() == (cleanup == "aueb")
 
 
-def test_synthesize_takes_the_fallback_for_knn_fewshot_queries_without_neighbours(demo_data, tmp_path):  # noqa: F811
+def test_synthesize_takes_the_fallback_for_knn_fewshot_queries_without_neighbours(demo_data, tmp_path,  # noqa: F811
+                                                                                 caplog):
     tiny_build_index(demo_data, tmp_path / "index")
     knn = tmp_path / "knn"
     cli.run_recipe("knn_fewshot", "demo/knn_fewshot", knn_overrides(demo_data, tmp_path / "index") + [
@@ -215,11 +216,13 @@ def test_synthesize_takes_the_fallback_for_knn_fewshot_queries_without_neighbour
     drafts.write_text("ID,caption\n" + "".join(f"{i},Draft {n}.\n" for n, i in enumerate(ids)))
     out = tmp_path / "synthesize"
     config = tiny_config(tmp_path, drafts=str(drafts), neighbours=str(knn / "neighbours.csv"),
-                         index_dir=str(tmp_path / "index"), output_dir=str(out), fallback_template="Caption: {draft}")
+                         index_dir=str(tmp_path / "index"), output_dir=str(out), fallback_template="Caption: {draft}",
+                         threshold=0.5)
     cli.run_recipe("synthesize", str(config), [])
     rows = [json.loads(line) for line in (out / "synthesis.jsonl").read_text().splitlines()]
     assert [(r["id"], r["neighbours"], r["prompt"]) for r in rows] == [
         (i, [], f"Caption: Draft {n}.") for n, i in enumerate(ids)]
+    assert f"threshold=0.5 is not applied: the neighbours are {knn / 'neighbours.csv'}'s" in caplog.text
 
 
 def test_knn_fewshot_embeds_queries_in_the_index_dtype(demo_data, tmp_path):  # noqa: F811
