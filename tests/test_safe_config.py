@@ -31,3 +31,18 @@ def test_components_inside_omegaconf_nodes_are_checked(tmp_path, wrap):
     with pytest.raises(ValueError, match=r"f.json: encoder.inner\[0\]._component_ = 'os.system' is not allowed"):
         check_components(node, "f.json")
     check_components(wrap({"encoder": {"_component_": "medcap.models.encoders.TimmEncoder"}}), "f.json")
+
+
+@pytest.mark.parametrize("name", ["medcap.models.llava_hf.save_llava_hf", "medcap.models.llava_hf._write_shards",
+                                  "medcap.models.llava_hf.llava_hf_tensors", "medcap.models.encoders._Encoder",
+                                  "medcap.models.encoders.offline_timm_name", "medcap.models.builders.torch"])
+def test_only_model_builders_are_allowed_not_medcaps_writers_or_helpers(name):
+    with pytest.raises(ValueError, match=f"_component_ = '{name}' is not allowed"):
+        check_components({"_component_": name}, "config.yaml")
+
+
+def test_every_builder_a_config_or_index_names_is_allowed():
+    for name in ("medcap.models.builders.llama3_1_8b_biomedclip", "medcap.models.builders.tiny_demo",
+                 "medcap.models.builders.llava_hf", "medcap.models.encoders.biomedclip_vit_b16",
+                 "medcap.models.encoders.OpenClipEncoder", "medcap.models.llava_hf.llava_hf_vision_encoder"):
+        check_components({"_component_": name}, "config.yaml")
