@@ -39,7 +39,8 @@ def vqa_questions(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if s.get("options") and answer_key(s["answer"], s["options"]) is None:
             raise ValueError(f"{s['source']}: sample {s['id']!r}: field 'answer' ({s['answer']!r}) names none of the "
                              f"options {s['options']}")
-        questions.append({"id": s["id"], "source": s["source"], "images": s["images"], "question": s["question"],
+        questions.append({"id": s["id"], "source": s["source"], "images": s["images"],
+                          "image_field": s.get("image_field", "image"), "question": s["question"],
                           "options": s.get("options") or None, "answer": s["answer"],
                           "modality": s.get("modality"), "question_type": s.get("question_type")})
     return questions
@@ -198,18 +199,27 @@ JUDGE_INSTRUCTION = ("Based on the question and our answer, respond with only th
                      "the given choices.")
 JUDGE_MISSING = ("omit", "nan")
 SEED_LETTERS = "ABCD"
+# what pandas.read_csv reads as NaN by default (its STR_NA_VALUES): the seed read its answers back through it
+PANDAS_NA_TEXTS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                             "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
 def judge_text(question: str, answer: str, options: dict[str, str], missing: str = "omit") -> str:
-    """The medcap seed's judge prompt: the question, the model's free answer, the options, the instruction. With
-    ``missing="nan"`` it is the prompt the seed's run actually built: it read its answers back from a CSV with
-    pandas, so an empty cell (option C and D of a two-option question, an empty answer) came back as NaN and was
-    printed ``nan``, and every question showed options A to D."""
+    """The medcap seed's judge prompt: the question, the model's free answer, the options A to D (A and B alone when
+    there is neither C nor D; an empty text after a missing letter's ``D. ``, as its code printed them), the
+    instruction. With ``missing="nan"`` it is the prompt the seed's run actually built: it read its answers back
+    from a CSV with pandas, so an empty cell (option C and D of a two-option question, an empty answer) or a text
+    pandas takes for a missing value ("None", "NA", "null"...) came back as NaN and was printed ``nan``, and every
+    question showed options A to D. Options under other keys are printed as they are, in their order."""
     if missing not in JUDGE_MISSING:
         raise ValueError(f"judge_missing must be one of {JUDGE_MISSING}, got {missing!r}")
     if missing == "nan":
-        options = {letter: options.get(letter) or "nan" for letter in SEED_LETTERS}
-        answer = answer or "nan"
+        options = {letter: "nan" if options.get(letter, "") in PANDAS_NA_TEXTS else options[letter]
+                   for letter in SEED_LETTERS}
+        answer = "nan" if answer in PANDAS_NA_TEXTS else answer
+    elif set(options) <= set(SEED_LETTERS):
+        letters = SEED_LETTERS if set(options) - {"A", "B"} else "AB"
+        options = {letter: options.get(letter, "") for letter in letters}
     lines = [f"Question: {question.strip()}", f"Our answer: {answer}"]
     lines += [f"{letter}. {text}" for letter, text in options.items()]
     return "\n".join(lines) + "\n\n" + JUDGE_INSTRUCTION

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from medcap.command import run_command
 from medcap.atomic import remove_earlier, write_json, write_text
-from medcap.data.images import load_image
+from medcap.data.dataset import load_sample_images
 from medcap.generation import generate
 from medcap.metrics import bootstrap_ci, evaluate, format_table, write_csv_predictions
 from medcap.metrics.vqa import parse_choice
@@ -72,7 +72,8 @@ class VQARun:
 
     def images(self, questions: list[dict]) -> torch.Tensor:
         """All images of ``questions``, in order (the layout ``generate`` and the model take)."""
-        return torch.stack([self.dataset.transform(load_image(path)) for q in questions for path in q["images"]])
+        return torch.cat([load_sample_images(q, self.dataset.transform, max_pixels=self.dataset.max_image_pixels)
+                          for q in questions])
 
     def image_tokens(self, question: dict) -> int:
         return self.model.tokens_per_image * len(question["images"]) // self.model.views_per_block
@@ -150,14 +151,19 @@ class VQARun:
         for q in questions:
             firsts.setdefault(tuple(q["images"]), q)
         descriptions = {}
+        beams = decoding_settings(cfg).get("num_beams", 1) > 1
         for index, batch in enumerate(tqdm(batches(list(firsts.values()), cfg.batch_size), desc="describe",
                                            unit="batch")):
             budgets = [self.description_tokens(q) for q in batch]
-            outputs = self.generate_ids([self.encoded(self.describe_ids(q)) for q in batch], self.images(batch),
-                                        max(budgets), 10_000 + index)
-            # greedy decoding: the first n tokens of a longer generation are the generation of n tokens
-            descriptions.update({tuple(q["images"]): tok.decode(ids[:n]).strip()
-                                 for q, ids, n in zip(batch, outputs, budgets)})
+            # token by token, the first n tokens of a longer generation are the generation of n tokens: the batch
+            # runs to its longest budget; a beam search of n tokens is not the start of a longer one: one run per
+            # budget, as the seed described each image with its own max_new_tokens
+            for budget in sorted(set(budgets)) if beams else [max(budgets)]:
+                group = [(q, n) for q, n in zip(batch, budgets) if n == budget or not beams]
+                outputs = self.generate_ids([self.encoded(self.describe_ids(q)) for q, _ in group],
+                                            self.images([q for q, _ in group]), budget, 10_000 + index)
+                descriptions.update({tuple(q["images"]): tok.decode(ids[:n]).strip()
+                                     for (q, n), ids in zip(group, outputs)})
         answers = {}
         for index, batch in enumerate(tqdm(batches(questions, cfg.batch_size), desc="answer", unit="batch")):
             prompts = [self.encoded(self.describe_ids(q) + tok.answer_ids(descriptions[tuple(q["images"])])

@@ -179,12 +179,18 @@ def test_an_id_0_is_an_id_and_jsonl_errors_name_their_line(tmp_path):
     questions.write_text("\n".join(json.dumps({"id": i, **question}, ensure_ascii=False) for i in range(2)) + "\n")
     read = read_vqa_references(questions)
     assert list(read) == ["0", "1"] and read["0"]["answer"] == "yes"  # U+2028 inside a string is not a line end
+    questions.write_text(json.dumps([{"qid": 7, "question": "Is it a chest?", "answer": "yes"},  # VQA-RAD's file
+                                     {"question_id": "q", "option_B": "MRI", "option_A": "CT", "gt_answer": "CT"}]))
+    read = read_vqa_references(questions)
+    assert list(read) == ["7", "q"] and list(read["q"]["options"].items()) == [("A", "CT"), ("B", "MRI")]
     first = '{"id": "q1", "answer": "no"}\n'
     for text, error in [(first + '\n{"id": "q3", "answer": "no",}\n', "line 3: invalid JSON"),
                         (first + '["x"]\n', "line 2: a question must be a JSON object, found list"),
                         (first + '{"id": "q1", "answer": "yes"}\n', "line 2: duplicate id 'q1'"),
                         (json.dumps([{"id": "q1", "answer": "no"}, {"answer": "yes"}]),
-                         "item 2: field 'id' is missing or empty")]:
+                         "item 2: field 'id' is missing or empty"),
+                        (first + '{"id": "q2", "answer": "CT", "options": ["CT", "MRI"]}\n',
+                         "line 2: sample 'q2': field 'options' must be an object of {letter: text}, found list")]:
         questions.write_text(text)
         with pytest.raises(ValueError, match=f"{questions}: {error}"):
             read_vqa_references(questions)

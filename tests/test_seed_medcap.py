@@ -68,6 +68,15 @@ def test_vqa_prompts_render_as_the_seeds_strings(llama3):
     assert rendered_prompt(llama3, llama3.prompt_ids(judge)) == SEED_JUDGE_2_CSV
     assert judge_text("Q?", "", {"A": "x", "B": "y", "C": "z"}, missing="nan").splitlines()[1:6] == [
         "Our answer: nan", "A. x", "B. y", "C. z", "D. nan"]
+    # three options: the seed's code printed C and D whenever either was there (D empty)
+    assert judge_text("Q?", "a", {"A": "x", "B": "y", "C": "z"}).splitlines()[2:6] == ["A. x", "B. y", "C. z", "D. "]
+    # what pandas read back as NaN from the seed's CSV (its default na_values; pandas itself is the oracle)
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    from medcap.vqa import PANDAS_NA_TEXTS
+    assert PANDAS_NA_TEXTS == STR_NA_VALUES
+    assert judge_text("Q?", "None", {"A": "NA", "B": "null", "C": "n/a ", "D": "x"}, "nan").splitlines()[1:6] == [
+        "Our answer: nan", "A. nan", "B. nan", "C. n/a ", "D. x"]
 
 
 def test_chat_prompt_ids_are_the_seeds_training_tokens(llama3, oracle):
@@ -178,6 +187,16 @@ def test_omnimedvqa_modalities_filter_and_unknown_modality(tmp_path):
     (folder / "set.json").write_text(json.dumps(rows))
     samples, _ = read_omnimedvqa(tmp_path, "test", modalities=["X-Ray", "Microscopy Images"])
     assert [s["id"] for s in samples] == ["q0", "q1", "q3"]
+    # a malformed row is reported whatever the filter; options in letter order whatever the file's key order
+    (folder / "set.json").write_text(json.dumps([["not", "a", "question"], {**rows[0], "option_A": "b",
+                                                                            "option_B": "a"}]))
+    samples, problems = read_omnimedvqa(tmp_path, "test", modalities=["X-Ray"])
+    assert [(p.reason, p.source.item) for p in problems] == [("malformed row", "[0]")]
+    assert list(samples[0]["options"].items()) == [("A", "b"), ("B", "a")]
+    row = {k: rows[0][k] for k in ("question_id", "question", "option_B", "option_A", "gt_answer", "image_path")}
+    (folder / "set.json").write_text(json.dumps([{**row, "modality_type": "X-Ray"}]))
+    samples, _ = read_omnimedvqa(tmp_path, "test", modalities=["X-Ray"])
+    assert list(samples[0]["options"]) == ["A", "B"] and samples[0]["prompt"] == "Q?\nA. a\nB. b"
     with pytest.raises(DataFileError, match=r"no question has modality_type \['CT\(Computed Tomography\)'\]"):
         read_omnimedvqa(tmp_path, "test", modalities=["X-Ray", "CT(Computed Tomography)"])
 
@@ -269,6 +288,47 @@ def test_two_stage_judge_end_to_end(demo_vqa, tmp_path, monkeypatch):
     assert metrics["accuracy/chest_xray"] == metrics["accuracy/leg_xray"] == pytest.approx(1 / 3)
     assert metrics["macro_accuracy"] == pytest.approx(np.mean([np.mean(v) for v in per_group.values()]))
     assert metrics["macro_accuracy"] == pytest.approx(2 / 3 / 8)
+
+
+class BeamLLM(ScriptedLLM):
+    """A beam search stand-in: a description's tokens depend on the max_new_tokens of the search (as a beam search's
+    do: its first n tokens are not the n-token search)."""
+
+    def __call__(self, model, prompts, images, *, max_new_tokens, **settings):
+        assert settings["num_beams"] == 3
+        if images is None or "?" in self.tok.decode(prompts[0]):
+            return super().__call__(model, prompts, images, max_new_tokens=max_new_tokens)
+        self.calls.append(("describe", None, max_new_tokens, images.shape[0]))
+        return [self.tok.encode(f"searched{max_new_tokens} " * 40)[:max_new_tokens] for _ in prompts]
+
+
+def test_two_stage_judge_with_beams_describes_each_image_with_its_own_budget(demo_vqa, tmp_path, monkeypatch):
+    import shutil
+
+    data_dir, path = demo_vqa
+    data_dir = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    questions = json.loads(path.read_text())
+    for i, q in enumerate(questions):  # questions of several lengths: the images' budgets differ
+        q["question"] += " Answer briefly." * (i % 3)
+    (data_dir / path.relative_to(demo_vqa[0])).write_text(json.dumps(questions))
+    config = tmp_path / "vqa.yaml"
+    config.write_text((Path(cli.__file__).parent.parent / "configs" / "demo" / "vqa.yaml").read_text()
+                      + "\nnum_beams: 3\n")
+    descriptions = []
+    for batch_size in (1, 8):
+        llm = BeamLLM(smollm2_tokenizer())
+        monkeypatch.setattr(medcap.generation, "generate", llm)
+        out = tmp_path / f"batch{batch_size}"
+        cli.run_recipe("vqa", str(config), [
+            "model._component_=medcap.models.builders.tiny_demo", "~model.max_seq_len", "~model.image_grid",
+            "checkpoint=null", f"dataset.data_dir={data_dir}", f"output_dir={out}", "bootstrap=0", "report=false",
+            "mode=two_stage_judge", "description_max_new_tokens=30", "describe_context_len=50", "max_new_tokens=4",
+            "judge_max_new_tokens=4", "shuffle_seed=0", f"batch_size={batch_size}"])
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        descriptions.append({r["id"]: r["description"] for r in rows})
+        budgets = [max_new for kind, _, max_new, _ in llm.calls if kind == "describe"]
+        assert len(set(budgets)) > 1 or batch_size > 1  # the budgets differ (their first questions' lengths do)
+    assert descriptions[0] == descriptions[1]
 
 
 def test_seed_vqa_config_runs_with_a_tiny_model_and_the_seed_checkpoint(demo_vqa, tmp_path):

@@ -208,6 +208,8 @@ def test_answer_text_matching_no_option_raises():
     ("x ray", {"A": "X-ray", "B": "MRI"}, "A"),  # else the one normalised match
     ("x ray", {"A": "X-ray", "B": "X ray"}, None),  # two normalised matches, no exact one
     ("(b)", {"A": "CT", "B": "MRI"}, "B"),
+    ("B", {"A": "O", "B": "AB", "C": "B", "D": "A"}, "C"),  # a blood group: option C's text, not letter B
+    ("B", {"A": "O", "B": "AB"}, "B"),  # no option's text: the letter
     ("PET", {"A": "CT", "B": "MRI"}, None),
 ])
 def test_answer_key_matches_the_seed_before_normalising(answer, options, key):

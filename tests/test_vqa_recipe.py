@@ -393,6 +393,26 @@ def test_an_option_without_tokens_names_the_question(demo_vqa, tmp_path):
         _run(copy, tmp_path / "out", "mode=likelihood", "with_end=false", "limit=3", "shuffle_seed=null")
 
 
+def test_a_damaged_image_names_its_question_and_max_image_pixels_is_followed(demo_vqa, tmp_path, monkeypatch):
+    import medcap.data.dataset
+
+    data_dir, path = demo_vqa
+    copy = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    items = json.loads(path.read_text())
+    image = copy / items[0]["image_path"]
+    image.write_bytes(image.read_bytes()[:100])  # a truncated PNG
+    with pytest.raises(ValueError, match=rf"demo_test.json: \[0\]: sample '{items[0]['question_id']}': field "
+                                         r"'image_path': cannot read image"):
+        _run(copy, tmp_path / "out", "mode=likelihood", "limit=1", "shuffle_seed=null")
+    shutil.copy(data_dir / items[0]["image_path"], image)
+    limits = []
+    real = medcap.data.dataset.load_image
+    monkeypatch.setattr(medcap.data.dataset, "load_image", lambda p, max_pixels: limits.append(max_pixels)
+                        or real(p, max_pixels=max_pixels))
+    _run(copy, tmp_path / "out", "mode=likelihood", "limit=1", "shuffle_seed=null", "dataset.max_image_pixels=1000")
+    assert limits and set(limits) == {1000}
+
+
 def test_demo_manifest_errors_name_the_line(tmp_path):
     from medcap.data.demo_vqa import _read_rows
     from medcap.data.problems import DataFileError

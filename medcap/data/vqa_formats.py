@@ -51,17 +51,20 @@ def read_omnimedvqa(data_dir: Path, split: str, access: str = "Open-access",
         if not isinstance(rows, list):
             raise DataFileError(f"{path}: expected a JSON list of questions (OmniMedVQA's layout)")
         for index, row in enumerate(rows):
-            modality = row.get("modality_type", row.get("modality")) if isinstance(row, dict) else None
+            source = Source(str(path), item=f"[{index}]")
+            if not isinstance(row, dict):  # reported whichever modalities are kept
+                problems.append(Problem(source, None, None, "malformed row", "expected a JSON object"))
+                continue
+            modality = row.get("modality_type", row.get("modality"))
             found.add(modality)
             if modalities is not None and modality not in modalities:
                 continue  # a question left out is not checked either
-            source = Source(str(path), item=f"[{index}]")
             record = vqa_row(source, row, data_dir, problems, id_key="question_id", image_key="image_path",
                              answer_key="gt_answer")
             if record is None:
                 continue
-            options = {k[len("option_"):]: str(v) for k, v in row.items()
-                       if k.startswith("option_") and v not in (None, "")}
+            options = dict(sorted((k[len("option_"):], str(v)) for k, v in row.items()  # A, B, C, D as printed
+                                  if k.startswith("option_") and v not in (None, "")))
             if options and record["answer"] is not None and answer_key(record["answer"], options) is None:
                 problems.append(Problem(source, record["id"], "gt_answer", "answer not an option",
                                         f"gt_answer {record['answer']!r} names none of the options {options}"))

@@ -117,16 +117,16 @@ def _field(record: dict, index: int, name: str) -> str:
 
 
 def answer_key(answer: str, options: dict[str, str]) -> str | None:
-    """The option key a multiple-choice reference answer names, or None: a letter ("B", "(B)", "b."), else the
-    first option whose text is exactly the answer (as the medcap seed matched its ground truth), else the one
-    option whose normalised text is the normalised answer."""
+    """The option key a multiple-choice reference answer names, or None: the first option whose text is exactly
+    the answer (as the medcap seed matched its ground truth: an answer "B" that is option C's text is C), else a
+    letter ("B", "(B)", "b."), else the one option whose normalised text is the normalised answer."""
+    exact = [key for key, text in options.items() if str(text) == answer]
+    if exact:
+        return exact[0]
     letters = {str(key).strip().upper(): key for key in options}
     whole = _WHOLE.fullmatch(answer.strip())
     if whole and whole.group(1).upper() in letters:
         return letters[whole.group(1).upper()]
-    exact = [key for key, text in options.items() if str(text) == answer]
-    if exact:
-        return exact[0]
     matches = [key for key, text in options.items() if normalize_answer(str(text)) == normalize_answer(answer)]
     return matches[0] if len(matches) == 1 else None
 
@@ -177,7 +177,7 @@ def vqa_accuracy(records: list[dict], group_by: str | None = "modality") -> dict
 
 
 def read_vqa_references(path) -> dict[str, dict]:
-    """Questions from a JSONL file or a JSON list: ``id`` (or ``question_id``), ``answer`` (or OmniMedVQA's
+    """Questions from a JSONL file or a JSON list: ``id`` (or ``question_id``, or VQA-RAD's ``qid``), ``answer`` (or OmniMedVQA's
     ``gt_answer``), ``options`` ({letter: text}, or OmniMedVQA's ``option_A``.. fields; none for closed
     questions), and optional ``modality`` (or ``modality_type``), ``question_type`` and ``image`` (a path or a
     list, relative to the file's folder; ``images``, for the report's thumbnails)."""
@@ -200,13 +200,17 @@ def read_vqa_references(path) -> dict[str, dict]:
     for where, row in rows:
         if not isinstance(row, dict):
             raise ValueError(f"{path}: {where}: a question must be a JSON object, found {type(row).__name__}")
-        sample_id = id_text(row.get("id") if row.get("id") is not None else row.get("question_id"))
+        id_field = next((k for k in ("id", "question_id", "qid") if row.get(k) is not None), "id")
+        sample_id = id_text(row.get(id_field))
         if not sample_id:
             raise ValueError(f"{path}: {where}: field 'id' is missing or empty")
         if sample_id in questions:
             raise ValueError(f"{path}: {where}: duplicate id {sample_id!r}")
-        options = row.get("options") or {k[len("option_"):]: v for k, v in row.items()
-                                         if k.startswith("option_") and v not in (None, "")}
+        options = row.get("options") or dict(sorted((k[len("option_"):], v) for k, v in row.items()
+                                                    if k.startswith("option_") and v not in (None, "")))
+        if not isinstance(options, dict):
+            raise ValueError(f"{path}: {where}: sample {sample_id!r}: field 'options' must be an object of "
+                             f"{{letter: text}}, found {type(options).__name__}")
         questions[sample_id] = {"id": sample_id, "answer": row.get("answer", row.get("gt_answer")),
                                 "options": options or None, "modality": row.get("modality", row.get("modality_type")),
                                 "question_type": row.get("question_type"),
