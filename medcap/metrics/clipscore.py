@@ -1,8 +1,9 @@
 """CLIPScore and RefCLIPScore (Hessel et al. 2021) with a local open_clip model (a folder with
 ``open_clip_config.json`` and ``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors``, e.g. a CLIP or
 BiomedCLIP download). A Hugging Face text tower (BiomedCLIP's) must be local too: its ``text_cfg.hf_model_name`` a
-local folder of that model and its tokenizer files in the open_clip folder, where open_clip reads them. CLIPScore = 2.5 * max(cos(image, caption),
-0); RefCLIPScore = the harmonic mean of CLIPScore and max(max over references of cos(caption, reference), 0)."""
+local folder of that model and its tokenizer files in the open_clip folder, where open_clip reads them.
+CLIPScore = 2.5 * max(cos(image, caption), 0); RefCLIPScore = the harmonic mean of CLIPScore and
+max(max over references of cos(caption, reference), 0)."""
 
 from pathlib import Path
 

@@ -177,8 +177,8 @@ def vqa_accuracy(records: list[dict], group_by: str | None = "modality") -> dict
 
 
 def read_vqa_references(path) -> dict[str, dict]:
-    """Questions from a JSONL file or a JSON list: ``id`` (or ``question_id``, or VQA-RAD's ``qid``), ``answer`` (or OmniMedVQA's
-    ``gt_answer``), ``options`` ({letter: text}, or OmniMedVQA's ``option_A``.. fields; none for closed
+    """Questions from a JSONL file or a JSON list: ``id`` (or ``question_id``, or VQA-RAD's ``qid``), ``answer``
+    (or OmniMedVQA's ``gt_answer``), ``options`` ({letter: text}, or OmniMedVQA's ``option_A``.. fields; none for closed
     questions), and optional ``modality`` (or ``modality_type``), ``question_type`` and ``image`` (a path or a
     list, relative to the file's folder; ``images``, for the report's thumbnails)."""
     import json

@@ -92,7 +92,8 @@ def check_gguf_settings(decoder: nn.Module, path: str | Path, gguf: GGUFFile | N
             "llama.rope.freq_base": attn.pos_embeddings.base,
             "llama.attention.layer_norm_rms_epsilon": decoder.norm.eps}
     found = {key: gguf.metadata[key] for key in ours if key in gguf.metadata}
-    not_numbers = [key for key, value in found.items() if not isinstance(value, (int, float)) or isinstance(value, bool)]
+    not_numbers = [key for key, value in found.items()
+                   if not isinstance(value, (int, float)) or isinstance(value, bool)]
     if not_numbers:
         raise ValueError(f"{path}: {', '.join(not_numbers)}: expected a number, found "
                          f"{', '.join(type(found[key]).__name__ for key in not_numbers)}")
