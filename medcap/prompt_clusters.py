@@ -281,7 +281,9 @@ def for_training(cfg: DictConfig, train_set, resume: str | Path | None, device: 
 
 def for_generation(cfg: DictConfig, dataset, device: torch.device) -> PromptClusters | None:
     """Apply the clustering saved with ``cfg.checkpoint`` (if it has one) to ``dataset``; a config that asks for
-    ``dynamic_prompts`` with a checkpoint without a clustering is an error."""
+    ``dynamic_prompts`` with a checkpoint without a clustering is an error. Its frozen feature encoder is
+    ``cfg.feature_encoder`` when set (the generate config's own paths: the weights may have moved since training),
+    else rebuilt as the clustering recorded it; either way its features must be the recorded ones (the probe)."""
     from medcap.checkpoint import resolve_checkpoint
 
     checkpoint = cfg.get("checkpoint")
@@ -292,7 +294,13 @@ def for_generation(cfg: DictConfig, dataset, device: torch.device) -> PromptClus
             raise ValueError(f"dynamic_prompts is set but checkpoint={checkpoint} holds no {META_FILE}: generate "
                              f"from a checkpoint of a run trained with dynamic prompts")
         return None
-    embedder = clusters.embedder(device, trusted=list(cfg.get("trusted_components") or []),
-                                 read_from=folder / META_FILE)
+    if cfg.get("feature_encoder"):
+        from medcap.retrieval import embedder_from_source, retrieval_source
+
+        embedder = embedder_from_source(retrieval_source(encoder_node=cfg.feature_encoder, seed=cfg.get("seed", 0)),
+                                        device, torch.float32)
+    else:
+        embedder = clusters.embedder(device, trusted=list(cfg.get("trusted_components") or []),
+                                     read_from=folder / META_FILE)
     clusters.apply(dataset, embedder, cfg.get("batch_size", 32))
     return clusters

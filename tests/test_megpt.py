@@ -416,6 +416,16 @@ def test_generation_picks_each_images_prompt_from_the_saved_clustering(megpt_run
     features = embedder.embed_samples(dataset.samples)
     nearest = ((features[:, None] - clusters.centroids[None]) ** 2).sum(-1).argmin(1)
     assert [s["prompt"] for s in dataset.samples] == [clusters.prompts[c] for c in nearest]
+    # the generate config's own feature_encoder (its paths: the weights may have moved since training), checked
+    # against the recorded features
+    own = {"_component_": "medcap.models.encoders.tiny_efficientnet"}
+    again = CaptionDataset("datasets/demo/test.jsonl", with_captions=False)
+    prompt_clusters.for_generation(OmegaConf.merge(cfg, {"feature_encoder": own, "seed": 0}), again,
+                                   torch.device("cpu"))
+    assert [s["prompt"] for s in again.samples] == [s["prompt"] for s in dataset.samples]
+    with pytest.raises(ValueError, match="probe input differs"):
+        prompt_clusters.for_generation(OmegaConf.merge(cfg, {"feature_encoder": own, "seed": 1}), again,
+                                       torch.device("cpu"))
 
     # a checkpoint whose feature encoder cannot be rebuilt as it was (another seed: other weights) is refused
     meta = (folder / "prompt_clusters.json").read_text()
