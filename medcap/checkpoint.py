@@ -239,6 +239,17 @@ def _lora_hint(part: str, meta: dict) -> str:
     return override
 
 
+def _fem_hint(missing: list[str], unexpected: list[str]) -> str:
+    """What to change when one side has MeGPT's feature enhancement module and the other has not."""
+    fem = "projector.fem."
+    model_has, file_has = any(k.startswith(fem) for k in missing), any(k.startswith(fem) for k in unexpected)
+    if model_has and not file_has:
+        return "; the run trained without FEM: build the model with model.fem=null"
+    if file_has and not model_has:
+        return "; the run trained a FEM: build the model with its model.fem settings (configs/megpt/iuxray_fem.yaml)"
+    return ""
+
+
 def check_parts(model, state: dict[str, torch.Tensor], meta: dict, source: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The checkpoint's tensors per part, after checking them against the model and against what the run
     trained: a part the run trained must be there in full (every key), nothing may be unexpected or misshapen."""
@@ -267,7 +278,8 @@ def check_parts(model, state: dict[str, torch.Tensor], meta: dict, source: Path)
         if missing or unexpected:
             raise CheckpointError(f"{source}: part {part!r} ({mode}) does not match the model: missing "
                                   f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
-                                  f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+                                  f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+                                  f"{_fem_hint(missing, unexpected)}")
         for name, value in part_state.items():
             if expected[name].shape != value.shape:
                 raise CheckpointError(f"{source}: {part}.{name} has shape {tuple(value.shape)}, the model "

@@ -203,6 +203,15 @@ def test_fem_in_the_model_trains_with_the_projector_and_is_checkpointed(tmp_path
     load_checkpoint(other, tmp_path / "ck")
     assert other.vision.projector.fem.fuse.weight.equal(model.vision.projector.fem.fuse.weight)
     assert other.vision.projector.fem.branches[1][0].D.equal(model.vision.projector.fem.branches[1][0].D)
+    # a checkpoint with FEM into a model without, and the reverse: the error says which model.fem to build
+    from medcap.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"unexpected \['projector.fem.*the run trained a FEM: build the model "
+                                              r"with its model.fem settings"):
+        load_checkpoint(tiny_llama2_swin(trainable=dict(model.trainable)), tmp_path / "ck")
+    save_checkpoint(tiny_llama2_swin(trainable=dict(model.trainable)), tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="the run trained without FEM: build the model with model.fem=null"):
+        load_checkpoint(other, tmp_path / "plain")
 
 
 def test_fem_keeps_the_mappers_token_count():
