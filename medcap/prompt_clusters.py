@@ -294,7 +294,8 @@ def for_generation(cfg: DictConfig, dataset, device: torch.device) -> PromptClus
             raise ValueError(f"dynamic_prompts is set but checkpoint={checkpoint} holds no {META_FILE}: generate "
                              f"from a checkpoint of a run trained with dynamic prompts")
         return None
-    if cfg.get("feature_encoder"):
+    # `feature_encoder=null` on the command line nulls its _component_ (torchtune's override rule)
+    if cfg.get("feature_encoder") and cfg.feature_encoder.get("_component_"):
         from medcap.retrieval import embedder_from_source, retrieval_source
 
         embedder = embedder_from_source(retrieval_source(encoder_node=cfg.feature_encoder, seed=cfg.get("seed", 0)),
