@@ -8,9 +8,10 @@ if present, the trained demo checkpoint), greedy, the same test images and max_n
     (d) beam search, 3 beams         batched, KV cache (the beams share each prompt's prefill)
 
 Tokens/s counts the tokens each caption keeps (up to its stop token); (a), (b) and (c) must produce the same
-tokens, and the script says whether they did.
+tokens, and the script says whether they did. Every mode runs once as a warm-up (its output is the one compared),
+then the modes take turns for ``--reps`` rounds and each mode's median time is reported.
 
-    .venv/bin/python benchmarks/generation_speed.py [--n 16] [--max-new-tokens 24] [--threads 2]
+    .venv/bin/python benchmarks/generation_speed.py [--n 16] [--max-new-tokens 24] [--threads 2] [--reps 3]
 
 ``--random-weights`` times the same architecture with random weights and synthetic prompts of the demo's shape
 (16 image placeholders + 16 text tokens), no stop token, so every caption runs max_new_tokens; it needs neither the
@@ -18,6 +19,7 @@ packaged weights nor the demo data (for machines without them). ``--device cuda`
 """
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -72,7 +74,10 @@ def main() -> None:
                         help="trained demo parts; skipped if the folder is missing")
     parser.add_argument("--random-weights", action="store_true", help="demo architecture, random weights (above)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds, the modes alternating, after a warm-up")
     args = parser.parse_args()
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -93,7 +98,6 @@ def main() -> None:
         kw = dict(max_new_tokens=args.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
     model = model.to(device).eval()
     images = images.to(device)
-    generate(model, prompts[:1], images[:1], **{**kw, "max_new_tokens": 2})  # warm-up
 
     runs = {
         "(a) batched, KV cache": lambda: generate(model, prompts, images, **kw),
@@ -102,15 +106,21 @@ def main() -> None:
         "(c) full recompute (peer)": lambda: generate(model, prompts, images, use_cache=False, **kw),
         "(d) beam 3, batched, KV cache": lambda: generate(model, prompts, images, num_beams=3, **kw),
     }
-    results = {name: timed(fn, device) for name, fn in runs.items()}
+    outputs = {name: fn() for name, fn in runs.items()}  # a warm-up of every mode; these outputs are compared
+    times = {name: [] for name in runs}
+    for _ in range(args.reps):
+        for name, fn in runs.items():
+            times[name].append(timed(fn, device)[1])
+    results = {name: (outputs[name], statistics.median(times[name])) for name in runs}
     peer_outputs, peer_seconds = results["(c) full recompute (peer)"]
     peer_rate = sum(map(len, peer_outputs)) / peer_seconds
 
     weights = "random weights" if args.random_weights else "real weights"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"\n{len(prompts)} images, {model.tokens_per_image} image tokens, prompts of {min(map(len, prompts))}-"
-          f"{max(map(len, prompts))} tokens, max_new_tokens {args.max_new_tokens}, {weights}, {where}\n")
-    print("| mode | seconds | tokens | tokens/s | vs (c) |\n|---|---|---|---|---|")
+          f"{max(map(len, prompts))} tokens, max_new_tokens {args.max_new_tokens}, {weights}, {where}; "
+          f"median of {args.reps} alternating rounds after a warm-up of each mode\n")
+    print("| mode | median s | tokens | tokens/s | vs (c), the peer (>1 = faster) |\n|---|---|---|---|---|")
     for name, (outputs, seconds) in results.items():
         tokens = sum(map(len, outputs))
         rate = tokens / seconds

@@ -1,6 +1,10 @@
-"""Step time, throughput and peak memory of each training method on one model, each method in its own process
-(peak memory is per process). Peer: the medcap method (LLM frozen, encoder + projector trained) on the same
-model, batch and sequence length; ratios are printed against it.
+"""Step time, throughput and peak memory of each training method on one model, each method in its own process.
+The step time is the median of the steps after the first (a warm-up); the peak memory is that of the training
+steps alone (the peak is reset after the model is built: CUDA's allocator peak, or on a CPU the process' resident
+high-water mark, so loading the weights is not counted). With ``--rounds`` the method processes take turns that many
+times and the rounds' medians are reported. Peer: the medcap method (LLM frozen, encoder + projector trained) on the
+same model, batch and sequence length; ratios are printed against it: method / peer (>1 = the peer is faster or
+uses less memory).
 
     python benchmarks/train_methods.py                                   # the demo model on the CPU
     python benchmarks/train_methods.py --model llama3_1_8b_biomedclip --device cuda --dtype bf16 \
@@ -9,9 +13,13 @@ model, batch and sequence length; ratios are printed against it.
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 METHODS = {
     "medcap": ({"encoder": "full", "projector": "full", "decoder": "frozen"}, None, {}),
@@ -23,18 +31,19 @@ METHODS = {
               {"decoder": {"rank": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "output_proj"]}}, {}),
     "full_llm": ({"encoder": "frozen", "projector": "full", "decoder": "full"}, None, {}),
 }
-BUILDERS = {"demo": {"image_grid": 4, "max_seq_len": 512}, "llama3_1_8b_biomedclip": {}}
+BUILDERS = {"demo": {"image_grid": 4, "max_seq_len": 512}, "llama3_1_8b_biomedclip": {}, "tiny_demo": {}}
 
 
 def measure(args) -> dict:
     import torch
     from torchtune import training
 
+    from benchmarks.peak_memory import peak_mb, reset_peak
     from medcap.models import builders
     from medcap.optim import OptimizerInBackward
     from medcap.precision import keep_trained_parts_in
     from medcap.text import IGNORE_INDEX
-    from medcap.training import caption_loss, peak_memory_mb
+    from medcap.training import caption_loss
 
     trainable, lora, options = METHODS[args.one]
     device, dtype = torch.device(args.device), training.get_dtype(args.dtype)
@@ -57,8 +66,7 @@ def measure(args) -> dict:
                         torch.randint(2, 10_000, (args.batch, args.text), generator=g)], 1).to(device)
     labels = tokens.masked_fill(tokens == model.image_token_id, IGNORE_INDEX)
     images = torch.randn(args.batch, 3, size, size, generator=g).to(device, dtype)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -68,9 +76,8 @@ def measure(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    step = sum(times[1:]) / (len(times) - 1)
-    return {"method": args.one, "step_s": step, "tokens_per_s": tokens.numel() / step,
-            "peak_mb": peak_memory_mb(device), "trainable": sum(p.numel() for p in params)}
+    return {"method": args.one, "step_s": statistics.median(times[1:]), "tokens": tokens.numel(),
+            "peak_mb": peak_mb(device), "trainable": sum(p.numel() for p in params)}
 
 
 def main() -> None:
@@ -81,28 +88,37 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text", type=int, default=40, help="caption tokens per sample after the image tokens")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="training steps per method, the first untimed")
+    parser.add_argument("--rounds", type=int, default=1, help="times each method's process runs, methods alternating")
     parser.add_argument("--activation_checkpointing", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 2 or args.rounds < 1:
+        parser.error("--steps must be at least 2 (the first is a warm-up) and --rounds at least 1")
     if args.one:
         print(json.dumps(measure(args)))
         return
-    rows = []
-    for method in args.methods:
-        cmd = [sys.executable, __file__, "--one", method] + [a for a in sys.argv[1:] if a not in args.methods
-                                                              and a != "--methods"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"{method}: failed\n{out.stderr[-1500:]}")
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = {method: [] for method in args.methods}
+    for _ in range(args.rounds):
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--one", method] + [a for a in sys.argv[1:] if a not in args.methods
+                                                                  and a != "--methods"]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(f"{method}: failed\n{out.stderr[-1500:]}")
+                continue
+            runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = [{**r[0], "step_s": statistics.median(x["step_s"] for x in r),
+             "peak_mb": statistics.median(x["peak_mb"] for x in r)} for r in runs.values() if r]
+    if not rows:
+        raise SystemExit("no method ran (see the errors above)")
     peer = next((r for r in rows if r["method"] == "medcap"), rows[0])
     print(f"model {args.model}, {args.device} {args.dtype}, batch {args.batch} x ({args.text} text + image tokens); "
-          f"peer: {peer['method']}")
+          f"median of {args.steps - 1} timed steps after a warm-up, {args.rounds} round(s); peer: {peer['method']}; "
+          f"peak: of the training steps; x = method / peer (>1 = the peer faster / smaller)")
     print(f"{'method':22} {'trainable':>12} {'step s':>8} {'tok/s':>9} {'peak MB':>9} {'time x':>7} {'mem x':>6}")
     for r in rows:
-        print(f"{r['method']:22} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} "
+        print(f"{r['method']:22} {r['trainable']:>12,} {r['step_s']:>8.3f} {r['tokens'] / r['step_s']:>9.0f} "
               f"{r['peak_mb']:>9.0f} {r['step_s'] / peer['step_s']:>7.2f} {r['peak_mb'] / peer['peak_mb']:>6.2f}")
 
 

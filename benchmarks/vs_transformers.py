@@ -29,16 +29,19 @@ the timing does not depend on them) in bf16, with transformers' static cache + t
         --decode-shapes 32x128 --train-shapes 4x512 --compiled-peer --only greedy train_medcap
 
 Decoding rows give medcap's tokens/s, training rows the step's FLOPs (counted by torch's FlopCounterMode on
-medcap's step: what the method must compute) per second of each engine and, with a known peak (``--peak-tflops``,
-989 for an H100 / H200 in bf16 by default), the model FLOPs utilisation (MFU). In bf16 the engines' kernels
-round differently, so decoded tokens are compared and counted, not required equal. ``--compile`` times medcap's
-training step with its decoder layers compiled, as the finetune recipe's ``compile=true`` does. ``--model
-tiny_llama3_biomedclip`` runs the same code on a tiny random model (seconds, on a CPU).
+medcap's step: what the method must compute) per second of each engine and, with a known peak (``--peak-tflops``;
+in bf16 by default the data-sheet peak for the exact device name, e.g. 989.4 on an H100 SXM or H200, 756.5 on an
+H100 PCIe, and the output says which), the model FLOPs utilisation (MFU). In bf16 the engines' kernels round
+differently, so decoded tokens are compared and counted, not required equal. ``--compile`` times both engines'
+training steps with their decoder layers compiled one by one, medcap's as the finetune recipe's ``compile=true``
+does, transformers' the same way. ``--model tiny_llama3_biomedclip`` runs the same code on a tiny random model
+(seconds, on a CPU).
 """
 
 import argparse
 import copy
 import gc
+import os
 import statistics
 import time
 from pathlib import Path
@@ -85,7 +88,10 @@ MODELS = {  # --model: the builder's keyword arguments (random weights except th
     "llama3_1_8b_biomedclip": {},
     "tiny_llama3_biomedclip": {},
 }
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense bf16 tensor-core peak (NVIDIA's figure, SXM)
+# dense bf16 tensor-core peak, TFLOP/s (NVIDIA's data sheets, half the figures given with sparsity), by the exact
+# name torch.cuda.get_device_name gives: the SXM parts, then the PCIe / NVL ones, slower at lower power
+PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4,
+               "NVIDIA H100 PCIe": 756.5, "NVIDIA H100 NVL": 835.5, "NVIDIA H200 NVL": 835.5}
 DEVICE, DTYPE = torch.device("cpu"), torch.float32
 
 
@@ -183,7 +189,7 @@ def decoding_rows(model, hf, reps, only, compiled_peer=False):
 
             def ours():
                 return generate(model, prompts, images, max_new_tokens=new, stop_ids=[-1], pad_id=0,
-                                generator=torch.Generator().manual_seed(0), **ours_kw)
+                                generator=torch.Generator(DEVICE).manual_seed(0), **ours_kw)
 
             def theirs(**extra):
                 @torch.inference_mode()
@@ -278,84 +284,107 @@ def demo_decoding_rows(model, hf, reps, only):
 
 def training_rows(model_name, reps, only, peak_tflops, compile=False):
     rows = []
-    for method, (trainable, lora) in METHODS.items():
+    for method in METHODS:
         if only and f"train_{method}" not in only and "train" not in only:
             continue
-        torch.manual_seed(0)
-        try:
-            model = build(model_name, trainable, lora).train()
-        except Exception as e:  # noqa: BLE001 - a method this machine cannot build is reported, not fatal
-            rows.append((f"train {method}", None, None, f"medcap cannot build it here: {e}", ""))
-            continue
-        hf = hf_side(method, model)
-        keep_trained_parts_in(model, torch.float32, DTYPE)  # as the finetune recipe does (master_dtype fp32)
-        if compile:  # as the finetune recipe does with compile=true
-            training.compile_model(model, verbose=False)
-        ours_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        first_shape = True  # the only shape that starts from the same weights in both engines
-        demo_batch_too = model_name == "demo" and DEMO_TRAIN_BATCH
-        for batch, length in TRAIN_SHAPES + ([("demo", DEMO_TRAIN_BATCH)] if demo_batch_too else []):
-            if batch == "demo":  # the demo's first training batch: prompt and padding unlabelled, as it trains
-                tokens, labels, images = demo_train_batch(model, length)
-                batch, length = tokens.shape
-                shape = f"demo batch {batch}x{length} ({int((labels != IGNORE_INDEX).sum())} labels)"
-            else:
-                g = torch.Generator().manual_seed(1)
-                n_img, size = model.tokens_per_image, model.vision.encoder.image_size
-                tokens = torch.cat([torch.full((batch, n_img), model.image_token_id),
-                                    torch.randint(2, 10_000, (batch, length - n_img), generator=g)], 1)
-                labels = tokens.masked_fill(tokens == model.image_token_id, IGNORE_INDEX)
-                images = torch.randn(batch, 3, size, size, generator=g)
-                shape = f"{batch}x{length}"
-            tokens, labels, images = tokens.to(DEVICE), labels.to(DEVICE), images.to(DEVICE, DTYPE)
-
-            def ours():
-                loss = caption_loss(model, {"tokens": tokens, "encoder_input": {"image": {"images": images}}},
-                                    labels)
-                loss.backward()
-                ours_opt.step()
-                ours_opt.zero_grad(set_to_none=True)
-                return loss.item()
-
-            fns = {"medcap": ours}
-            if hf is not None:
-                hf_model, hf_opt = hf
-
-                def theirs():
-                    with torch.autocast(DEVICE.type, dtype=DTYPE, enabled=model.compute_dtype is not None):
-                        loss = hf_model.llm(inputs_embeds=hf_model.embeds(tokens, images), labels=labels).loss
-                    loss.backward()
-                    hf_opt.step()
-                    hf_opt.zero_grad(set_to_none=True)
-                    return loss.item()
-
-                fns["transformers"] = theirs
-            with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
-                # medcap's step: forward and backward (counted eagerly; compiling adds no FLOPs)
-                caption_loss(model, {"tokens": tokens, "encoder_input": {"image": {"images": images}}},
-                             labels).backward()
-            ours_opt.zero_grad(set_to_none=True)
-            timed = interleaved(fns, reps)
-            flops = counter.get_total_flops()
-            extra = f"{flops / 1e12:.3g} TFLOP per step; medcap {flops / timed['medcap'][0] / 1e12:.3g} TFLOP/s"
-            if peak_tflops:
-                extra += f" (MFU {flops / timed['medcap'][0] / 1e12 / peak_tflops:.1%})"
-            if "transformers" in timed:
-                extra += f", transformers {flops / timed['transformers'][0] / 1e12:.3g} TFLOP/s"
-            if hf is None:
-                note = ("no transformers side (bitsandbytes NF4 needs CUDA)" if method == "qlora"
-                        else "no transformers side (peft missing or unusable here)")
-                rows.append((f"train {method} {shape}", timed["medcap"][0], None, note, extra))
-            else:
-                first = (timed["medcap"][1], timed["transformers"][1])
-                # the first losses (before any step: same weights) must agree; later ones drift with the updates
-                rows.append((f"train {method} {shape}", timed["medcap"][0], timed["transformers"][0],
-                             f"first loss {first[0]:.4f} vs {first[1]:.4f}" if first_shape else "", extra))
-                first_shape = False
-            print(rows[-1], flush=True)
-        model = hf = ours_opt = None  # freed before the next method is built (an 8B model twice over)
+        # in a function of its own, so that both engines' models, optimizers and step closures are freed before
+        # the next method builds its pair (an 8B model twice over)
+        rows += method_rows(model_name, method, reps, peak_tflops, compile)
         free_memory()
     return rows
+
+
+def method_rows(model_name, method, reps, peak_tflops, compile):
+    rows = []
+    trainable, lora = METHODS[method]
+    torch.manual_seed(0)
+    try:
+        model = build(model_name, trainable, lora).train()
+    except Exception as e:  # noqa: BLE001 - a method this machine cannot build is reported, not fatal
+        return [(f"train {method}", None, None, f"medcap cannot build it here: {e}", "")]
+    hf = hf_side(method, model)
+    keep_trained_parts_in(model, torch.float32, DTYPE)  # as the finetune recipe does (master_dtype fp32)
+    if compile:  # as the finetune recipe does with compile=true, and transformers' decoder layers the same way
+        training.compile_model(model, verbose=False)
+        if hf is not None:
+            compile_hf_layers(hf[0].llm)
+    ours_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    first_shape = True  # the only shape that starts from the same weights in both engines
+    demo_batch_too = model_name == "demo" and DEMO_TRAIN_BATCH
+    for batch, length in TRAIN_SHAPES + ([("demo", DEMO_TRAIN_BATCH)] if demo_batch_too else []):
+        if batch == "demo":  # the demo's first training batch: prompt and padding unlabelled, as it trains
+            tokens, labels, images = demo_train_batch(model, length)
+            batch, length = tokens.shape
+            shape = f"demo batch {batch}x{length} ({int((labels != IGNORE_INDEX).sum())} labels)"
+        else:
+            g = torch.Generator().manual_seed(1)
+            n_img, size = model.tokens_per_image, model.vision.encoder.image_size
+            tokens = torch.cat([torch.full((batch, n_img), model.image_token_id),
+                                torch.randint(2, 10_000, (batch, length - n_img), generator=g)], 1)
+            labels = tokens.masked_fill(tokens == model.image_token_id, IGNORE_INDEX)
+            images = torch.randn(batch, 3, size, size, generator=g)
+            shape = f"{batch}x{length}"
+        tokens, labels, images = tokens.to(DEVICE), labels.to(DEVICE), images.to(DEVICE, DTYPE)
+
+        def ours():
+            loss = caption_loss(model, {"tokens": tokens, "encoder_input": {"image": {"images": images}}},
+                                labels)
+            loss.backward()
+            ours_opt.step()
+            ours_opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        fns = {"medcap": ours}
+        if hf is not None:
+            hf_model, hf_opt = hf
+
+            def theirs():
+                # use_cache=False: no KV cache is filled in training (by default transformers fills one, and each
+                # layer's cache state then makes its compiled layer recompile)
+                with torch.autocast(DEVICE.type, dtype=DTYPE, enabled=model.compute_dtype is not None):
+                    loss = hf_model.llm(inputs_embeds=hf_model.embeds(tokens, images), labels=labels,
+                                        use_cache=False).loss
+                loss.backward()
+                hf_opt.step()
+                hf_opt.zero_grad(set_to_none=True)
+                return loss.item()
+
+            fns["transformers"] = theirs
+        with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+            # medcap's step: forward and backward (counted eagerly; compiling adds no FLOPs)
+            caption_loss(model, {"tokens": tokens, "encoder_input": {"image": {"images": images}}},
+                         labels).backward()
+        ours_opt.zero_grad(set_to_none=True)
+        timed = interleaved(fns, reps)
+        flops = counter.get_total_flops()
+        extra = f"{flops / 1e12:.3g} TFLOP per step; medcap {flops / timed['medcap'][0] / 1e12:.3g} TFLOP/s"
+        if peak_tflops:
+            extra += f" (MFU {flops / timed['medcap'][0] / 1e12 / peak_tflops:.1%})"
+        if "transformers" in timed:
+            extra += f", transformers {flops / timed['transformers'][0] / 1e12:.3g} TFLOP/s"
+        if hf is None:
+            note = ("no transformers side (bitsandbytes NF4 needs CUDA)" if method == "qlora"
+                    else "no transformers side (peft missing or unusable here)")
+            rows.append((f"train {method} {shape}", timed["medcap"][0], None, note, extra))
+        else:
+            first = (timed["medcap"][1], timed["transformers"][1])
+            # the first losses (before any step: same weights) must agree; later ones drift with the updates
+            rows.append((f"train {method} {shape}", timed["medcap"][0], timed["transformers"][0],
+                         f"first loss {first[0]:.4f} vs {first[1]:.4f}" if first_shape else "", extra))
+            first_shape = False
+        print(rows[-1], flush=True)
+    return rows
+
+
+def compile_hf_layers(llm) -> None:
+    """transformers' decoder layers compiled one by one, as torchtune's ``compile_model`` compiles ours (the same
+    backend: TORCH_COMPILE_BACKEND, default inductor)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+    for module in llm.modules():
+        if isinstance(module, LlamaDecoderLayer):
+            module.compile(backend=backend)
 
 
 def hf_side(method, model):
@@ -399,7 +428,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the process's CPU seconds instead of wall-clock ones, for a machine shared with "
-                             "other work (use it with --threads 1, where no thread waits spinning)")
+                             "other work (only with --device cpu --threads 1: GPU work and spinning threads would "
+                             "distort it)")
     parser.add_argument("--checkpoint", default=None,
                         help="decode the demo prompts with these trained parts (a checkpoint folder of the demo "
                              "training, e.g. outputs/demo/train/checkpoints); default: the untrained vision side")
@@ -411,23 +441,32 @@ def main() -> None:
                         help="greedy rows: also transformers with a static cache (generate compiles its forward "
                              "on a GPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's peak for the training rows' MFU (default: 989.4 on an H100 / H200 in "
-                             "bf16, none otherwise)")
+                        help="the device's peak for the training rows' MFU (default in bf16: PEAK_TFLOPS for the "
+                             "exact device name, e.g. 989.4 on an H100 SXM, 756.5 on an H100 PCIe; none otherwise)")
     parser.add_argument("--compile", action="store_true",
-                        help="training rows: medcap's decoder layers compiled, as the finetune recipe's compile=true "
-                             "does (transformers stays eager; the warm-up call of each shape compiles)")
+                        help="training rows: both engines' decoder layers compiled one by one, medcap's as the "
+                             "finetune recipe's compile=true does, transformers' the same way (the warm-up call of "
+                             "each shape compiles)")
     parser.add_argument("--only", nargs="*", default=[],
                         help="cases whose name contains one of these (greedy, beam, sampling, 32x48, demo, "
                              "train, train_medcap, train_lora, ...)")
     args = parser.parse_args()
+    if args.clock == "cpu" and (torch.device(args.device).type != "cpu" or args.threads != 1):
+        parser.error("--clock cpu counts this process's CPU seconds: GPU work is not in them, and with several "
+                     "threads it adds up their spinning; use it only with --device cpu --threads 1")
     torch.set_num_threads(args.threads)
     global CLOCK, DEMO_TRAIN_BATCH, DEVICE, DTYPE
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     DEVICE = torch.device(args.device)
     DTYPE = training.get_dtype(args.dtype, device=DEVICE)
-    peak = args.peak_tflops
-    if peak is None and DEVICE.type == "cuda" and DTYPE == torch.bfloat16:
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(DEVICE)), None)
+    peak, peak_note = args.peak_tflops, f"; MFU against {args.peak_tflops} TFLOP/s (--peak-tflops)"
+    if peak is None:
+        peak_note = ""
+        if DEVICE.type == "cuda" and DTYPE == torch.bfloat16:
+            name = torch.cuda.get_device_name(DEVICE)
+            peak = PEAK_TFLOPS.get(name)
+            peak_note = (f"; MFU against {peak} TFLOP/s, the dense bf16 peak of {name}" if peak else
+                         f"; no MFU: no peak known for {name!r} (give --peak-tflops)")
     if args.decode_shapes:
         DECODE_SHAPES[:] = [tuple(int(x) for x in shape.split("x")) for shape in args.decode_shapes]
     if args.train_shapes:
@@ -454,10 +493,10 @@ def main() -> None:
     import transformers
 
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {args.threads} threads"
-    compiled = " (medcap's training step compiled)" if args.compile else ""
+    compiled = " (training steps compiled in both engines: their decoder layers)" if args.compile else ""
     print(f"\n{args.model}{compiled}; {where}, {args.dtype}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, "
-          f"median of {args.reps} interleaved repetitions, {args.clock} seconds\n")
+          f"median of {args.reps} interleaved repetitions, {args.clock} seconds{peak_note}\n")
     print("| work | medcap s | transformers s | medcap vs transformers (>1 = medcap faster) | check | throughput |")
     print("|---|---|---|---|---|---|")
     for name, ours, theirs, check, extra in rows:
