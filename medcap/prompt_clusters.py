@@ -296,10 +296,7 @@ def for_generation(cfg: DictConfig, dataset, device: torch.device) -> PromptClus
         return None
     # `feature_encoder=null` on the command line nulls its _component_ (torchtune's override rule)
     if cfg.get("feature_encoder") and cfg.feature_encoder.get("_component_"):
-        from medcap.retrieval import embedder_from_source, retrieval_source
-
-        embedder = embedder_from_source(retrieval_source(encoder_node=cfg.feature_encoder, seed=cfg.get("seed", 0)),
-                                        device, torch.float32)
+        embedder = feature_embedder(cfg, device, cfg.get("seed", 0))
     else:
         embedder = clusters.embedder(device, trusted=list(cfg.get("trusted_components") or []),
                                      read_from=folder / META_FILE)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from medcap.data.images import load_image
+from medcap.models.tensor_files import read_json
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -19,9 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 def check_local_text_tower(config: Path) -> None:
     """A ValueError naming ``config`` and the key when its Hugging Face text tower would be fetched from a hub
     (open_clip resolves ``hf_model_name`` with transformers, which downloads a hub name)."""
-    import json
-
-    text = json.loads(config.read_text(encoding="utf-8")).get("model_cfg", {}).get("text_cfg", {})
+    text = read_json(config).get("model_cfg", {}).get("text_cfg", {})
     name = text.get("hf_model_name")
     if name and not Path(name).is_dir():
         raise ValueError(f"{config}: text_cfg.hf_model_name {name!r} is not a local folder; medcap never downloads: "

@@ -95,7 +95,7 @@ class GGUFFile:
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             self.metadata[key] = cur.value(cur.take("<I", f"{key}: value type"), key)
-        infos, self.tensors = [], {}
+        infos, names = [], set()
         for i in range(n_tensors):
             name = cur.string(f"tensor #{i}: name")
             field = f"tensor {name!r}"
@@ -104,7 +104,7 @@ class GGUFFile:
             dims = [cur.take("<Q", f"{field}: shape") for _ in range(rank)]
             if any(d == 0 or d >= 2 ** 48 for d in dims):
                 raise ValueError(f"{self.path}: {field}: shape {dims} has a dimension of 0 or one too large")
-            if name in self.tensors:
+            if name in names:
                 raise ValueError(f"{self.path}: {field}: a second tensor with this name")
             qtype = cur.take("<I", f"{field}: quantization type")
             try:
@@ -112,7 +112,7 @@ class GGUFFile:
             except ValueError:
                 raise ValueError(f"{self.path}: {field}: unknown quantization type {qtype}") from None
             infos.append((name, tuple(reversed(dims)), qtype, cur.take("<Q", f"{field}: offset")))
-            self.tensors[name] = None
+            names.add(name)
         alignment = self.metadata.get("general.alignment", 32)
         if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
             raise ValueError(f"{self.path}: general.alignment must be a positive integer, found {alignment!r}")
