@@ -43,7 +43,7 @@ def measure(args) -> dict:
     from medcap.optim import OptimizerInBackward
     from medcap.precision import keep_trained_parts_in
     from medcap.text import IGNORE_INDEX
-    from medcap.training import caption_loss
+    from medcap.training import caption_loss, pack_frozen_products
 
     trainable, lora, options = METHODS[args.one]
     device, dtype = torch.device(args.device), training.get_dtype(args.dtype)
@@ -55,6 +55,7 @@ def measure(args) -> dict:
     if args.activation_checkpointing:
         from torchtune.modules import TransformerSelfAttentionLayer
         training.set_activation_checkpointing(model.decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
+    pack_frozen_products(model, device)  # as medcap.training.train does (a CPU: packed frozen fp32 weights)
     params = [p for p in model.parameters() if p.requires_grad]
     if options.get("in_bwd"):
         optimizer = OptimizerInBackward([{"params": params, "lr": 1e-5}], lambda g: torch.optim.AdamW(g))

@@ -41,6 +41,7 @@ from torchtune.modules.common_utils import delete_kv_caches
 
 from medcap import distributed
 from medcap.models.kv_cache import PrefixKVCache, use_prefix_caches
+from medcap.models.linear import pack_products, unpack_products
 
 NO_TOKEN = -1  # in a row's history: a position that never counts as seen (padding, image placeholders)
 # beam search: what a hypothesis cut at max_new_tokens counts beyond its tokens (see the module docstring)
@@ -159,9 +160,13 @@ class _Runner:
     reorders them every step (``reorder``)."""
 
     def __init__(self, model, prompts: list[list[int]], images: Tensor | None, pad_id: int, max_new_tokens: int,
-                 use_cache: bool):
+                 use_cache: bool, pack_weights: bool = True):
         self.model, self.use_cache = model, use_cache
         device = next(model.parameters()).device
+        if pack_weights and device.type == "cpu":  # kept for the next call while the weights do not change
+            pack_products(model.decoder, compute_dtype=getattr(model, "compute_dtype", None))
+        else:
+            unpack_products(model.decoder)
         tokens, padding_mask = left_pad(prompts, pad_id)
         self.tokens, self.padding_mask = tokens.to(device), padding_mask.to(device)
         batch, self.prompt_len = tokens.shape
@@ -295,9 +300,12 @@ def generate(
     min_new_tokens: int = 0,
     penalize_prompt: bool = True,
     length_normalization: str = "with_end_token",
+    pack_weights: bool = True,
 ) -> list[list[int]]:
     """Generated token ids per prompt, without the stop token. ``images`` holds all images of the batch in
-    prompt order (see ``collate_captions``). ``num_beams > 1`` runs ``beam_search``."""
+    prompt order (see ``collate_captions``). ``num_beams > 1`` runs ``beam_search``. ``pack_weights`` (on a
+    CPU): the decoder's products run on packed copies of its weights (``medcap.models.linear.pack_products``:
+    faster, more memory, logits equal up to rounding)."""
     _check_settings(max_new_tokens, num_beams, temperature, length_penalty, repetition_penalty,
                     no_repeat_ngram_size, min_new_tokens)
     rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -305,8 +313,8 @@ def generate(
     if num_beams > 1:
         return beam_search(model, prompts, images, num_beams=num_beams, max_new_tokens=max_new_tokens,
                            stop_ids=stop_ids, pad_id=pad_id, length_penalty=length_penalty, use_cache=use_cache,
-                           length_normalization=length_normalization, **rules)
-    runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache)
+                           length_normalization=length_normalization, pack_weights=pack_weights, **rules)
+    runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache, pack_weights)
     device = runner.tokens.device
     batch = len(prompts)
     stop = torch.tensor(stop_ids, device=device)
@@ -378,6 +386,7 @@ def beam_search(
     use_cache: bool = True,
     return_scores: bool = False,
     length_normalization: str = "with_end_token",
+    pack_weights: bool = True,
 ) -> list[list[int]] | tuple[list[list[int]], list[float]]:
     """The best finished hypothesis per prompt (ids without the stop token; with ``return_scores`` also its
     length-penalised score). Conventions: see the module docstring."""
@@ -389,7 +398,7 @@ def beam_search(
     cut_extra = LENGTH_NORMALIZATION[length_normalization]
     hf_4_30 = length_normalization == "hf_4_30"
     k, batch, stops = num_beams, len(prompts), set(stop_ids)
-    runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache)
+    runner = _Runner(model, prompts, images, pad_id, max_new_tokens, use_cache, pack_weights)
     device = runner.tokens.device
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     open_ = [True] * batch  # False once a prompt's finished hypotheses cannot be beaten

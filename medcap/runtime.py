@@ -27,10 +27,12 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 
 def decoding_settings(cfg: DictConfig) -> dict:
     """The keyword arguments of medcap.generation.generate from a recipe config's decoding keys
-    (``length_normalization`` only where the config sets it: beam search's length convention)."""
+    (``length_normalization``, beam search's length convention, and ``pack_weights`` only where the config sets
+    them)."""
     settings = {"max_new_tokens": cfg.max_new_tokens, **{k: cfg.get(k, d) for k, d in DECODING_DEFAULTS.items()}}
-    if cfg.get("length_normalization") is not None:
-        settings["length_normalization"] = cfg.length_normalization
+    for key in ("length_normalization", "pack_weights"):
+        if cfg.get(key) is not None:
+            settings[key] = cfg[key]
     return settings
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from medcap import distributed
 from medcap.atomic import replaced_atomically, write_json
 from medcap.checkpoint import all_ranks_rng_state, save_checkpoint
+from medcap.models.linear import pack_products, unpack_products
 from medcap.text import IGNORE_INDEX
 
 
@@ -97,6 +98,7 @@ class TrainSettings:
     patience: int | None = None  # stop after this many evaluations without a better select_metric
     # a scalar added to each step's loss (once per step, after the micro-batches), logged as reg_loss
     regularizer: Callable[[], Tensor] | None = None
+    pack_weights: bool = True  # on a CPU: frozen fp32 decoder weights multiplied through packed copies
 
 
 def l2_regularizer(params: list[Tensor], weight: float) -> Callable[[], Tensor]:
@@ -119,6 +121,21 @@ def best_so_far(history: list[dict], key: str, mode: str) -> tuple[float | None,
             else:
                 since += 1
     return best, since
+
+
+def pack_frozen_products(model, device: torch.device, enabled: bool = True) -> bool:
+    """On a CPU, without compiled layers: the frozen fp32 decoder weights' products, forward and input gradient,
+    run on packed copies (``medcap.models.linear.pack_products``), as ``train`` has them; otherwise (or not
+    ``enabled``) the decoder's packed copies are dropped. Whether it packed."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        return False
+    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in decoder.modules())
+    if not enabled or device.type != "cpu" or compiled:
+        unpack_products(decoder)
+        return False
+    pack_products(decoder, backward=True, compute_dtype=getattr(model, "compute_dtype", None))
+    return True
 
 
 def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settings: TrainSettings, *,
@@ -146,6 +163,7 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
     params = [p for p in model.parameters() if p.requires_grad]
     world = distributed.world_size()
     model.train()
+    pack_frozen_products(model, device, settings.pack_weights)
     step_times = []
     best, since_best = best_so_far(history, settings.select_metric, settings.select_mode) \
         if settings.select_metric else (None, 0)
@@ -209,6 +227,8 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
         if evaluated:
             record.update(evaluate())
             model.train()
+            # drops the copies a validation generation made of trained weights (stale after a step)
+            pack_frozen_products(model, device, settings.pack_weights)
         history.append(record)
         progress.set_postfix(loss=f"{loss_sum:.3f}", **({"reg": f"{reg_loss:.3g}"} if reg_loss is not None else {}),
                              **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
@@ -235,6 +255,8 @@ def train(model, optimizer, scheduler, batches: Iterator[dict[str, Any]], settin
                            f"for {since_best} evaluations")
             break
 
+    if getattr(model, "decoder", None) is not None:
+        unpack_products(model.decoder)  # the copies end with the training: a later generation makes its own
     summary = {
         "steps": step,
         "max_steps": settings.max_steps,

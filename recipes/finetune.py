@@ -162,6 +162,7 @@ def main(cfg: DictConfig) -> None:
         # MeGPT's L2 regularisation over the trained parameters (l2_lambda: 0 / absent for none)
         regularizer=l2_regularizer([p for g in groups for p in g["params"]], cfg.l2_lambda)
         if cfg.get("l2_lambda") else None,
+        pack_weights=cfg.get("pack_weights", True),
     )
     summary = train(model, optimizer, scheduler, batches, settings, output_dir=output_dir, device=device,
                     dtype=dtype, evaluate=evaluate, metric_logger=metric_logger, cfg=cfg,

@@ -58,7 +58,7 @@ class AdaptedLinear(LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         if self._quantize_base or self.use_bias:
             return super().forward(x)
-        out = products.linear(x, self.weight)
+        out = products.linear(x, self.weight, self)
         if self.disabled:
             return out
         return out + (self.alpha / self.rank) * self.lora_b(self.lora_a(self.dropout(x)))
