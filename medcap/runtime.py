@@ -23,14 +23,15 @@ log = utils.get_logger("INFO")
 DECODING_DEFAULTS = dict(temperature=0.0, top_k=None, top_p=None, use_cache=True, num_beams=1, length_penalty=1.0,
                          repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, penalize_prompt=True)
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+# keywords passed only where a config sets them: beam search's length convention, CPU weight packing
+OPTIONAL_DECODING_KEYS = ("length_normalization", "pack_weights")
 
 
 def decoding_settings(cfg: DictConfig) -> dict:
     """The keyword arguments of medcap.generation.generate from a recipe config's decoding keys
-    (``length_normalization``, beam search's length convention, and ``pack_weights`` only where the config sets
-    them)."""
+    (``OPTIONAL_DECODING_KEYS`` only where the config sets them)."""
     settings = {"max_new_tokens": cfg.max_new_tokens, **{k: cfg.get(k, d) for k, d in DECODING_DEFAULTS.items()}}
-    for key in ("length_normalization", "pack_weights"):
+    for key in OPTIONAL_DECODING_KEYS:
         if cfg.get(key) is not None:
             settings[key] = cfg[key]
     return settings

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from medcap import distributed
 from medcap.generation import generate_batch
 from medcap.metrics import evaluate as score_captions
-from medcap.runtime import DECODING_DEFAULTS, SAMPLING_KEYS, caption_loader
+from medcap.runtime import DECODING_DEFAULTS, OPTIONAL_DECODING_KEYS, SAMPLING_KEYS, caption_loader
 from medcap.text import IGNORE_INDEX
 from medcap.training import caption_loss, model_inputs
 
@@ -86,14 +86,14 @@ def weighted_score(corpus: dict[str, float], weights: dict[str, float]) -> float
 
 
 def validation_decoding(node) -> dict[str, Any]:
-    """The decoding keys of ``runtime.DECODING_DEFAULTS`` (and ``length_normalization``, ``pack_weights``) a
+    """The decoding keys of ``runtime.DECODING_DEFAULTS`` (and ``OPTIONAL_DECODING_KEYS``) a
     ``val_generation`` node sets; the others keep ``generate``'s defaults (greedy). Validation captions are not
     sampled: a node asking for sampling is refused."""
     sampling = [key for key in SAMPLING_KEYS if node.get(key)]
     if sampling:
         raise ValueError(f"val_generation sets {sampling}: validation captions are decoded greedily or by beam "
                          f"search (num_beams), not sampled; remove {sampling[0]}")
-    keys = [key for key in DECODING_DEFAULTS if key not in SAMPLING_KEYS] + ["length_normalization", "pack_weights"]
+    keys = [key for key in DECODING_DEFAULTS if key not in SAMPLING_KEYS] + list(OPTIONAL_DECODING_KEYS)
     return {key: node[key] for key in keys if node.get(key) is not None}
 
 
