@@ -160,6 +160,28 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_scores_of_s
     assert rules.apply(scores).tolist() == [[1.0, -1.0, 0.5, 8.0, -1.0, 3.0]]
 
 
+def test_repetition_penalty_on_gathered_scores_equals_the_whole_vocabulary_rule():
+    # the rule over the whole vocabulary, as transformers words it, is the oracle; rows that saw nothing valid
+    # (only NO_TOKEN / placeholders past the vocabulary), whose first id is invalid, with repeats, and empty
+    g = torch.Generator().manual_seed(0)
+    vocab = 50
+    history = torch.randint(-1, vocab + 5, (64, 12), generator=g)
+    history[history == -1] = NO_TOKEN
+    history[0] = NO_TOKEN
+    history[1] = vocab + 3
+    history[2, 0] = NO_TOKEN
+    scores = torch.randn(64, vocab, generator=g) * 3
+    for p in (2.0, 0.7):
+        seen = torch.zeros(64, vocab + 1, dtype=torch.bool).scatter_(
+            1, torch.where((history >= 0) & (history < vocab), history, vocab), True)[:, :vocab]
+        expected = torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
+        got = DecodingRules(history, stop_ids=[STOP], repetition_penalty=p).apply(scores)
+        assert torch.equal(got, expected)
+        assert torch.equal(got[0], scores[0]) and torch.equal(got[1], scores[1])
+    empty = DecodingRules(history[:, :0], stop_ids=[STOP], repetition_penalty=2.0)
+    assert torch.equal(empty.apply(scores), scores)
+
+
 def test_no_repeat_ngram_bans_the_token_that_would_repeat_a_bigram():
     inf = float("-inf")
     # history 2 3 4 2: the bigram (2, 3) was seen, so after the last 2 the token 3 is banned; NO_TOKEN breaks n-grams

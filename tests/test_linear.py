@@ -144,10 +144,10 @@ def test_packed_products_equal_f_linear_up_to_rounding_and_follow_weight_changes
     torch.manual_seed(0)
     decoder = tiny_demo().decoder  # its output projection is tied to the embedding
     weights = {p.data_ptr() for p in decoder.parameters()}
-    held = pack_products(decoder)
+    held = pack_products(decoder, backward=True)  # one by one (decoding stacks q, k, v: see the fused tests)
     products = [m for m in decoder.modules() if type(m) is FewRowsLinear] + [decoder.output.linear]
     tied = decoder.output.tied_module.weight
-    assert held == 4 * (tied.numel() + sum(m.weight.numel() for m in products[:-1]))
+    assert held == 2 * 4 * (tied.numel() + sum(m.weight.numel() for m in products[:-1]))
     q = decoder.layers[0].attn.q_proj
     x = torch.randn(3, 5, q.in_features)
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_packed_products_equal_f_linear_up_to_rounding_and_follow_weight_changes
         q.weight.mul_(2.0)  # an update in place: the packed copy is stale and not used
         assert mkldnn_products(lambda: q(x)) == 0
         assert torch.equal(q(x), F.linear(x, q.weight))
-    assert pack_products(decoder) == held  # refreshed
+    assert pack_products(decoder, backward=True) == held  # refreshed
     with torch.no_grad():
         assert mkldnn_products(lambda: q(x)) == 1
         torch.testing.assert_close(q(x), F.linear(x, q.weight), rtol=0, atol=2e-5)
@@ -176,6 +176,10 @@ def test_packed_products_equal_f_linear_up_to_rounding_and_follow_weight_changes
     unpack_products(decoder)
     assert not any(m in _PACKED for m in products)
     assert pack_products(decoder, max_bytes=1024) == 0 and not any(m in _PACKED for m in products)
+    # for decoding: the attention's q, k, v stacked as one copy under the attention module, the same bytes
+    assert pack_products(decoder) == held // 2
+    attn = decoder.layers[0].attn
+    assert attn in _PACKED and not any(m in _PACKED for m in attn.fused_linears())
 
 
 def test_packed_products_under_autocast_and_in_bf16():
@@ -201,19 +205,19 @@ def test_generation_packs_the_weights_once_and_repacks_after_training():
     prompts = [[5, 6, 7], [8, 9]]
     settings = dict(max_new_tokens=5, stop_ids=[-1], pad_id=0)
     unpacked = generate(model, prompts, None, pack_weights=False, **settings)
-    q = model.decoder.layers[0].attn.q_proj
-    assert q not in _PACKED
+    q, attn = model.decoder.layers[0].attn.q_proj, model.decoder.layers[0].attn
+    assert attn not in _PACKED
     assert generate(model, prompts, None, **settings) == unpacked
-    first = _PACKED[q]
+    first = _PACKED[attn]  # q, k, v stacked
     generate(model, prompts, None, **settings)
-    assert _PACKED[q] is first  # unchanged weights: kept for the next call
+    assert _PACKED[attn] is first  # unchanged weights: kept for the next call
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model(torch.tensor([[5, 6, 7]])).float().pow(2).mean().backward()
     optimizer.step()
     refreshed = generate(model, prompts, None, **settings)  # the step changed every weight: packed afresh
-    assert _PACKED[q] is not first and _PACKED[q].current(q.weight)
+    assert _PACKED[attn] is not first and _PACKED[attn].current(tuple(m.weight for m in attn.fused_linears()))
     assert refreshed == generate(model, prompts, None, pack_weights=False, **settings) != unpacked
-    assert q not in _PACKED  # pack_weights=False drops them
+    assert attn not in _PACKED and q not in _PACKED  # pack_weights=False drops them
 
 
 def test_a_frozen_weights_packed_product_backpropagates_to_its_input():
@@ -320,3 +324,75 @@ def test_a_parametrized_weight_is_not_packed_and_second_order_gradients_are_refu
     (grad,) = torch.autograd.grad(w2(x).tanh().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+def stacked_products_off(monkeypatch):
+    from medcap.models.attention import GroupedQueryAttention
+
+    monkeypatch.setattr(GroupedQueryAttention, "fused_linears", lambda self: ())
+
+
+def test_decoding_multiplies_q_k_v_in_one_product_with_the_separate_products_numbers(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_demo().eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 49152, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(6)]
+    settings = dict(max_new_tokens=6, stop_ids=[-1], pad_id=0)
+    layers = len(model.decoder.layers)
+    # per forward pass: q / k / v as one product, output, gate, up, down projections; the tied output once
+    assert mkldnn_products(lambda: generate(model, prompts, None, **settings)) == 6 * (5 * layers + 1)
+    stacked = generate(model, prompts, None, **settings)
+    beams = beam_search(model, prompts, None, num_beams=3, length_penalty=1.0, **settings)
+    attn = model.decoder.layers[0].attn
+    assert attn in _PACKED and attn.q_proj not in _PACKED
+    with monkeypatch.context() as m:
+        stacked_products_off(m)
+        assert mkldnn_products(lambda: generate(model, prompts, None, **settings)) == 6 * (7 * layers + 1)
+        assert attn not in _PACKED and attn.q_proj in _PACKED
+        assert generate(model, prompts, None, **settings) == stacked
+        assert beam_search(model, prompts, None, num_beams=3, length_penalty=1.0, **settings) == beams
+    # the logits too, bit for bit: each output column gets the sums it gets in its own product
+    tokens = torch.randint(2, 49152, (4, 9), generator=g)
+    pack_products(model.decoder)
+    with torch.no_grad():
+        logits = model(tokens)
+        with monkeypatch.context() as m:
+            stacked_products_off(m)
+            pack_products(model.decoder)
+            assert torch.equal(model(tokens), logits)
+
+
+def test_a_stale_stacked_copy_is_not_used_and_adapters_or_training_keep_products_apart(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_demo().eval()
+    decoder = model.decoder
+    pack_products(decoder)
+    attn = decoder.layers[0].attn
+    x = torch.randn(2, 3, attn.q_proj.in_features)
+    with torch.no_grad():
+        assert mkldnn_products(lambda: attn(x, x)) == 2  # stacked q / k / v, output projection
+        attn.k_proj.weight.add_(0.5)  # one of the three changed: the stacked copy is stale
+        assert mkldnn_products(lambda: attn(x, x)) == 1  # the output projection only
+        fresh = attn(x, x)
+        pack_products(decoder)
+        torch.testing.assert_close(attn(x, x), fresh, rtol=0, atol=1e-5)
+        assert mkldnn_products(lambda: attn(x, x)) == 2
+    # autograd recording (training): the separate products
+    leaf = x.clone().requires_grad_()
+    assert mkldnn_products(lambda: attn(leaf, leaf)) == 0
+    # training packs one by one, with transposes
+    pack_products(decoder, backward=True)
+    assert attn not in _PACKED and attn.q_proj in _PACKED and _PACKED[attn.q_proj].transposed is not None
+    # as many key / value heads as query heads: torchtune's forward, which multiplies one by one
+    mha = decoders.llama_decoder(vocab_size=64, num_layers=1, num_heads=4, num_kv_heads=4, embed_dim=32,
+                                 intermediate_dim=64, max_seq_len=16)
+    use_few_rows_products(mha)
+    pack_products(mha)
+    assert mha.layers[0].attn not in _PACKED and mha.layers[0].attn.q_proj in _PACKED
+    # an adapted q_proj: that layer's products stay separate (LoRA's update is added to q's)
+    lora = {"decoder": {"targets": ["q_proj"], "rank": 4, "alpha": 8}}
+    adapted = tiny_demo(trainable={"decoder": "lora"}, lora=lora).eval()
+    pack_products(adapted.decoder)
+    layer = adapted.decoder.layers[0].attn
+    assert layer not in _PACKED and layer.q_proj in _PACKED and layer.k_proj in _PACKED
