@@ -63,6 +63,11 @@ def _pack(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # 32: a row-count hint only
 
 
+def _product_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a CPU product of ``x`` runs in: autocast's where it is on, else ``x``'s."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 def _packed_product(x: Tensor, packed: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
@@ -98,7 +103,7 @@ def linear(x: Tensor, weight: Tensor, owner: nn.Module | None = None) -> Tensor:
     else as ``(weight @ x.T).T`` where ``few_rows`` says that is faster."""
     packed = None if owner is None or torch.compiler.is_compiling() else _PACKED.get(owner)
     if packed is not None and x.device.type == "cpu" and packed.current((weight,)):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = _product_dtype(x)
         recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if dtype == weight.dtype and not recording:
             return _packed_product(x.to(dtype), packed.tensor)
@@ -132,7 +137,7 @@ def fused_product(x: Tensor, owner: FusedProducts) -> Tensor | None:
     if packed is None or x.device.type != "cpu":
         return None
     weights = tuple(linear.weight for linear in owner.fused_linears())
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = _product_dtype(x)
     recording = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
     if recording or dtype != weights[0].dtype or not packed.current(weights):
         return None
